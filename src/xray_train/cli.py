@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -192,6 +193,167 @@ def demo(
 
     _setup_logging()
     run_demo(workdir, overwrite=overwrite, console=console)
+
+
+class HeldOut(str, Enum):
+    test = "test"
+    validation = "validation"
+
+
+class PredictTask(str, Enum):
+    report = "report"
+    detect = "detect"
+    both = "both"
+
+
+def _plain(text) -> None:
+    """Model output and user paths verbatim: never interpreted as rich markup."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def evaluate(
+    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (holds adapter_config.json)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c",
+        help="Run config naming the dataset to score on. Default: the config saved in ADAPTER_DIR.",
+        show_default=False,
+    ),
+    set_: Optional[list[str]] = SetOpt,
+    split: HeldOut = typer.Option(HeldOut.test, "--split", help="Held-out split (patients unseen in training)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results JSON to this file."),
+    max_samples: Optional[int] = typer.Option(
+        None, "--max-samples", min=1, help="Score at most N images of the split (a fixed, seeded subset)."
+    ),
+    baseline: bool = typer.Option(
+        True, "--baseline/--no-baseline", help="Also score the base model with the adapter disabled (side by side)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for eval_results.json/.md and plots. Default: ADAPTER_DIR (push-to-hub uses them)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results in an --out folder that has some."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Images per batch. Default: training.per_device_eval_batch_size."
+    ),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest generated answer in tokens."),
+):
+    """Score an adapter on the held-out patient split: token accuracy, finding P/R/F1, boxes (IoU, mAP@0.5).
+
+    Writes eval_results.json, eval_results.md, f1_bars.png and (Phase 2) iou_histogram.png into ADAPTER_DIR (or --out), next to the same numbers for the base model without the adapter. The split is rebuilt exactly as training made it, so no scored patient was trained on.
+
+    Example: xray-train evaluate runs/phase2 --config configs/phase2_indiana.yaml --max-samples 200
+    """
+    from xray_train.config import load_config
+    from xray_train.evaluate import evaluate as run_evaluate
+    from xray_train.evaluate import summary_lines
+    from xray_train.outputs import RESOLVED_CONFIG
+
+    _setup_logging()
+    if config is None:
+        config = adapter_dir / RESOLVED_CONFIG
+        if not config.is_file():
+            raise XrayTrainError(f"{adapter_dir} has no {RESOLVED_CONFIG}; pass --config")
+    cfg = load_config(config, set_ or [])
+    results = run_evaluate(
+        adapter_dir, cfg, split=split.value, max_samples=max_samples, baseline=baseline, out_dir=out,
+        json_out=json_out, overwrite=overwrite, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        echo=_plain,
+    )
+    console.print(f"[bold]{results['n_examples']} {results['split']} images[/bold] ({results['phase']}):")
+    for line in summary_lines(results):
+        _plain(line)
+    for name, path in results["written"].items():
+        _plain(f"{name:>14}: {path}")
+
+
+@app.command()
+def predict(
+    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (or a downloaded adapter repo)."),
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, DICOM) and/or folders of them."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Folder for the annotated PNGs and predictions.jsonl."),
+    task: Optional[PredictTask] = typer.Option(
+        None, "--task",
+        help="report, detect or both. Default: both for a Phase-2 adapter (it has <loc> tokens), report otherwise.",
+        show_default=False,
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs in --out."),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="Base model path or hub id, if not the one recorded at training time."
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per generate call."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest generated answer in tokens."),
+):
+    """Run an adapter on X-ray images: print the report, draw the boxes on each image.
+
+    Uses the training preprocessing. Writes <name>_pred.png per image (boxes and labels on the original image) and predictions.jsonl (report, parsed findings, boxes in original-image pixels, raw answers).
+
+    Example: xray-train predict runs/phase2 scans/ --out predictions
+    """
+    from xray_train.predict import predict as run_predict
+
+    _setup_logging()
+    run_predict(
+        adapter_dir, images, out_dir=out, task=task.value if task else None, overwrite=overwrite, base=base, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, echo=_plain,
+    )
+    console.print(f"[green]Predictions written to[/green] {out}", highlight=False)
+
+
+@app.command()
+def merge(
+    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir."),
+    out_dir: Path = typer.Argument(..., help="New folder for the standalone merged model (safetensors + processor)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="Base model path or hub id, if not the one recorded at training time."
+    ),
+):
+    """Merge the adapter (LoRA, projector, <loc> rows) into the unquantised base and save a standalone model.
+
+    The base is loaded in the training compute dtype (bf16 for MedGemma), not 4-bit. The saved model is reloaded with AutoModelForImageTextToText and checked against base + adapter on a fixed batch; the differences go to OUT_DIR/merge_check.json.
+
+    Example: xray-train merge runs/phase2 runs/phase2-merged
+    """
+    from xray_train.merge import merge as run_merge
+
+    _setup_logging()
+    report = run_merge(adapter_dir, out_dir, overwrite=overwrite, base=base, echo=_plain)
+    logits = report["logits"]
+    _plain(
+        f"merged ({report['dtype']}): logits max abs diff {logits['max_abs_diff']:.3g}, "
+        f"argmax agreement {logits['argmax_agreement']:.3f} over {logits['positions']} positions; "
+        + ", ".join(f"{k} max diff {v['max_abs_diff']:.3g}" for k, v in report["weights"].items())
+    )
+    console.print(f"[green]Merged model written to[/green] {out_dir}", highlight=False)
+
+
+@app.command("push-to-hub")
+def push_to_hub_cmd(
+    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (run evaluate first)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repo, ORG/NAME (e.g. my-lab/medgemma-cxr-lora).", show_default=False),
+    private: bool = typer.Option(True, "--private/--public", help="Visibility if the repo is created."),
+    dry_run: Optional[Path] = typer.Option(
+        None, "--dry-run", help="Write exactly what would be uploaded into this new folder; upload nothing."
+    ),
+):
+    """Upload the adapter, processor files and a generated model card to the Hugging Face Hub.
+
+    The card holds what was trained, the evaluation numbers from eval_results.json (if present), a usage snippet and the not-for-clinical-use notice. The token comes from HF_TOKEN or `hf auth login` and is never printed or written. Untrained (all-zero) adapters are refused.
+
+    Example: xray-train push-to-hub runs/phase2 --repo-id my-lab/medgemma-cxr-lora --dry-run staged/
+    """
+    from xray_train.hub import push_to_hub
+
+    _setup_logging()
+    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run)
+    if dry_run is not None:
+        files = sorted(p for p in Path(result).iterdir() if p.is_file())
+        console.print(f"[bold]Dry run:[/bold] {len(files)} files staged for {repo_id} (nothing uploaded):")
+        for path in files:
+            _plain(f"  {path.name:<32} {path.stat().st_size:>12,} bytes")
+        _plain(f"Staged in {result}")
+    else:
+        console.print(f"[green]Uploaded to[/green] {result}", highlight=False)
 
 
 def main() -> None:

@@ -87,6 +87,18 @@ class PromptEncoder:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+@dataclass(frozen=True)
+class FeatureRef:
+    """A row of the vision-feature cache, resolved by the collator for the whole batch at once.
+
+    Per-item tensor copies and their inter-process transfer cost more host time than the training
+    step itself at MedGemma scale; one gather per batch does not.
+    """
+
+    cache: object
+    row: int
+
+
 class Collator:
     """Pads a list of encoded examples (right padding) and stacks their image tensors.
 
@@ -119,9 +131,14 @@ class Collator:
             "token_type_ids": (input_ids == self.ids.image).long(),
             "labels": labels,
         }
-        for key in ("pixel_values", "image_features"):
-            if key in items[0]:
-                out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
+        if "pixel_values" in items[0]:
+            out["pixel_values"] = torch.stack([torch.as_tensor(it["pixel_values"]) for it in items])
+        if "image_features" in items[0]:
+            first = items[0]["image_features"]
+            if isinstance(first, FeatureRef):
+                out["image_features"] = first.cache.rows([it["image_features"].row for it in items])
+            else:
+                out["image_features"] = torch.stack([torch.as_tensor(it["image_features"]) for it in items])
         return out
 
 

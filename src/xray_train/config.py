@@ -20,6 +20,62 @@ from xray_train.errors import XrayTrainError
 Phase = Literal["phase1", "phase2"]
 
 
+# ---------------------------------------------------------------------------------------------
+# Cross-field rules. Each returns (dotted key, problem) pairs. The validators below raise them, and
+# ``load_config`` also applies them to the raw YAML when schema errors elsewhere in a section stop
+# pydantic from reaching its validator, so one run of the CLI lists every problem.
+
+KNOWN_LOGGERS = {"tensorboard", "wandb", "mlflow", "none"}
+
+
+def _data_conflicts(val_fraction, test_fraction) -> list[tuple[str, str]]:
+    if _num(val_fraction) and _num(test_fraction) and val_fraction + test_fraction >= 1.0:
+        return [("test_fraction", f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction})")]
+    return []
+
+
+def _training_conflicts(bf16, fp16, report_to) -> list[tuple[str, str]]:
+    out = []
+    if bf16 is True and fp16 is True:
+        out.append(("fp16", "bf16 and fp16 are mutually exclusive (set one of them to false)"))
+    if isinstance(report_to, list):
+        bad = sorted({str(r) for r in report_to} - KNOWN_LOGGERS)
+        if bad:
+            out.append(("report_to", f"unknown logger(s) {bad} (use any of {sorted(KNOWN_LOGGERS)})"))
+    return out
+
+
+def _run_conflicts(phase, dataset, fp16, compute_dtype) -> list[tuple[str, str]]:
+    out = []
+    if phase == "phase1" and isinstance(dataset, str) and dataset != "padchest":
+        out.append(("data.dataset", f"phase1 trains on report targets: must be padchest, not {dataset}"))
+    if phase == "phase2" and dataset == "padchest":
+        out.append(("data.dataset", "phase2 trains on boxes: must be a box source (indiana, nih, vindr, rsna)"))
+    if fp16 is True and compute_dtype == "bfloat16":
+        out.append(
+            ("training.fp16", "fp16 autocast over model.compute_dtype=bfloat16 mixes two half types, "
+             "set model.compute_dtype=float16 (or float32)")
+        )
+    return out
+
+
+def _num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Conflicts(ValueError):
+    """Carries full dotted keys, so the report names ``training.fp16`` rather than the section."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def _raise_conflicts(conflicts: list[tuple[str, str]], prefix: str) -> None:
+    if conflicts:
+        raise _Conflicts([f"{prefix}{key}: {msg}" for key, msg in conflicts])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -109,8 +165,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check_fractions(self) -> "DataConfig":
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be < 1")
+        _raise_conflicts(_data_conflicts(self.val_fraction, self.test_fraction), prefix="data.")
         return self
 
 
@@ -163,11 +218,7 @@ class TrainingSection(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
-        if self.bf16 and self.fp16:
-            raise ValueError("bf16 and fp16 are mutually exclusive")
-        bad = set(self.report_to) - {"tensorboard", "wandb", "mlflow", "none"}
-        if bad:
-            raise ValueError(f"report_to: unknown logger(s) {sorted(bad)}")
+        _raise_conflicts(_training_conflicts(self.bf16, self.fp16, self.report_to), prefix="training.")
         return self
 
 
@@ -187,10 +238,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.phase == "phase1" and self.data.dataset != "padchest":
-            raise ValueError("phase1 trains on report targets: data.dataset must be padchest")
-        if self.phase == "phase2" and self.data.dataset == "padchest":
-            raise ValueError("phase2 trains on boxes: data.dataset must be a box source, not padchest")
+        _raise_conflicts(
+            _run_conflicts(self.phase, self.data.dataset, self.training.fp16, self.model.compute_dtype), prefix=""
+        )
         return self
 
     @property
@@ -220,15 +270,34 @@ def _dotted(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
 
 
-def _format_validation_error(err: ValidationError) -> list[str]:
+def _format_validation_error(err: ValidationError, from_set: set[str] = frozenset()) -> list[str]:
     problems = []
     for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _Conflicts):
+            problems.extend(_mark_set(p, from_set) for p in cause.problems)
+            continue
         key = _dotted(e["loc"]) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        problems.append(f"{key}: {msg}")
+        elif e["type"] != "missing" and not isinstance(e.get("input"), (dict, list)):
+            msg += f" (got {_short(e.get('input'))})"
+            if isinstance(e.get("input"), bool) and e["type"] != "bool_type":
+                msg += " (YAML reads unquoted no/yes/on/off as booleans: quote the value)"
+        problems.append(_mark_set(f"{key}: {msg}", from_set))
     return problems
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _mark_set(problem: str, from_set: set[str]) -> str:
+    """Say which problems came from ``--set`` (their key is not in the YAML the user is looking at)."""
+    key = problem.split(":", 1)[0]
+    return f"{problem} [from --set]" if key in from_set else problem
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -243,20 +312,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        # YAML 1.1 reads no/yes/on/off as booleans; on a command line `eval_strategy=no` means "no".
+        value = raw.strip()
     return key.split("."), value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``--set`` overrides to a raw dict; types are checked by the schema afterwards."""
+    """Apply ``--set`` overrides to a raw dict; types are checked by the schema afterwards.
+    Every malformed override is reported at once."""
     data = copy.deepcopy(raw)
+    problems = []
     for text in overrides:
-        path, value = parse_override(text)
+        try:
+            path, value = parse_override(text)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         node = data
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             if not isinstance(node.get(part, {}), dict):
-                raise ConfigError("--set", [f"{'.'.join(path)}: {part} is not a section"])
+                problems.append(f"{'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
+                break
             node = node.setdefault(part, {})
-        node[path[-1]] = value
+        else:
+            node[path[-1]] = value
+    if problems:
+        raise ConfigError("--set", problems)
     return data
 
 
@@ -283,6 +365,8 @@ def read_yaml(path: Path) -> dict:
         raise XrayTrainError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise XrayTrainError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -292,27 +376,33 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def _check_paths(cfg: RunConfig) -> list[str]:
-    """Existence checks the schema cannot do. Reported with the schema's errors, before any loading."""
+def _check_paths(raw: dict) -> list[str]:
+    """Existence checks the schema cannot do, on the (possibly invalid) raw config so they are reported
+    with the schema's errors, before any loading."""
     problems = []
-    d = cfg.data
-    wanted: list[tuple[str, Path | None]] = [("data.image_root", d.image_root)]
-    if d.dataset == "indiana":
-        wanted += [("data.reports_csv", d.reports_csv), ("data.projections_csv", d.projections_csv)]
-        if d.box_source == "box_file":
-            wanted.append(("data.box_file", d.box_file))
-    else:
-        wanted.append(("data.csv", d.csv))
-    for key, path in wanted:
-        if path is None:
-            problems.append(f"{key}: required for data.dataset={d.dataset}")
-        elif not path.exists():
-            problems.append(f"{key}: not found: {path}")
-    base = cfg.model.base
-    if looks_like_local_path(base) and not Path(base).expanduser().is_dir():
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    dataset = data.get("dataset")
+    wanted = ["image_root"]
+    if dataset == "indiana":
+        wanted += ["reports_csv", "projections_csv"]
+        if data.get("box_source") == "box_file":
+            wanted.append("box_file")
+    elif dataset in ("padchest", "nih", "vindr", "rsna"):
+        wanted.append("csv")
+    for name in wanted:
+        value = data.get(name)
+        if value is None:
+            if dataset is not None:
+                problems.append(f"data.{name}: required for data.dataset={dataset}")
+        elif isinstance(value, (str, Path)) and str(value) and not Path(value).exists():
+            problems.append(f"data.{name}: not found: {value}")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    base = model.get("base")
+    if isinstance(base, str) and looks_like_local_path(base) and not Path(base).expanduser().is_dir():
         problems.append(f"model.base: local model directory not found: {base}")
-    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
-        problems.append(f"output_dir: exists and is not a directory: {cfg.output_dir}")
+    out = raw.get("output_dir")
+    if isinstance(out, (str, Path)) and str(out) and Path(out).exists() and not Path(out).is_dir():
+        problems.append(f"output_dir: exists and is not a directory: {out}")
     return problems
 
 
@@ -321,17 +411,48 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
+def _override_keys(overrides: list[str]) -> set[str]:
+    return {text.split("=", 1)[0].strip() for text in overrides if "=" in text}
+
+
+def _raw_conflicts(raw: dict) -> list[str]:
+    """The cross-field rules on the raw dict, for sections whose validator pydantic never reached."""
+    def section(name):
+        value = raw.get(name)
+        return value if isinstance(value, dict) else {}
+
+    data, training, model = section("data"), section("training"), section("model")
+    found = [f"data.{k}: {m}" for k, m in _data_conflicts(data.get("val_fraction"), data.get("test_fraction"))]
+    found += [
+        f"training.{k}: {m}"
+        for k, m in _training_conflicts(training.get("bf16"), training.get("fp16"), training.get("report_to"))
+    ]
+    found += [
+        f"{k}: {m}"
+        for k, m in _run_conflicts(raw.get("phase"), data.get("dataset"), training.get("fp16"), model.get("compute_dtype"))
+    ]
+    return found
+
+
 def load_config(path: Path | str, overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
-    """Read, override and validate a run config; raise ``ConfigError`` listing every problem."""
+    """Read, override and validate a run config; raise ``ConfigError`` listing every problem (schema,
+    conflicting options and missing paths together), each naming its dotted key."""
     path = Path(path)
-    raw = _resolve_paths(apply_overrides(read_yaml(path), overrides or []), path.parent.resolve())
+    overrides = overrides or []
+    raw = _resolve_paths(apply_overrides(read_yaml(path), overrides), path.parent.resolve())
+    from_set = _override_keys(overrides)
+    cfg = None
     try:
         cfg = RunConfig.model_validate(raw)
+        problems = []
     except ValidationError as err:
-        raise ConfigError(str(path), _format_validation_error(err)) from None
-    problems = _check_paths(cfg) if check_paths else []
+        problems = _format_validation_error(err, from_set)
+        reported = {p.split(":", 1)[0] for p in problems}
+        problems += [_mark_set(p, from_set) for p in _raw_conflicts(raw) if p.split(":", 1)[0] not in reported]
+    if check_paths:
+        problems += [_mark_set(p, from_set) for p in _check_paths(raw)]
     if problems:
-        raise ConfigError(str(path), problems)
+        raise ConfigError(str(path), list(dict.fromkeys(problems)))
     return cfg
 
 

@@ -105,6 +105,26 @@ class VisionFeatureCache:
         storage = np.uint16 if meta["dtype"] == "bfloat16" else np.float32
         self._array = np.memmap(folder / "features.bin", dtype=storage, mode="r", shape=tuple(meta["shape"]))
 
+    def __getstate__(self):
+        # DataLoader workers get a fresh memmap instead of a pickled copy of every feature.
+        state = self.__dict__.copy()
+        state.pop("_array", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        shape = tuple(json.loads((self.folder / "meta.json").read_text())["shape"])
+        storage = np.uint16 if self.torch_dtype == torch.bfloat16 else np.float32
+        self._array = np.memmap(self.folder / "features.bin", dtype=storage, mode="r", shape=shape)
+
+    def row_of(self, image_path) -> int:
+        return self.index[str(image_path)]
+
+    def rows(self, rows: list[int]) -> torch.Tensor:
+        """Features of several images in one gather (one copy, instead of one per image)."""
+        block = torch.from_numpy(np.ascontiguousarray(self._array[np.asarray(rows)]))
+        return block.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else block
+
     def __contains__(self, image_path) -> bool:
         return str(image_path) in self.index
 
@@ -129,11 +149,18 @@ class VisionFeatureCache:
         key = cache_key(vision_fingerprint(gemma3_model), preprocessing, unique)
         folder = Path(root) / key
         if (folder / "meta.json").is_file():
-            logger.info("Using cached vision features in %s", folder)
-            return cls(folder)
-        Path(root).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+            try:
+                cache = cls(folder)
+                logger.info("Using cached vision features in %s", folder)
+                return cache
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Damaged after it was written (disk trouble, a partial copy): rebuild it.
+                logger.warning("vision-feature cache %s is damaged (%s); rebuilding it", folder, exc)
+                shutil.rmtree(folder, ignore_errors=True)
+        tmp = None
         try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
             cls._compute(tmp, gemma3_model, unique, pixel_loader, batch_size, progress)
             try:
                 os.replace(tmp, folder)
@@ -141,9 +168,13 @@ class VisionFeatureCache:
                 if not (folder / "meta.json").is_file():
                     raise
         except OSError as exc:
-            raise XrayTrainError(f"cannot write the vision-feature cache in {root}: {exc.strerror or exc}") from None
+            raise XrayTrainError(
+                f"cannot write the vision-feature cache in {root}: {exc.strerror or exc}; free space there, point "
+                "XRAY_TRAIN_FEATURE_CACHE at a larger disk, or set training.cache_vision_features=false"
+            ) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return cls(folder)
 
     @staticmethod
@@ -175,7 +206,7 @@ class VisionFeatureCache:
                         dtype_name = str(feats.dtype).removeprefix("torch.")
                         storage = np.uint16 if feats.dtype == torch.bfloat16 else np.float32
                         shape = (len(paths), *feats.shape[1:])
-                        array = np.lib.format.open_memmap(folder / "tmp.npy", mode="w+", dtype=storage, shape=shape)
+                        array = _reserved_memmap(folder / "features.bin", storage, shape)
                     raw = feats.view(torch.uint16) if feats.dtype == torch.bfloat16 else feats.float()
                     array[row : row + len(chunk)] = raw.numpy()
                     for path in chunk:
@@ -186,11 +217,27 @@ class VisionFeatureCache:
             raise XrayTrainError("no readable image to cache vision features for")
         shape = (row, *array.shape[1:])
         array.flush()
-        # Raw bytes + a JSON header: memmap-able without numpy's pickle-capable loader.
-        np.asarray(array[:row]).tofile(folder / "features.bin")
+        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
         del array
-        (folder / "tmp.npy").unlink()
+        # Rows were filled in order, so dropping the unreadable images' rows is a truncation.
+        os.truncate(folder / "features.bin", row * row_bytes)
         if dtype_name != "bfloat16":
             dtype_name = "float32"
         meta = {"shape": list(shape), "dtype": dtype_name, "index": index, "failed": failed}
         (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A writable memmap whose disk blocks are allocated up front.
+
+    Writing through a memmap into a sparse file on a full disk kills the process with SIGBUS; reserving
+    the blocks first turns a full disk into an OSError (ENOSPC) here, before any image is processed.
+    Raw bytes + a JSON header (meta.json): memmap-able without numpy's pickle-capable loader.
+    """
+    nbytes = int(np.dtype(dtype).itemsize * np.prod(shape))
+    with open(path, "wb") as fh:
+        if nbytes and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fh.fileno(), 0, nbytes)
+        else:
+            fh.truncate(nbytes)
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from xray_train.collate import PHASE_TASK, PromptEncoder
+from xray_train.collate import PHASE_TASK, FeatureRef, PromptEncoder
 from xray_train.data.images import Geometry, ImageError, prepare_image, read_image_size, to_rgb
 from xray_train.data.loc import encode_boxes
 from xray_train.data.records import Example
@@ -135,5 +135,6 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def _image(self, path: Path) -> dict:
         if self.feature_cache is not None:
-            return {"image_features": self.feature_cache[path]}
+            # The collator gathers the whole batch's rows at once (see collate.FeatureRef).
+            return {"image_features": FeatureRef(self.feature_cache, self.feature_cache.row_of(path))}
         return {"pixel_values": self.pixel_loader(path)}

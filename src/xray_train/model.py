@@ -61,11 +61,32 @@ def default_device_map():
     return {"": "cpu"}
 
 
-def load_base(model_cfg: ModelConfig, device_map=None):
+def apply_liger_kernels() -> None:
+    """Swap Gemma 3's RMSNorm, GeGLU MLP and RoPE for Liger's fused Triton kernels (GPU only).
+
+    Gemma's RMSNorm upcasts to fp32 and keeps fp32 copies for backward, and its MLP keeps gate, up and
+    gelu(gate): fusing them roughly halves activation memory per decoder layer. Patched at class level
+    before loading, the way Liger documents it; the loss stays ours (no fused LM-head CE, which would
+    compute every position). ``tests/gpu`` checks loss and gradients against the unpatched model.
+    """
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma3
+    except ImportError:
+        raise XrayTrainError("training.use_liger: liger-kernel is not installed (pip install liger-kernel)") from None
+    if not torch.cuda.is_available():
+        raise XrayTrainError("training.use_liger: Liger kernels need a CUDA GPU; set it to false on CPU")
+    apply_liger_kernel_to_gemma3(
+        rope=True, rms_norm=True, geglu=True, layer_norm=False, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+
+
+def load_base(model_cfg: ModelConfig, device_map=None, liger: bool = False):
     """Base model (4-bit if configured) and its processor, from a hub id or a local directory."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _check_base_exists(model_cfg.base)
+    if liger:
+        apply_liger_kernels()
     kwargs = dict(
         revision=model_cfg.revision,
         dtype=DTYPES[model_cfg.compute_dtype],
@@ -166,21 +187,34 @@ def continue_adapter(peft_model, phase1_dir: Path) -> int:
 
     Every Phase-1 LoRA tensor must land on a Phase-2 parameter of the same shape, otherwise the
     continuation would silently start from scratch (the seed recipe's bug): that is an error.
+    Phase 2 has extra trainable pieces (projector copy, loc rows) that Phase 1 never had, so the
+    tensors are placed by name rather than through peft's whole-adapter loader.
     """
-    from peft.utils import set_peft_model_state_dict
-
     state = read_lora_state(phase1_dir)
-    lora_state = {k: v for k, v in state.items() if "lora_" in k}
-    if not lora_state:
+    adapter = peft_model.active_adapter
+    mapped = {}
+    for key, tensor in state.items():
+        if "lora_" not in key:
+            continue
+        for part in (".lora_A.", ".lora_B."):
+            if part in key:
+                key = key.replace(part, f"{part}{adapter}.", 1)
+        mapped[key] = tensor
+    if not mapped:
         raise XrayTrainError(f"--resume: {phase1_dir}/{ADAPTER_WEIGHTS} holds no LoRA tensors")
-    result = set_peft_model_state_dict(peft_model, lora_state)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
+    own = peft_model.state_dict()
+    missing = [k for k in mapped if k not in own]
+    wrong_shape = [k for k in mapped if k in own and own[k].shape != mapped[k].shape]
+    if missing or wrong_shape:
+        example = (missing or wrong_shape)[0]
         raise XrayTrainError(
-            f"--resume: {len(unexpected)} Phase-1 LoRA tensors do not fit this model "
-            f"(e.g. {unexpected[0]}); check lora.r and lora.target_modules match Phase 1"
+            f"--resume: {len(missing) + len(wrong_shape)} Phase-1 LoRA tensors do not fit this model "
+            f"(e.g. {example}); check lora.r and lora.target_modules match Phase 1"
         )
-    return len(lora_state)
+    with torch.no_grad():
+        for key, tensor in mapped.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+    return len(mapped)
 
 
 def check_phase1_dir(phase1_dir: Path, cfg: RunConfig) -> None:
@@ -210,7 +244,7 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     """
     from peft import get_peft_model
 
-    model, processor = load_base(cfg.model, device_map=device_map)
+    model, processor = load_base(cfg.model, device_map=device_map, liger=cfg.training.use_liger)
     loc_ids = None
     if cfg.add_loc_tokens:
         loc_ids = add_loc_tokens(processor.tokenizer)
@@ -223,6 +257,23 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
     return peft_model, processor
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` each language-model decoder layer (bitsandbytes and peft layers included).
+
+    At MedGemma-4B scale a QLoRA step is bound by Python and kernel-launch overhead, not by the GPU
+    (about 0.6 s of CPU for 0.2 s of GPU work at batch 16 on an H200): per layer, seven 4-bit matmuls
+    with their dequantisation, two LoRA branches, six RMSNorms and RoPE each cost tens of microseconds
+    of host time. Compiling the layers fuses the elementwise work and removes most of that overhead.
+    The LM head and loss stay eager (they run once per step). Returns the number of layers compiled.
+    """
+    from xray_train.loss import unwrap_gemma3
+
+    layers = unwrap_gemma3(model).model.language_model.layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def lora_module_names(model) -> list[str]:

@@ -28,12 +28,14 @@ from xray_train.errors import XrayTrainError
 from xray_train.inputs import EncodedExample, PixelLoader, TrainingDataset, encode_examples
 from xray_train.loss import full_logits_loss, targets_only_loss
 from xray_train.outputs import (
+    ADAPTER_WEIGHTS,
     DONE_MARKER,
     LOSS_CURVE,
     RESOLVED_CONFIG,
     SUMMARY,
     atomic_write_json,
     atomic_write_text,
+    disk_full_as_error,
 )
 
 logger = logging.getLogger("xray_train")
@@ -52,21 +54,115 @@ def checkpoint_step(path: Path) -> int:
         return -1
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Header parses and the file is as long as the header says (a truncated save is not)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return f"{path.name} is truncated"
+            header = json.loads(fh.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{path.name} is unreadable"
+    if 8 + n + max(ends, default=0) != size:
+        return f"{path.name} is truncated"
+    return None
+
+
+def _torch_zip_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive whose directory is at the end: a truncated file has none.
+    Checked without unpickling anything."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not zf.namelist():
+                return f"{path.name} is empty"
+    except (OSError, zipfile.BadZipFile):
+        return f"{path.name} is truncated or unreadable"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from, or None. The completion marker is written after every
+    file of the save; the files are still checked since a disk can lose what was written before a crash."""
+    if not (ckpt / CHECKPOINT_COMPLETE).is_file():
+        return "its save did not complete"
+    state = ckpt / "trainer_state.json"
+    try:
+        if not isinstance(json.loads(state.read_text(encoding="utf-8")).get("global_step"), int):
+            return "trainer_state.json has no global_step"
+    except (OSError, ValueError, AttributeError):
+        return "trainer_state.json is missing or unreadable"
+    weights = ckpt / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return f"{ADAPTER_WEIGHTS} is missing"
+    problem = _safetensors_problem(weights)
+    if problem:
+        return problem
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+        problem = _torch_zip_problem(ckpt / name)
+        if problem:
+            return problem
+    rng = sorted(ckpt.glob("rng_state*.pth"))
+    if not rng:
+        return "rng_state.pth is missing"
+    for path in rng:
+        problem = _torch_zip_problem(path)
+        if problem:
+            return problem
+    return None
+
+
 def find_resumable_checkpoint(output_dir: Path) -> Path | None:
-    """Newest checkpoint whose save completed. A half-written one (killed while saving) is renamed
-    aside so neither we nor the Trainer trip over it, and the previous one is used."""
+    """Newest checkpoint whose save completed and whose files are intact. A half-written or damaged
+    one (killed while saving, disk trouble) is renamed aside, so neither we nor the Trainer (which
+    rotates ``checkpoint-*``) trip over it, and the previous one is used."""
     checkpoints = sorted(
         (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0),
         key=checkpoint_step,
         reverse=True,
     )
     for ckpt in checkpoints:
-        if (ckpt / CHECKPOINT_COMPLETE).is_file() and (ckpt / "trainer_state.json").is_file():
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
             return ckpt
         aside = ckpt.with_name(f"incomplete-{ckpt.name}-{int(time.time())}")
-        logger.warning("Ignoring incomplete checkpoint %s (moved to %s)", ckpt.name, aside.name)
-        ckpt.rename(aside)
+        logger.warning("Not resuming from %s: %s (moved to %s)", ckpt.name, problem, aside.name)
+        try:
+            ckpt.rename(aside)
+        except FileNotFoundError:  # another rank of the same run moved it first
+            pass
     return None
+
+
+def check_resume_dir(resume_from: Path, cfg: RunConfig) -> None:
+    """``--resume`` must name a *finished* Phase-1 run: its done marker is written after every final
+    file, so a Phase-1 run killed while saving is refused instead of half-continued."""
+    from xray_train.model import check_phase1_dir
+
+    resume_from = Path(resume_from)
+    if not resume_from.is_dir():
+        raise XrayTrainError(f"--resume: directory not found: {resume_from}")
+    marker = resume_from / DONE_MARKER
+    if not marker.is_file():
+        raise XrayTrainError(
+            f"--resume: {resume_from} holds no finished Phase-1 run (no {DONE_MARKER}); "
+            "rerun its phase1 command to finish it, or point --resume at a finished Phase-1 output dir"
+        )
+    try:
+        phase = json.loads(marker.read_text(encoding="utf-8")).get("phase")
+    except (OSError, ValueError, AttributeError):
+        phase = None
+    if phase != "phase1":
+        raise XrayTrainError(f"--resume: {resume_from} holds a {phase or 'unknown'} run, expected a phase1 output dir")
+    if (cfg.output_dir.resolve() == resume_from.resolve()):
+        raise XrayTrainError(f"output_dir: {cfg.output_dir} is the --resume dir; Phase 2 needs its own output_dir")
+    check_phase1_dir(resume_from, cfg)
 
 
 def prepare_output_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
@@ -249,20 +345,42 @@ def find_last_good(output_dir: Path) -> Path | None:
     return max(done, key=checkpoint_step) if done else None
 
 
+def _gpu_name() -> str:
+    try:
+        return torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 - only used to word a message
+        return "this GPU"
+
+
 def mixed_precision(cfg: RunConfig) -> tuple[bool, bool]:
-    """(bf16, fp16). Default bf16 where the GPU has it; fp16 GPUs must opt in explicitly."""
+    """(bf16, fp16) autocast flags, or a refusal that says what to set instead.
+
+    bf16 is used where the GPU has it natively. On GPUs without (T4, V100) torch can *emulate* bf16,
+    many times slower, so bf16 there is refused rather than silently slow. fp16 autocast works with
+    ``model.compute_dtype`` float16 or float32: trainable weights are float32 (model.py) so the
+    Trainer's gradient scaler applies; if Gemma 3's activations overflow fp16 the non-finite-loss
+    guard stops the run at that step.
+    """
     t = cfg.training
     has_cuda = torch.cuda.is_available()
     if t.fp16 and not has_cuda:
         raise XrayTrainError("training.fp16: fp16 autocast needs a CUDA GPU; leave it off on CPU")
+    native_bf16 = has_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if has_cuda and not native_bf16:
+        fix = (
+            "set model.compute_dtype=float16 and training.fp16=true (or model.compute_dtype=float32, "
+            "slower and larger)"
+        )
+        if t.bf16:
+            raise XrayTrainError(f"training.bf16: {_gpu_name()} has no native bf16; {fix}")
+        if cfg.model.compute_dtype == "bfloat16":
+            raise XrayTrainError(
+                f"model.compute_dtype: bfloat16 is only emulated on {_gpu_name()} (many times slower); {fix}"
+            )
     if t.bf16 is None:
-        bf16 = has_cuda and torch.cuda.is_bf16_supported() and cfg.model.compute_dtype == "bfloat16"
+        bf16 = native_bf16 and not t.fp16 and cfg.model.compute_dtype == "bfloat16"
     else:
         bf16 = t.bf16
-        if bf16 and has_cuda and not torch.cuda.is_bf16_supported():
-            raise XrayTrainError(
-                "training.bf16: this GPU has no bf16; set training.fp16=true and model.compute_dtype=float16"
-            )
     return bf16, t.fp16
 
 
@@ -331,18 +449,21 @@ def _optimizer_groups(cfg: RunConfig, model):
 
 def run(cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False, echo=print) -> Path:
     """Train one phase end to end and write the adapter, processor, config and summary to output_dir."""
-    from transformers import set_seed
-
-    from xray_train.model import build_training_model, check_phase1_dir
-
+    # Everything that can be refused is checked before the (slow) model load.
+    mixed_precision(cfg)
     if cfg.phase == "phase2" and resume_from is None:
         echo("Phase 2 without --resume: training a fresh adapter (no Phase-1 report knowledge).")
     if resume_from is not None:
-        check_phase1_dir(resume_from, cfg)
+        check_resume_dir(resume_from, cfg)
     checkpoint = prepare_output_dir(cfg, overwrite)
-    atomic_write_text(cfg.output_dir / RESOLVED_CONFIG, dump_config(cfg))
-    set_seed(cfg.training.seed)
+    with disk_full_as_error(cfg.output_dir):
+        atomic_write_text(cfg.output_dir / RESOLVED_CONFIG, dump_config(cfg))
 
+    from transformers import set_seed
+
+    from xray_train.model import build_training_model
+
+    set_seed(cfg.training.seed)
     model, processor = build_training_model(cfg, resume_from=resume_from)
     encoder = PromptEncoder(processor, cfg.system_prompt)
     data = prepare_data(cfg, encoder)
@@ -359,22 +480,36 @@ def run(cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False
         targets_only=cfg.training.loss_on_targets_only,
         optimizers=(_optimizer_groups(cfg, model), None),
     )
+    resumed_step = 0
     if checkpoint is not None:
+        resumed_step = checkpoint_step(checkpoint)
         echo(f"Resuming from {checkpoint.name}")
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    elapsed = time.time() - started
-
-    metrics = dict(result.metrics)
-    if val_set is not None and len(val_set):
-        metrics.update(trainer.evaluate())
+    with disk_full_as_error(cfg.output_dir, advice="free space and rerun the same command to resume"):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        elapsed = time.time() - started
+        metrics = dict(result.metrics)
+        if val_set is not None and len(val_set):
+            metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
-        save_outputs(cfg, trainer, processor, data, metrics, elapsed, train_set)
+        advice = "training finished and its checkpoints are kept: free space and rerun the same command"
+        with disk_full_as_error(cfg.output_dir, advice=advice):
+            save_outputs(cfg, trainer, processor, data, metrics, elapsed, train_set, resumed_step)
     return cfg.output_dir
 
 
-def save_outputs(cfg, trainer, processor, data: PreparedData, metrics: dict, elapsed: float, train_set) -> None:
-    """Adapter + processor + summary + loss curve, each moved into place whole; DONE_MARKER last."""
+def _train_loss(log_history: list[dict]) -> float | None:
+    """Mean logged training loss of the whole run. After a resume the Trainer's own ``train_loss``
+    divides the resumed part's loss sum by all steps, so it is recomputed from the log."""
+    losses = [h["loss"] for h in log_history if "loss" in h and isinstance(h["loss"], (int, float))]
+    return sum(losses) / len(losses) if losses else None
+
+
+def save_outputs(
+    cfg, trainer, processor, data: PreparedData, metrics: dict, elapsed: float, train_set, resumed_step: int = 0
+) -> None:
+    """Adapter + processor + summary + loss curve, each moved into place whole; DONE_MARKER last, so
+    a kill (or a full disk) anywhere before it leaves a dir that resumes instead of looking finished."""
     from xray_train.report_plots import plot_loss_curve
 
     out = cfg.output_dir
@@ -391,17 +526,23 @@ def save_outputs(cfg, trainer, processor, data: PreparedData, metrics: dict, ela
         shutil.rmtree(staging, ignore_errors=True)
     state = trainer.state
     steps = state.global_step
-    samples = steps * cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
-    samples *= trainer.accelerator.num_processes
+    samples = (steps - resumed_step) * cfg.training.per_device_train_batch_size
+    samples *= cfg.training.gradient_accumulation_steps * trainer.accelerator.num_processes
+    metrics = dict(metrics)
+    if resumed_step and "train_loss" in metrics:
+        metrics["train_loss"] = _train_loss(state.log_history)
     summary = {
         "phase": cfg.phase,
         "base_model": cfg.model.base,
         "global_steps": steps,
+        "resumed_from_step": resumed_step or None,
         "train_runtime_s": round(elapsed, 2),
         "train_samples_per_s": round(samples / elapsed, 4) if elapsed > 0 else None,
         "num_processes": trainer.accelerator.num_processes,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "metrics": {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()},
+        "metrics": {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items() if v is not None
+        },
         "data": data.counts | {"unreadable_during_training": train_set.unreadable},
     }
     atomic_write_json(out / SUMMARY, summary)

@@ -15,6 +15,7 @@ different resolution) and is rejected.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -108,6 +109,30 @@ class BoxFile:
         return out
 
 
+def read_text(path: Path) -> io.StringIO:
+    """A CSV file's text (UTF-8, optional BOM) ready for ``csv.reader``. Not UTF-8 -> a DataError naming
+    the file and line: guessing another encoding would silently garble file names and labels."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+    return io.StringIO(text, newline="")
+
+
+def csv_rows(path: Path, fh):
+    """``csv.reader`` whose format errors (e.g. a field over the csv module's size limit) name the file."""
+    reader = csv.reader(fh)
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
+
+
 def read_box_file(path: Path, coords: str = "pixels", strict: bool = False) -> BoxFile:
     """Parse a box file; missing file or columns -> DataError; bad rows counted (or raised if strict)."""
     path = Path(path)
@@ -116,10 +141,9 @@ def read_box_file(path: Path, coords: str = "pixels", strict: bool = False) -> B
     if not path.is_file():
         raise DataError(f"box file not found: {path}")
     counter = SkipCounter(path, strict)
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
+    with read_text(path) as fh:
+        rows = csv_rows(path, fh)
+        header = [h.strip() for h in next(rows, [])]
         key_column = "filename" if "filename" in header else "uid" if "uid" in header else None
         if key_column is None:
             raise DataError(f"{path}: missing column 'filename' (or 'uid')")
@@ -127,7 +151,10 @@ def read_box_file(path: Path, coords: str = "pixels", strict: bool = False) -> B
             if col not in header:
                 raise DataError(f"{path}: missing column {col!r}")
         result = BoxFile(path, key_column, coords)
-        for row_no, row in enumerate(reader, start=2):  # header is line 1
+        for row_no, fields in enumerate(rows, start=2):  # header is line 1
+            if not fields:
+                continue  # an empty line, as csv.DictReader skips it
+            row = dict(zip(header, fields))
             result.rows_total += 1
             key = (row.get(key_column) or "").strip()
             label = (row.get("label") or "").strip()
@@ -159,8 +186,8 @@ def read_csv_table(path: Path | None, required: tuple[str, ...], what: str) -> l
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+    with read_text(path) as fh:
+        reader = csv_rows(path, fh)
         header = [h.strip() for h in next(reader, [])]
         for col in required:
             if col not in header:

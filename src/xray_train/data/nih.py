@@ -18,11 +18,10 @@ Labels are lower-cased and mapped to PadChest's wording where they differ (``Eff
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from xray_train.config import DataConfig
-from xray_train.data.boxfile import image_size_or_reason, make_box
+from xray_train.data.boxfile import csv_rows, image_size_or_reason, make_box, read_text
 from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter, resolve_under
 from xray_train.errors import DataError
 
@@ -46,8 +45,8 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.csv not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+    with read_text(path) as fh:
+        reader = csv_rows(path, fh)
         header = [h.strip() for h in next(reader, [])]
         for i, name in enumerate(("Image Index", "Finding Label")):
             if len(header) <= i or header[i] != name:

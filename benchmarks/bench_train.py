@@ -1,0 +1,407 @@
+"""Training speed at MedGemma-4B scale: the seed recipe, TRL, Unsloth and xray-train in one process.
+
+Run on one GPU (weights are random; nothing is downloaded):
+
+    python benchmarks/bench_train.py --out benchmarks/results/train_speed.json
+
+Every row trains the full MedGemma-4B architecture (REFERENCE.md §1) loaded in 4-bit NF4 with double
+quantisation and bf16 compute, LoRA r=32 alpha=64 on the language model's q_proj/v_proj (the seed recipe
+also adapts SigLIP's, as it did), on the *same* samples: the Phase-1 prompt (system + task, ~45 tokens),
+one 896-px image (256 soft tokens + 4 markers) and a 120-token answer. Steps 1-2 are warm-up; steps
+3..N are timed with CUDA synchronised. Peak memory is ``torch.cuda.max_memory_allocated`` from model
+load to the end of the timed steps.
+
+Rows:
+- ``seed``: the published ExplainMyXray recipe (REFERENCE.md §6-7): LoRA on every q_proj/v_proj,
+  ``prepare_model_for_kbit_training`` + gradient checkpointing, HF forward with full logits.
+- ``trl``: TRL ``SFTTrainer`` as its Gemma 3 vision example uses it (custom VLM collator,
+  ``skip_prepare_dataset``, gradient checkpointing as SFTConfig defaults), with our LoRA.
+- ``unsloth``: ``FastVisionModel`` when it can be imported; otherwise the exact reason is recorded.
+- ``xray-train``: the project's real training path (``build_training_model`` + ``XrayTrainer`` +
+  ``TrainingDataset`` + vision-feature cache + targets-only loss), with each lever switchable.
+
+MFU uses the conventional model FLOPs of one sample, identical for every row: 6 x (LM body + LM head)
+parameters x tokens + 2 x SigLIP parameters x 4096 patches, over the GPU's dense bf16 peak. It counts
+the work the model needs, not what an implementation executes (recomputation and cached features do
+not change it), so MFU ratios equal speed ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from medgemma_arch import build_random_medgemma, parameter_counts  # noqa: E402
+
+ANSWER_TOKENS = 120
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def gpu_peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
+    for pkg in ("transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel", "unsloth"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared samples
+
+
+def make_samples(base_dir: Path, data_dir: Path, n_images: int, task: str):
+    """Real-schema synthetic PadChest images + fixed-length token sequences shared by every row."""
+    from transformers import AutoProcessor
+
+    from xray_train.collate import PromptEncoder
+    from xray_train.config import DataConfig
+    from xray_train.data.padchest import read as read_padchest
+    from xray_train.data.synthetic import write_padchest
+    from xray_train.inputs import EncodedExample
+
+    csv_path = write_padchest(data_dir, n=n_images, seed=0)
+    examples = read_padchest(DataConfig(dataset="padchest", csv=csv_path, image_root=data_dir / "images")).examples
+    processor = AutoProcessor.from_pretrained(base_dir)
+    encoder = PromptEncoder(processor, "You are an expert radiologist. Describe chest X-rays accurately and concisely.")
+    filler = (
+        "FINDINGS:\n- cardiomegaly: cardiac\n- pleural effusion: left, costophrenic angle\n"
+        "- interstitial pattern: bilateral, basal\n- aortic elongation: aortic\n"
+        "LOCATIONS: cardiac, left, costophrenic angle, bilateral, basal, aortic\n"
+        "IMPRESSION: cardiomegaly; pleural effusion; interstitial pattern; aortic elongation.\n"
+    ) * 4
+    answer_ids = encoder.tokenizer(filler, add_special_tokens=False).input_ids[: ANSWER_TOKENS - 1]
+    answer_ids.append(encoder.ids.end_of_turn)
+    prompt = encoder.prompt_ids(task)
+    items = [
+        EncodedExample(ex, prompt + answer_ids, [-100] * len(prompt) + answer_ids) for ex in examples
+    ]
+    return processor, encoder, items
+
+
+class StepTimer:
+    """Times optimizer steps after warm-up with the GPU synchronised (a TrainerCallback)."""
+
+    def __init__(self, warmup: int = 2):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                torch.cuda.synchronize()
+                timer.stamps.append((state.global_step, time.perf_counter()))
+
+        self.callback = _CB()
+        self.warmup = warmup
+        self.stamps: list[tuple[int, float]] = []
+
+    def seconds_per_step(self) -> float:
+        timed = [t for step, t in self.stamps if step >= self.warmup]
+        return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
+def training_args(out: Path, batch: int, steps: int, **extra):
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        bf16=True,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=2,
+        disable_tqdm=True,
+        seed=0,
+    )
+    base.update(extra)
+    return TrainingArguments(**base)
+
+
+def measure(name, phase, batch, fn, results, peak_tflops, flops_per_sample, notes=""):
+    """Run one row; record speed, memory and MFU, or the error that stopped it."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    row = {"name": name, "phase": phase, "batch_size": batch, "notes": notes}
+    try:
+        sec_per_step = fn()
+        sps = batch / sec_per_step
+        row.update(
+            samples_per_s=round(sps, 3),
+            supervised_tokens_per_s=round(sps * ANSWER_TOKENS, 1),
+            peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            mfu=round(sps * flops_per_sample / (peak_tflops * 1e12), 4) if peak_tflops else None,
+        )
+    except torch.cuda.OutOfMemoryError:
+        row.update(samples_per_s=None, error="CUDA out of memory", peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+    except Exception as exc:  # a failing peer must not lose the other rows
+        row.update(samples_per_s=None, error=f"{type(exc).__name__}: {str(exc)[:400]}")
+        traceback.print_exc()
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def pixel_dataset(items, processor):
+    from xray_train.inputs import PixelLoader, TrainingDataset
+
+    return TrainingDataset(items, PixelLoader(processor), None)
+
+
+def run_seed(base, processor, encoder, items, batch, steps, workdir):
+    """The seed recipe: every q_proj/v_proj (SigLIP too), kbit prep + checkpointing, full logits."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, Trainer
+
+    from xray_train.collate import Collator
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(base, quantization_config=bnb, dtype=torch.bfloat16,
+                                                        device_map={"": 0}, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=training_args(workdir / "seed", batch, steps, gradient_checkpointing=True),
+                      train_dataset=pixel_dataset(items, processor), data_collator=Collator(encoder.ids),
+                      callbacks=[timer.callback])
+    trainer.train()
+    del trainer, model
+    return timer.seconds_per_step()
+
+
+def run_trl(base, processor, encoder, items, batch, steps, workdir):
+    """TRL SFTTrainer, its Gemma 3 VLM example's setup, our LoRA (language-model q/v)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from xray_train.collate import Collator
+    from xray_train.model import target_modules_regex
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(base, quantization_config=bnb, dtype=torch.bfloat16,
+                                                        device_map={"": 0}, attn_implementation="sdpa")
+    lora = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=target_modules_regex(["q_proj", "v_proj"]),
+                      task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
+        bf16=True, logging_steps=1000, save_strategy="no", report_to="none", remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, gradient_checkpointing=True, max_length=None,
+        dataloader_num_workers=2, disable_tqdm=True, seed=0,
+    )
+    timer = StepTimer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=pixel_dataset(items, processor),
+                         data_collator=Collator(encoder.ids), peft_config=lora, processing_class=processor,
+                         callbacks=[timer.callback])
+    trainer.train()
+    del trainer, model
+    return timer.seconds_per_step()
+
+
+def unsloth_unavailable_reason() -> str | None:
+    try:
+        import unsloth  # noqa: F401
+    except Exception as exc:  # unsloth raises more than ImportError when its stack is incomplete
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
+
+
+def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phase1", compile_layers=False, **levers):
+    """The project's real path: build_training_model + XrayTrainer + TrainingDataset (+ feature cache)."""
+    from xray_train.collate import Collator
+    from xray_train.config import RunConfig
+    from xray_train.model import build_training_model
+    from xray_train.train import PreparedData, _trainer_class, build_datasets, training_arguments
+
+    training = {
+        "per_device_train_batch_size": batch,
+        "max_steps": steps,
+        "logging_steps": 1000,
+        "save_steps": 10_000,
+        "report_to": ["none"],
+        # Cached features are gathered per batch in the collator: worker processes only add IPC.
+        "dataloader_num_workers": 0,
+        "group_by_length": False,
+        "eval_strategy": "no",
+        **levers,
+    }
+    dataset = "padchest" if phase == "phase1" else "indiana"
+    image_root = Path(items[0].example.image_path).parents[1]
+    extra = {"csv": str(image_root / "x.csv")} if dataset == "padchest" else {}
+    cfg = RunConfig.model_validate(
+        {
+            "phase": phase,
+            "output_dir": str(workdir / f"xray-{phase}-{batch}-{compile_layers}-{abs(hash(json.dumps(levers, sort_keys=True)))}"),
+            "model": {"base": str(base)},
+            "data": {"dataset": dataset, "image_root": str(image_root), **extra},
+            "training": training,
+        }
+    )
+    model, proc = build_training_model(cfg)
+    if compile_layers:
+        from xray_train.model import compile_decoder_layers
+
+        compile_decoder_layers(model)
+    if phase == "phase2":
+        from xray_train.collate import PromptEncoder
+
+        encoder = PromptEncoder(proc, cfg.system_prompt)
+    started = time.perf_counter()
+    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
+    cache_s = time.perf_counter() - started
+    timer = StepTimer()
+    trainer = _trainer_class()(
+        model=model, args=training_arguments(cfg, has_eval=False), train_dataset=train_set,
+        data_collator=Collator(encoder.ids), lengths=None, targets_only=cfg.training.loss_on_targets_only,
+        callbacks=[timer.callback],
+    )
+    trainer.args.disable_tqdm = True
+    trainer.train()
+    del trainer, model
+    run_xray.last_cache_s = cache_s
+    return timer.seconds_per_step()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_speed.json")
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("BENCH_WORKDIR", "/dev/shm/xray-bench")))
+    parser.add_argument("--rows", default="seed,trl,unsloth,xray,xray-levers,xray-phase2")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--images", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA GPU")
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))
+    t0 = time.time()
+    base = build_random_medgemma(args.workdir / "medgemma-4b-random")
+    print(f"random MedGemma-4B ready in {time.time() - t0:.0f}s", flush=True)
+    processor, encoder, items = make_samples(base, args.workdir / "padchest", args.images, "report")
+    seq_len = len(items[0].input_ids)
+    counts = parameter_counts()
+    flops = 6 * (counts["lm_body"] + counts["lm_head"]) * seq_len + 2 * counts["vision"] * counts["patches"]
+    peak = gpu_peak_tflops()
+    rows = set(args.rows.split(","))
+    results: list[dict] = []
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    b = args.batch
+
+    if "seed" in rows:
+        measure("seed recipe (HF Trainer, all q/v incl. SigLIP, kbit prep + checkpointing, full logits)", "phase1", b,
+                lambda: run_seed(base, processor, encoder, items, b, args.steps, work), results, peak, flops)
+    if "trl" in rows:
+        measure("TRL SFTTrainer (Gemma 3 VLM recipe, checkpointing)", "phase1", b,
+                lambda: run_trl(base, processor, encoder, items, b, args.steps, work), results, peak, flops)
+    if "unsloth" in rows:
+        reason = unsloth_unavailable_reason()
+        results.append({"name": "Unsloth FastVisionModel", "phase": "phase1", "batch_size": b, "samples_per_s": None,
+                        "error": reason or "importable but not run", "notes": "see not_run"})
+    # Liger patches Gemma 3's classes for the whole process, so every row without it runs first.
+    if "xray-levers" in rows:
+        for name, batch, levers in [
+            ("xray-train, no Liger", b, {"use_liger": False}),
+            ("xray-train, torch.compile decoder layers (no Liger)", b, {"use_liger": False, "compile_layers": True}),
+            ("xray-train, torch.compile decoder layers (no Liger)", 2 * b, {"use_liger": False, "compile_layers": True}),
+        ]:
+            measure(name, "phase1", batch,
+                    lambda levers=levers, batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, **levers),
+                    results, peak, flops, notes=json.dumps(levers))
+    if "xray" in rows:
+        for batch in (b, 2 * b):
+            measure("xray-train (defaults: feature cache, targets-only head, Liger)", "phase1", batch,
+                    lambda batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, use_liger=True),
+                    results, peak, flops)
+            results[-1]["cache_build_s"] = round(getattr(run_xray, "last_cache_s", 0.0), 2)
+    if "xray-levers" in rows:
+        for name, batch, levers in [
+            ("xray-train, no feature cache (SigLIP every step, 2 loader workers)",
+             b, {"use_liger": True, "cache_vision_features": False, "dataloader_num_workers": 2}),
+            ("xray-train, full logits", b, {"use_liger": True, "loss_on_targets_only": False}),
+            ("xray-train, + gradient checkpointing", 2 * b, {"use_liger": True, "gradient_checkpointing": True}),
+        ]:
+            measure(name, "phase1", batch,
+                    lambda levers=levers, batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, **levers),
+                    results, peak, flops, notes=json.dumps(levers))
+    if "xray-phase2" in rows:
+        measure("xray-train Phase 2 (loc tokens + trainable projector)", "phase2", b,
+                lambda: run_xray(base, processor, encoder, items, b, args.steps, work, phase="phase2", use_liger=True),
+                results, peak, flops)
+
+    seed = next((r["samples_per_s"] for r in results if r["name"].startswith("seed") and r.get("samples_per_s")), None)
+    for r in results:
+        if seed and r.get("samples_per_s"):
+            r["speedup_vs_seed"] = round(r["samples_per_s"] / seed, 2)
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
+        "peak_bf16_tflops": peak,
+        "versions": versions(),
+        "sample": {"sequence_tokens": seq_len, "answer_tokens": ANSWER_TOKENS, "image_px": 896, "image_tokens": 256},
+        "timed_steps": f"3..{args.steps}",
+        "model_flops_per_sample": flops,
+        "rows": results,
+        "not_run": {
+            "unsloth": unsloth_unavailable_reason(),
+        },
+        "wall_s": round(time.time() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}")
+    print(f"{'row':<70} {'b':>3} {'samples/s':>9} {'x seed':>7} {'peak GB':>8} {'MFU':>6}")
+    for r in report["rows"]:
+        sps = r.get("samples_per_s")
+        print(
+            f"{r['name'][:70]:<70} {r['batch_size']:>3} {sps if sps is not None else '-':>9} "
+            f"{r.get('speedup_vs_seed', '-'):>7} {r.get('peak_mem_gb', '-'):>8} {r.get('mfu', '-') or '-':>6}"
+            + (f"  ERROR {r['error'][:60]}" if r.get("error") else "")
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""``xray-train evaluate``: score an adapter on the held-out, patient-grouped split, next to its base model.
+
+Three kinds of numbers, each for the adapter and for the base with the adapter disabled:
+
+* teacher-forced token accuracy (the seed recipe's only metric, kept for comparison: on template-heavy
+  targets it is high whatever the model knows) from ``loss.targets_only_loss`` counts, so the LM head
+  runs only at supervised positions;
+* generation metrics from greedy answers: the share of answers in the trained format, finding-level
+  precision / recall / F1 (``metrics.finding_scores``) and, for Phase 1, location accuracy;
+* for Phase 2, box metrics (``metrics.box_scores``) with predicted boxes mapped back to the ORIGINAL
+  image (``Geometry.to_original``), where the references (``Example.boxes``) live.
+
+What counts as a prediction (``metrics`` treats ``None`` as "said nothing usable"):
+
+* Phase 1: the findings ``parse_report`` extracts; an answer with neither a finding nor a normal
+  statement is unparsed. ``parse_rate`` is stricter: the share that is ``well_formed``.
+* Phase 2: the decoded boxes; the exact "no localisable finding" answer is an empty list (the
+  ``normal`` class for finding scores); an answer with neither is unparsed. Predicted findings are the
+  labels of the boxes, reference findings the labels of ``Example.boxes``.
+
+The split is rebuilt with the same reader and ``split_examples`` as training, so a patient seen in
+training is never scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xray_train.collate import PHASE_TASK, Collator, PromptEncoder
+from xray_train.config import RunConfig
+from xray_train.data.images import Geometry, ImageError, read_image_size
+from xray_train.data.loc import BOX_SEPARATOR, NO_BOX_ANSWER, decode_boxes
+from xray_train.data.records import Box, Example, Finding
+from xray_train.data.registry import read_dataset
+from xray_train.data.reports import canonical_findings, parse_report
+from xray_train.data.splits import SPLITS, split_examples
+from xray_train.errors import XrayTrainError
+from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, progress_bar
+from xray_train.inputs import PixelLoader, encode_examples
+from xray_train.loss import targets_only_loss, unwrap_gemma3
+from xray_train.metrics import box_scores, finding_scores, parse_rate
+from xray_train.outputs import ADAPTER_CONFIG, EVAL_RESULTS, atomic_write_json, atomic_write_text
+from xray_train.report_plots import F1_BARS, IOU_HISTOGRAM, plot_f1_bars, plot_iou_histogram
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+EVAL_MARKDOWN = "eval_results.md"
+#: Headline metrics, in table order: (key, description for the markdown table).
+HEADLINE = [
+    ("token_accuracy", "teacher-forced token accuracy"),
+    ("parse_rate", "answers in the trained format"),
+    ("precision", "finding precision (micro)"),
+    ("recall", "finding recall (micro)"),
+    ("f1", "finding F1 (micro)"),
+    ("f1_macro", "finding F1 (macro)"),
+    ("f1_abnormal", "finding F1 (micro, abnormal findings only)"),
+    ("exact_match", "studies with exactly the right findings"),
+    ("location_accuracy", "location accuracy (correct findings)"),
+    ("iou", "mean IoU per reference box"),
+    ("hit_rate_50", "reference boxes found at IoU >= 0.5"),
+    ("precision_50", "predicted boxes correct at IoU >= 0.5"),
+    ("map50", "mAP@0.5"),
+]
+# A whole detect answer: boxes joined by ' ; ', each four loc tokens and a non-empty label.
+_BOX_ITEM = re.compile(r"(?:<loc\d{4}>){4}\s*[^;<\s][^;<]*")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def select_examples(cfg: RunConfig, split: str, max_samples: int | None = None) -> tuple[list[Example], dict]:
+    """The held-out examples of ``split``, exactly as training split them; capped deterministically."""
+    from xray_train.train import cap_examples
+
+    if split not in SPLITS:
+        raise XrayTrainError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+    read = read_dataset(cfg.data)
+    splits = split_examples(read.examples, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    examples = cap_examples(splits[split], max_samples, cfg.training.seed)
+    if not examples:
+        raise XrayTrainError(
+            f"the {split} split of {cfg.data.dataset} is empty ({len(read.examples)} usable examples; "
+            f"data.test_fraction={cfg.data.test_fraction}, data.val_fraction={cfg.data.val_fraction})"
+        )
+    counts = {"rows_total": read.rows_total, "examples": len(read.examples), "splits": {k: len(v) for k, v in splits.items()}}
+    return examples, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring answers (pure: texts + examples -> metrics)
+
+
+def detect_answer_well_formed(text: str) -> bool:
+    """True for exactly the trained detect format: ``no localisable finding`` or ``box ; box ; ...``."""
+    text = text.strip()
+    if text == NO_BOX_ANSWER:
+        return True
+    parts = [p.strip() for p in text.split(BOX_SEPARATOR.strip())]
+    return bool(parts) and all(_BOX_ITEM.fullmatch(p) for p in parts)
+
+
+def boxes_from_answer(text: str, geometry: Geometry) -> list[Box] | None:
+    """Decoded boxes mapped to the original image; [] for "no localisable finding"; None if unparsable."""
+    boxes = decode_boxes(text)
+    if boxes:
+        return [geometry.to_original(b) for b in boxes]
+    return [] if text.strip() == NO_BOX_ANSWER else None
+
+
+def score_reports(texts: list[str], examples: list[Example]) -> dict:
+    """Phase-1 generation metrics."""
+    parsed = [parse_report(t) for t in texts]
+    predictions = [p.findings if (p.findings or p.is_normal) else None for p in parsed]
+    # The model is trained on canonical names (format_report); score against the same.
+    references = [canonical_findings(ex.findings) for ex in examples]
+    return {
+        "parse_rate": parse_rate(p.well_formed for p in parsed),
+        "findings": finding_scores(predictions, references),
+        "boxes": None,
+    }
+
+
+def score_detections(texts: list[str], examples: list[Example], geometries: list[Geometry]) -> dict:
+    """Phase-2 generation metrics: finding scores over box labels and box scores in original coordinates."""
+    predicted = [boxes_from_answer(t, g) for t, g in zip(texts, geometries)]
+    references = [list(ex.boxes or []) for ex in examples]
+    pred_findings = [None if p is None else [Finding(b.label) for b in p] for p in predicted]
+    ref_findings = [[Finding(b.label) for b in r] for r in references]
+    findings = finding_scores(pred_findings, ref_findings)
+    # Box answers carry no locations: the location scores would be vacuous 1.0s.
+    for key in ("location_accuracy", "location_f1"):
+        findings[key] = None
+    findings["location_pairs"] = 0
+    return {
+        "parse_rate": parse_rate(detect_answer_well_formed(t) for t in texts),
+        "findings": findings,
+        "boxes": box_scores(predicted, references),
+    }
+
+
+def headline(block: dict, token_accuracy: float | None) -> dict:
+    f, b = block["findings"], block["boxes"]
+    return {
+        "token_accuracy": token_accuracy,
+        "parse_rate": block["parse_rate"],
+        "precision": f["micro"]["precision"],
+        "recall": f["micro"]["recall"],
+        "f1": f["micro"]["f1"],
+        "f1_macro": f["macro"]["f1"],
+        "f1_abnormal": f["micro_abnormal"]["f1"],
+        "exact_match": f["exact_match"],
+        "location_accuracy": f["location_accuracy"],
+        "iou": b["mean_iou"] if b else None,
+        "hit_rate_50": b["hit_rate_50"] if b else None,
+        "precision_50": b["precision_50"] if b else None,
+        "map50": b["map50"] if b else None,
+        "n_unparsed": f["n_unparsed"],
+    }
+
+
+def _model_block(block: dict, token_accuracy: float | None, token_counts: dict) -> dict:
+    """Headline numbers at the top, the full metric blocks beneath; per-finding table lifted out."""
+    findings = dict(block["findings"])
+    per_finding = findings.pop("per_finding")
+    boxes = dict(block["boxes"]) if block["boxes"] else None
+    if boxes:
+        boxes.pop("ious")  # one float per reference box: the histogram shows them
+    return {**headline(block, token_accuracy), "per_finding": per_finding, "findings": findings,
+            "boxes": boxes, "teacher_forced": token_counts}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the model
+
+
+@dataclass
+class ModelRun:
+    texts: list[str | None]
+    finished: list[bool]
+    token_correct: int
+    token_total: int
+    token_examples: int
+
+
+@torch.inference_mode()
+def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoader, examples: list[Example],
+                          phase: str, max_length: int, batch_size: int, progress: bool = True) -> tuple[int, int, int]:
+    """(correct, total, examples scored): argmax == label over supervised tokens, batched."""
+    encoded, _ = encode_examples(examples, phase, encoder, max_length)
+    collator = Collator(encoder.ids)
+    inner = unwrap_gemma3(model)
+    dtype = next(inner.model.vision_tower.parameters()).dtype
+    correct = total = scored = 0
+    with progress_bar(progress and bool(encoded)) as bar:
+        handle = bar.add_task("Teacher-forced accuracy", total=len(encoded)) if bar is not None else None
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            items = []
+            for it in chunk:
+                try:
+                    pixels = pixel_loader(it.example.image_path)
+                except ImageError as exc:
+                    logger.warning("%s", exc)
+                    continue
+                items.append({"input_ids": it.input_ids, "labels": it.labels, "pixel_values": pixels})
+            if items:
+                batch = {k: v.to(inner.device) for k, v in collator(items).items()}
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                out = targets_only_loss(model, batch)
+                correct += int(out.n_correct)
+                total += int(out.n_tokens)
+                scored += len(items)
+            if bar is not None:
+                bar.advance(handle, len(chunk))
+    return correct, total, scored
+
+
+def run_model(model, generator: Generator, encoder: PromptEncoder, pixel_loader: PixelLoader,
+              examples: list[Example], cfg: RunConfig, batch_size: int, label: str, progress: bool) -> ModelRun:
+    task = PHASE_TASK[cfg.phase]
+    correct, total, scored = teacher_forced_counts(
+        model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size, progress
+    )
+    generations = generator([Request(ex.image_path, task) for ex in examples], progress=progress,
+                            description=f"Generating ({label})")
+    return ModelRun([g.text for g in generations], [g.finished for g in generations], correct, total, scored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def check_output_targets(adapter_dir: Path, out_dir: Path, json_out: Path | None, overwrite: bool) -> None:
+    """Before any loading: an adapter dir's own results are refreshed; anything else is not clobbered."""
+    targets = []
+    if not _is_adapter_dir(out_dir) and Path(out_dir).resolve() != Path(adapter_dir).resolve():
+        targets.append(Path(out_dir) / EVAL_RESULTS)
+    if json_out is not None and not _is_adapter_dir(Path(json_out).parent):
+        targets.append(Path(json_out))
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise XrayTrainError(f"{target} exists; pass --overwrite to replace it or choose another --out/--json")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise XrayTrainError(f"--out: {out_dir} exists and is not a directory")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _delta(a, b) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return f"{a - b:+.3f}"
+    return ""
+
+
+def markdown_report(results: dict) -> str:
+    """The side-by-side table (adapter vs base model) plus per-finding and per-label tables."""
+    base = results.get("baseline") or {}
+    lines = [
+        f"# Evaluation: {results['adapter']}",
+        "",
+        f"{results['phase']} ({results['task']} prompt) on the **{results['split']}** split of "
+        f"{results['dataset']}: {results['n_examples']} images (patients held out from training).",
+        "",
+        "| metric | adapter | base model (no adapter) | change |",
+        "|---|---|---|---|",
+    ]
+    for key, text in HEADLINE:
+        if results.get(key) is None and base.get(key) is None:
+            continue
+        lines.append(f"| {text} (`{key}`) | {_fmt(results.get(key))} | {_fmt(base.get(key))} | "
+                     f"{_delta(results.get(key), base.get(key))} |")
+    per = results.get("per_finding") or {}
+    if per:
+        base_per = base.get("per_finding") or {}
+        rows = sorted(per.items(), key=lambda kv: (-kv[1]["support"], kv[0]))[:25]
+        lines += ["", "## Per finding (top 25 by support)", "",
+                  "| finding | support | predicted | F1 adapter | F1 base |", "|---|---|---|---|---|"]
+        for name, v in rows:
+            lines.append(f"| {name} | {v['support']} | {v['predicted']} | {_fmt(v['f1'])} | "
+                         f"{_fmt((base_per.get(name) or {}).get('f1'))} |")
+    labels = (results.get("boxes") or {}).get("per_label") or {}
+    if labels:
+        base_labels = (base.get("boxes") or {}).get("per_label") or {}
+        lines += ["", "## Boxes per label", "",
+                  "| label | reference boxes | predicted | AP@0.5 adapter | mean IoU adapter | AP@0.5 base |",
+                  "|---|---|---|---|---|---|"]
+        for name, v in sorted(labels.items(), key=lambda kv: (-kv[1]["n_reference"], kv[0])):
+            lines.append(f"| {name} | {v['n_reference']} | {v['n_predicted']} | {_fmt(v['ap50'])} | "
+                         f"{_fmt(v['mean_iou'])} | {_fmt((base_labels.get(name) or {}).get('ap50'))} |")
+    lines += ["", "Metric definitions: `xray_train.metrics` and `xray_train.evaluate`. "
+              "Generation is greedy; `n/a` means undefined (nothing to score), never zero."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, ious: list[float] | None, out_dir: Path, json_out: Path | None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / EVAL_RESULTS, "markdown": out_dir / EVAL_MARKDOWN, "f1_bars": out_dir / F1_BARS}
+    atomic_write_json(written["json"], results)
+    atomic_write_text(written["markdown"], markdown_report(results))
+    plot_f1_bars(results["per_finding"], written["f1_bars"], title=f"F1 per finding ({results['split']} split)")
+    if ious is not None:
+        written["iou_histogram"] = plot_iou_histogram(ious, out_dir / IOU_HISTOGRAM)
+    if json_out is not None:
+        atomic_write_json(Path(json_out), results)
+        written["json_copy"] = Path(json_out)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def adapter_has_loc_rows(adapter_dir: Path) -> bool:
+    try:
+        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(config.get("trainable_token_indices"))
+
+
+def evaluate(
+    adapter_dir: Path | str,
+    cfg: RunConfig,
+    split: str = "test",
+    max_samples: int | None = None,
+    baseline: bool = True,
+    out_dir: Path | str | None = None,
+    json_out: Path | str | None = None,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    model=None,
+    processor=None,
+    progress: bool = True,
+    echo=print,
+) -> dict:
+    """Score the adapter (and the base without it) on ``split``; write JSON, markdown and plots.
+
+    ``model``/``processor`` reuse an adapter already loaded with ``model.load_adapter``. Returns the
+    results dict, with ``written`` (name -> path) added.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not _is_adapter_dir(adapter_dir):
+        raise XrayTrainError(f"{adapter_dir}: not an adapter dir (no {ADAPTER_CONFIG})")
+    out_dir = Path(out_dir) if out_dir is not None else adapter_dir
+    json_out = Path(json_out) if json_out is not None else None
+    check_output_targets(adapter_dir, out_dir, json_out, overwrite)
+    if cfg.phase == "phase2" and not adapter_has_loc_rows(adapter_dir):
+        raise XrayTrainError(
+            f"{adapter_dir} has no trained <loc> tokens (a Phase-1 adapter?); box metrics need a Phase-2 "
+            "adapter. Evaluate it with a phase1 (PadChest) config instead."
+        )
+    examples, counts = select_examples(cfg, split, max_samples)
+    echo(f"Evaluating {adapter_dir} on {len(examples)} {split} images of {cfg.data.dataset} ({cfg.phase})")
+
+    if model is None:
+        from xray_train.model import load_adapter
+
+        model, processor = load_adapter(adapter_dir, base=cfg.model.base)
+    batch_size = batch_size or cfg.training.per_device_eval_batch_size
+    encoder = PromptEncoder(processor, cfg.system_prompt)
+    pixel_loader = PixelLoader(processor, cfg.data.image_size)
+    generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, batch_size)
+
+    started = time.time()
+    runs = {"adapter": run_model(model, generator, encoder, pixel_loader, examples, cfg, batch_size, "adapter", progress)}
+    if baseline:
+        if not hasattr(model, "disable_adapter"):
+            raise XrayTrainError("baseline needs a peft model (load it with xray_train.load_adapter)")
+        with model.disable_adapter():
+            runs["baseline"] = run_model(
+                model, generator, encoder, pixel_loader, examples, cfg, batch_size, "base model", progress
+            )
+    elapsed = time.time() - started
+
+    # Images that could not be read are nobody's answer: left out of every metric, counted.
+    keep = [i for i, t in enumerate(runs["adapter"].texts) if t is not None and all(r.texts[i] is not None for r in runs.values())]
+    scored_examples = [examples[i] for i in keep]
+    geometries = None
+    if cfg.phase == "phase2":
+        geometries = [Geometry(*read_image_size(ex.image_path), 0) for ex in scored_examples]
+
+    blocks, ious = {}, None
+    for name, run in runs.items():
+        texts = [run.texts[i] for i in keep]
+        block = score_detections(texts, scored_examples, geometries) if geometries is not None \
+            else score_reports(texts, scored_examples)
+        if name == "adapter" and block["boxes"] is not None:
+            ious = block["boxes"]["ious"]
+        acc = run.token_correct / run.token_total if run.token_total else None
+        token_counts = {"correct": run.token_correct, "total": run.token_total, "examples": run.token_examples}
+        blocks[name] = _model_block(block, acc, token_counts)
+
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "adapter": adapter_dir.resolve().name,
+        "phase": cfg.phase,
+        "task": PHASE_TASK[cfg.phase],
+        "dataset": cfg.data.dataset,
+        "split": split,
+        "n_examples": len(scored_examples),
+        "n_unreadable": len(examples) - len(scored_examples),
+        **blocks["adapter"],
+        "baseline": blocks.get("baseline"),
+        "generation": {
+            "decoding": "greedy",
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "elapsed_s": round(elapsed, 2),
+            # Answers cut off by max_new_tokens: raise it if this is more than a few.
+            "truncated_answers": {name: sum(not run.finished[i] for i in keep) for name, run in runs.items()},
+        },
+        "data": counts,
+    }
+    written = write_outputs(results, ious, out_dir, json_out)
+    return results | {"written": written}
+
+
+def summary_lines(results: dict) -> list[str]:
+    """A few lines for the console: the headline numbers, adapter vs base."""
+    base = results.get("baseline") or {}
+    lines = []
+    for key, text in HEADLINE:
+        if results.get(key) is None and base.get(key) is None:
+            continue
+        extra = f"  (base {_fmt(base.get(key))})" if base else ""
+        lines.append(f"{text:>42}: {_fmt(results.get(key))}{extra}")
+    return lines

@@ -1,0 +1,187 @@
+"""Batched greedy generation shared by ``evaluate`` and ``predict``.
+
+Inputs go through exactly the training path: ``PixelLoader`` for the image (window, pad, resize, HF
+normalisation) and ``PromptEncoder.prompt_ids(task)`` for the prompt (the image already expanded into
+its soft tokens), so what the model sees at inference is what it was trained on (REFERENCE.md §6:
+the seed recipe's inference clipped 16-bit PNGs that training had windowed).
+
+Prompts of different tasks differ in length; a batch is *left*-padded so every row's answer starts
+at the same column and the decoder's next token is always the last position. ``token_type_ids``
+marks the image soft tokens for Gemma 3's bidirectional image attention; Gemma 3's
+``prepare_inputs_for_generation`` uses them on the prompt (first step) and drops them for decoded
+tokens. Decoding is plain greedy ``generate`` without ``output_scores``: only the last position's
+logits exist at each step, nothing vocabulary-sized is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xray_train.collate import TASK_PROMPTS, PromptEncoder
+from xray_train.data.images import ImageError
+from xray_train.inputs import PixelLoader
+from xray_train.loss import unwrap_gemma3
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image and the task (a ``TASK_PROMPTS`` key) to answer about it."""
+
+    image: Path
+    task: str
+
+
+@dataclass
+class Generation:
+    """The decoded answer (``None`` when the image could not be read; ``error`` then says why)."""
+
+    text: str | None
+    n_new_tokens: int = 0
+    error: str | None = None
+    #: False when ``max_new_tokens`` ran out before a stop token (the answer is cut off).
+    finished: bool = True
+
+
+def progress_bar(enabled: bool = True, console=None):
+    """A rich progress bar on stderr (a no-op context when disabled)."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=False,
+    )
+
+
+class Generator:
+    """``Generator(model, processor, system_prompt)(requests) -> [Generation]``, in request order."""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        system_prompt: str,
+        image_size: int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
+        if max_new_tokens <= 0 or batch_size <= 0:
+            raise ValueError("max_new_tokens and batch_size must be positive")
+        self.model = model
+        self.encoder = PromptEncoder(processor, system_prompt)
+        self.pixels = PixelLoader(processor, image_size)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        tok = processor.tokenizer
+        # Training ends every answer with <end_of_turn>; eos stops a model that never learnt that.
+        self.stop_ids = [self.encoder.ids.end_of_turn] + (
+            [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id != self.encoder.ids.end_of_turn else []
+        )
+        inner = unwrap_gemma3(model)
+        self.device = inner.device
+        self.pixel_dtype = next(inner.model.vision_tower.parameters()).dtype
+
+    def __call__(
+        self, requests: Sequence[Request], progress: bool = True, description: str = "Generating", console=None
+    ) -> list[Generation]:
+        for req in requests:
+            if req.task not in TASK_PROMPTS:
+                raise ValueError(f"unknown task {req.task!r}; expected one of {sorted(TASK_PROMPTS)}")
+        results: list[Generation] = []
+        with progress_bar(progress and bool(requests), console) as bar:
+            handle = bar.add_task(description, total=len(requests)) if bar is not None else None
+            for start in range(0, len(requests), self.batch_size):
+                chunk = requests[start : start + self.batch_size]
+                results += self.generate_batch(chunk)
+                if bar is not None:
+                    bar.advance(handle, len(chunk))
+        return results
+
+    def _pixels(self, requests: Sequence[Request]) -> tuple[list[torch.Tensor | None], list[str | None]]:
+        pixels, errors = [], []
+        for req in requests:
+            try:
+                pixels.append(self.pixels(req.image))
+                errors.append(None)
+            except ImageError as exc:
+                # One unreadable file must not cost the rest of an evaluation or a folder of predictions.
+                logger.warning("%s", exc)
+                pixels.append(None)
+                errors.append(str(exc))
+        return pixels, errors
+
+    def build_batch(self, requests: Sequence[Request], pixel_values: Sequence[torch.Tensor]) -> dict:
+        """Left-padded prompt ids, attention mask, token_type_ids and stacked pixel values."""
+        prompts = [self.encoder.prompt_ids(req.task) for req in requests]
+        longest = max(len(p) for p in prompts)
+        pad = self.encoder.ids.pad
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, longest - len(ids) :] = torch.as_tensor(ids)
+            attention[row, longest - len(ids) :] = 1
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention.to(self.device),
+            "token_type_ids": (input_ids == self.encoder.ids.image).long().to(self.device),
+            "pixel_values": torch.stack(list(pixel_values)).to(self.device, self.pixel_dtype),
+        }
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
+        """One ``generate`` call for up to ``batch_size`` requests (unreadable images are left out)."""
+        pixels, errors = self._pixels(requests)
+        ok = [i for i, p in enumerate(pixels) if p is not None]
+        out: list[Generation] = [Generation(None, 0, err) for err in errors]
+        if not ok:
+            return out
+        batch = self.build_batch([requests[i] for i in ok], [pixels[i] for i in ok])
+        generated = self.model.generate(
+            **batch,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            # Unset the sampling knobs a base generation_config may carry (MedGemma's does), so greedy
+            # decoding is exactly greedy and transformers does not warn about ignored flags.
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            num_beams=1,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.encoder.ids.pad,
+            # load_base sets config.use_cache=False for training; decoding without a KV cache would
+            # recompute the whole prompt (256 image tokens at MedGemma's size) for every new token.
+            use_cache=True,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
+        for i, ids in zip(ok, new_tokens):
+            stops = [ids.index(s) + 1 for s in self.stop_ids if s in ids]
+            n = min(stops) if stops else len(ids)
+            out[i] = Generation(self.encoder.decode_answer(ids), n, finished=bool(stops))
+        return out

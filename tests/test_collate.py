@@ -1,0 +1,99 @@
+"""Label masks are built from token ids on the expanded sequence: only the answer is supervised."""
+
+from __future__ import annotations
+
+import torch
+
+from xray_train.collate import IGNORE_INDEX, Collator, PromptEncoder, describe_supervision
+from xray_train.data.loc import LOC_TOKENS
+from xray_train.model import add_loc_tokens
+
+
+def supervised_ids(encoded):
+    return [i for i, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+
+
+def test_supervised_tokens_decode_to_exactly_the_answer(processor):
+    encoder = PromptEncoder(processor, "You are a radiologist.")
+    answer = "FINDINGS:\n- cardiomegaly: cardiac\nLOCATIONS: cardiac\nIMPRESSION: cardiomegaly."
+    encoded = encoder.encode("report", answer)
+    sup = supervised_ids(encoded)
+    assert sup[-1] == encoder.ids.end_of_turn
+    assert processor.tokenizer.decode(sup[:-1]) == answer
+    # Labels equal inputs where supervised: the shift happens in the loss, not here.
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(encoded["input_ids"], encoded["labels"]))
+
+
+def test_prompt_image_and_control_tokens_are_never_targets(processor):
+    encoder = PromptEncoder(processor, "sys")
+    encoded = encoder.encode("report", "FINDINGS:\n- no significant abnormality")
+    ids = torch.tensor(encoded["input_ids"])
+    labels = torch.tensor(encoded["labels"])
+    for special in (encoder.ids.image, encoder.ids.boi, encoder.ids.eoi, encoder.ids.bos, encoder.ids.start_of_turn):
+        assert (labels[ids == special] == IGNORE_INDEX).all()
+    assert int((ids == encoder.ids.image).sum()) == processor.image_seq_length
+    # The image is expanded exactly as the processor expands <start_of_image>.
+    text = processor.tokenizer.decode(encoded["input_ids"])
+    assert processor.full_image_sequence in text
+    assert text.startswith("<bos><start_of_turn>user\nsys\n\n")
+    assert "<start_of_turn>model\n" in text
+
+
+def test_prompt_matches_the_chat_template(processor):
+    """The hand-built prompt is the Gemma chat format the processor's template produces."""
+    encoder = PromptEncoder(processor, "SYS")
+    templated = processor.apply_chat_template(
+        [
+            {"role": "system", "content": [{"type": "text", "text": "SYS"}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "TASK"}]},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ours = "<bos>" + encoder.prompt_text("report").replace(processor.full_image_sequence, "<start_of_image>")
+    assert ours.replace(encoder_task(encoder), "TASK") == templated
+
+
+def encoder_task(encoder):
+    from xray_train.collate import TASK_PROMPTS
+
+    return TASK_PROMPTS["report"]
+
+
+def test_collator_pads_right_and_masks_padding(processor):
+    encoder = PromptEncoder(processor, "sys")
+    short = encoder.encode("report", "A.")
+    long = encoder.encode("report", "A much longer answer with several more words in it.")
+    items = [dict(short, pixel_values=torch.zeros(3, 4, 4)), dict(long, pixel_values=torch.ones(3, 4, 4))]
+    batch = Collator(encoder.ids, pad_to_multiple_of=8)(items)
+    n = len(short["input_ids"])
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    assert (batch["attention_mask"][0, n:] == 0).all() and (batch["attention_mask"][0, :n] == 1).all()
+    assert torch.equal(batch["token_type_ids"], (batch["input_ids"] == encoder.ids.image).long())
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+
+
+def test_loc_tokens_are_single_supervised_tokens(processor):
+    import copy
+
+    proc = copy.deepcopy(processor)
+    ids = add_loc_tokens(proc.tokenizer)
+    assert ids == sorted(ids) and len(set(ids)) == 1024
+    assert proc.tokenizer("<loc0123>", add_special_tokens=False).input_ids == [ids[123]]
+    encoder = PromptEncoder(proc, "sys")
+    encoded = encoder.encode("detect", "<loc0001><loc0002><loc0003><loc0004> nodule")
+    assert supervised_ids(encoded)[:4] == [ids[1], ids[2], ids[3], ids[4]]
+    # Added loc tokens survive decoding with special tokens skipped (generation output).
+    assert encoder.decode_answer(supervised_ids(encoded)) == "<loc0001><loc0002><loc0003><loc0004> nodule"
+    # Idempotent: a second call (e.g. reloading a Phase-2 processor) changes nothing.
+    assert add_loc_tokens(proc.tokenizer) == ids
+    assert LOC_TOKENS[123] == "<loc0123>"
+
+
+def test_describe_supervision_marks_only_the_answer(processor):
+    encoder = PromptEncoder(processor, "sys")
+    runs = describe_supervision(encoder, encoder.encode("report", "Answer text."))
+    supervised = "".join(text for text, sup in runs if sup)
+    assert supervised == "Answer text.<end_of_turn>"
+    assert any(text.startswith("<image_soft_token> x") for text, _ in runs)

@@ -1,0 +1,109 @@
+"""``xray_train.merge``: LoRA, projector copy and loc rows all land in a standalone model that reloads with
+plain transformers and agrees with base + adapter. The adapter's LoRA B, projector and loc rows are
+perturbed first, so a merge that dropped any of them would be visible."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.test_evaluate import trained_adapters
+from xray_train.errors import XrayTrainError
+from xray_train.merge import MERGE_CHECK, merge
+from xray_train.outputs import ADAPTER_WEIGHTS
+
+PERTURBED = ("lora_B", "multi_modal_projector", "trainable_tokens_delta")
+
+
+@pytest.fixture
+def perturbed_adapter(make_config, tmp_path_factory, tmp_path) -> Path:
+    src = trained_adapters(make_config, tmp_path_factory)["phase2"]
+    dest = tmp_path / "adapter"
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
+    state = load_file(str(dest / ADAPTER_WEIGHTS))
+    gen = torch.Generator().manual_seed(0)
+    for key, value in state.items():
+        if any(p in key for p in PERTURBED):
+            state[key] = value + 0.05 * torch.randn(value.shape, generator=gen).to(value.dtype)
+    assert {p for p in PERTURBED if any(p in k for k in state)} == set(PERTURBED)
+    save_file(state, str(dest / ADAPTER_WEIGHTS))
+    return dest
+
+
+def test_merge_lands_every_component_and_agrees(perturbed_adapter, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = tmp_path / "merged"
+    report = merge(perturbed_adapter, out, echo=lambda *a: None)
+
+    assert report["passed"] and report["dtype"] == "float32"  # the demo/tiny config computes in float32
+    assert all(v > 1e-3 for v in report["adapter_change_from_base"].values())  # the merge is not a no-op
+    assert all(w["ok"] and w["tensors"] > 0 for w in report["weights"].values())
+    assert report["logits"]["argmax_agreement"] == 1.0 and report["logits"]["max_abs_diff"] < 1e-4
+    assert report["logits"]["samples"] == ["report", "detect"]
+    assert json.loads((out / MERGE_CHECK).read_text()) == json.loads(json.dumps(report))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no staging left behind
+
+    # Independent of merge's own check: read the adapter file and the merged model directly.
+    state = load_file(str(perturbed_adapter / ADAPTER_WEIGHTS))
+    cfg = json.loads((perturbed_adapter / "adapter_config.json").read_text())
+    base = AutoModelForImageTextToText.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out)
+    assert merged.config.use_cache is True
+
+    loc_ids = processor.tokenizer.convert_tokens_to_ids(["<loc0000>", "<loc1023>"])
+    assert loc_ids[1] - loc_ids[0] == 1023 and max(loc_ids) < merged.get_input_embeddings().weight.shape[0]
+    (rows_key,) = [k for k in state if "trainable_tokens_delta" in k]
+    indices = cfg["trainable_token_indices"]["embed_tokens"]
+    emb = merged.get_input_embeddings().weight[indices]
+    torch.testing.assert_close(emb, state[rows_key].float())
+    torch.testing.assert_close(merged.get_output_embeddings().weight[indices], state[rows_key].float())
+
+    proj = merged.model.multi_modal_projector.mm_input_projection_weight
+    (proj_key,) = [k for k in state if k.endswith("multi_modal_projector.mm_input_projection_weight")]
+    torch.testing.assert_close(proj, state[proj_key].float())
+
+    scale = cfg["lora_alpha"] / cfg["r"]
+    layer = "model.language_model.layers.0.self_attn.q_proj"
+    a = state[f"base_model.model.{layer}.lora_A.weight"].float()
+    b = state[f"base_model.model.{layer}.lora_B.weight"].float()
+    delta = merged.get_submodule(layer).weight - base.get_submodule(layer).weight
+    torch.testing.assert_close(delta, scale * b @ a, atol=1e-5, rtol=1e-4)
+    assert not any("vision" in n and "lora" in n for n, _ in merged.named_parameters())
+
+
+def test_merge_check_catches_a_merge_that_drops_the_adapter(perturbed_adapter, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    # unload() returns the base without folding anything in: exactly the bug the check exists for.
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    out = tmp_path / "merged"
+    with pytest.raises(XrayTrainError, match="does not match base"):
+        merge(perturbed_adapter, out, echo=lambda *a: None)
+    report = json.loads((out / MERGE_CHECK).read_text())
+    assert report["passed"] is False
+    assert not report["weights"]["lora"]["ok"] and not report["weights"]["projector"]["ok"]
+    assert not report["weights"]["loc_rows"]["ok"]
+
+
+def test_merge_refuses_unsafe_output_dirs(make_config, tmp_path_factory, tmp_path):
+    adapter = trained_adapters(make_config, tmp_path_factory)["phase1"]
+    with pytest.raises(XrayTrainError, match="must not be the adapter dir"):
+        merge(adapter, adapter / "merged")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(XrayTrainError, match="--overwrite"):
+        merge(adapter, busy)
+    assert (busy / "keep.txt").read_text() == "mine"
+    with pytest.raises(XrayTrainError, match="not an adapter dir"):
+        merge(tmp_path, tmp_path / "out")

@@ -1,0 +1,141 @@
+"""``xray_train.predict``: boxes drawn where the JSONL says, in original-image pixels; output policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_evaluate import loaded_adapter, trained_adapters
+from xray_train.errors import XrayTrainError
+from xray_train.generate import Generation, Generator
+from xray_train.predict import PREDICTIONS_FILE, label_colour, line_width, predict
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+INDIANA = SAMPLES / "indiana" / "images" / "images_normalized"
+# y_min x_min y_max x_max as bins of the padded square: bin / 1023 of the square's side.
+DETECT = "<loc0100><loc0300><loc0500><loc0700> pleural effusion ; <loc0600><loc0512><loc0900><loc0900> mass"
+REPORT = "FINDINGS:\n- pleural effusion: left\nLOCATIONS: left\nIMPRESSION: pleural effusion."
+
+
+@pytest.fixture
+def adapters(make_config, tmp_path_factory):
+    return trained_adapters(make_config, tmp_path_factory)
+
+
+@pytest.fixture
+def fixed_answers(monkeypatch):
+    """Generation replaced by known answers: the model is only needed for its device and dtype."""
+    calls = []
+
+    def fake(self, requests):
+        calls.extend(requests)
+        _, errors = self._pixels(requests)  # unreadable images still fail the real way
+        return [Generation(None, 0, err) if err else Generation(DETECT if r.task == "detect" else REPORT, 9)
+                for r, err in zip(requests, errors)]
+
+    monkeypatch.setattr(Generator, "generate_batch", fake)
+    return calls
+
+
+def _expected_pixels(width: int, height: int) -> list[tuple[str, float, float, float, float]]:
+    """The two DETECT boxes in original pixels, by hand: pad centred to a side x side square."""
+    side = max(width, height)
+    pad_x, pad_y = (side - width) / 2, (side - height) / 2
+
+    def px(bin_, pad):
+        return bin_ / 1023 * side - pad
+
+    out = []
+    for label, y0, x0, y1, x1 in (("pleural effusion", 100, 300, 500, 700), ("mass", 600, 512, 900, 900)):
+        box = [max(0.0, min(width, px(x0, pad_x))), max(0.0, min(height, px(y0, pad_y))),
+               max(0.0, min(width, px(x1, pad_x))), max(0.0, min(height, px(y1, pad_y)))]
+        out.append((label, *box))
+    return out
+
+
+def _is(colour, pixel) -> bool:
+    return tuple(int(v) for v in pixel[:3]) == colour
+
+
+def test_drawn_boxes_land_where_the_jsonl_says(adapters, fixed_answers, tmp_path):
+    model, processor = loaded_adapter(adapters["phase2"])
+    wide = tmp_path / "in" / "wide.png"  # landscape: padded top and bottom (portrait samples pad left/right)
+    wide.parent.mkdir()
+    portrait = Image.open(INDIANA / "100_IM-4252-1001.dcm.png")
+    Image.fromarray(np.asarray(portrait).T.copy()).save(wide)
+    images = [INDIANA / "100_IM-4252-1001.dcm.png", wide]
+    out = tmp_path / "out"
+
+    records = predict(adapters["phase2"], images, out, model=model, processor=processor, progress=False,
+                      echo=lambda *a: None)
+
+    lines = [json.loads(line) for line in (out / PREDICTIONS_FILE).read_text().splitlines()]
+    assert lines == json.loads(json.dumps(records))
+    assert {r.task for r in fixed_answers} == {"report", "detect"}  # Phase-2 adapter: both by default
+    for line, path in zip(lines, images):
+        width, height = Image.open(path).size
+        assert (line["width"], line["height"]) == (width, height)
+        assert line["report"] == REPORT and line["findings"] == [{"name": "pleural effusion", "locations": ["left"]}]
+        assert line["raw"] == {"report": REPORT, "detect": DETECT} and line["detect_well_formed"]
+        expected = _expected_pixels(width, height)
+        assert [b["label"] for b in line["boxes"]] == [e[0] for e in expected]
+        for box, (_, x0, y0, x1, y1) in zip(line["boxes"], expected):
+            assert [box["x_min"], box["y_min"], box["x_max"], box["y_max"]] == pytest.approx([x0, y0, x1, y1], abs=0.06)
+
+        png = np.asarray(Image.open(out / line["annotated"]).convert("RGB"))
+        assert png.shape[:2] == (height, width)  # drawn on the original, not on the model's square
+        stroke = line_width(width, height)
+        for box in line["boxes"]:
+            colour = label_colour(box["label"])
+            x0, y0 = round(box["x_min"]), round(box["y_min"])
+            x1, y1 = min(round(box["x_max"]), width - 1), min(round(box["y_max"]), height - 1)
+            mid_y, mid_x = (y0 + y1) // 2, (x0 + x1) // 2
+            assert _is(colour, png[mid_y, x0]) and _is(colour, png[mid_y, x1])  # left and right edges
+            assert _is(colour, png[y1, mid_x])  # bottom edge
+            assert _is(colour, png[mid_y, x0 + stroke - 1]) and not _is(colour, png[mid_y, x0 + stroke + 1])
+            if x0 >= 2:
+                assert not _is(colour, png[mid_y, x0 - 2])  # nothing drawn outside the box
+            assert not _is(colour, png[mid_y, mid_x])  # an outline, not a filled box
+
+
+def test_refuses_to_overwrite_without_flag(adapters, fixed_answers, tmp_path):
+    model, processor = loaded_adapter(adapters["phase2"])
+    image = INDIANA / "13_IM-4562-2001.dcm.png"
+    kwargs = dict(model=model, processor=processor, progress=False, echo=lambda *a: None)
+    predict(adapters["phase2"], [image], tmp_path, task="detect", **kwargs)
+    with pytest.raises(XrayTrainError, match="--overwrite"):
+        predict(adapters["phase2"], [image], tmp_path, task="detect", **kwargs)
+    (record,) = predict(adapters["phase2"], [image], tmp_path, task="detect", overwrite=True, **kwargs)
+    assert record["report"] is None and record["raw"] == {"detect": DETECT}
+
+
+def test_folder_input_and_unreadable_images(adapters, fixed_answers, tmp_path):
+    model, processor = loaded_adapter(adapters["phase1"])
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(INDIANA / "13_IM-4562-2001.dcm.png", folder / "sub" / "a.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("ignored")
+    records = predict(adapters["phase1"], [folder], tmp_path / "out", model=model, processor=processor,
+                      progress=False, echo=lambda *a: None)
+    by_name = {Path(r["image"]).name: r for r in records}
+    assert set(by_name) == {"a.png", "broken.png"}
+    assert "error" in by_name["broken.png"]
+    good = by_name["a.png"]
+    assert good["boxes"] is None and good["report"] == REPORT  # Phase-1 adapter: report only
+    assert (tmp_path / "out" / "a_pred.png").is_file()
+
+
+def test_detect_needs_a_phase2_adapter(adapters, tmp_path):
+    with pytest.raises(XrayTrainError, match="Phase-1 adapter"):
+        predict(adapters["phase1"], [INDIANA], tmp_path, task="detect")
+
+
+def test_missing_input_is_a_user_error(adapters, tmp_path):
+    with pytest.raises(XrayTrainError, match="no such file"):
+        predict(adapters["phase1"], [tmp_path / "nope.png"], tmp_path / "out")
