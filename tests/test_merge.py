@@ -58,7 +58,8 @@ def test_merge_lands_every_component_and_agrees(perturbed_adapter, tmp_path):
     base = AutoModelForImageTextToText.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out)
-    assert merged.config.use_cache is True
+    assert merged.config.get_text_config().use_cache is True
+    assert json.loads((out / "config.json").read_text()).get("use_cache", True) is True
 
     loc_ids = processor.tokenizer.convert_tokens_to_ids(["<loc0000>", "<loc1023>"])
     assert loc_ids[1] - loc_ids[0] == 1023 and max(loc_ids) < merged.get_input_embeddings().weight.shape[0]
@@ -82,10 +83,10 @@ def test_merge_lands_every_component_and_agrees(perturbed_adapter, tmp_path):
 
 
 def test_merge_check_catches_a_merge_that_drops_the_adapter(perturbed_adapter, tmp_path, monkeypatch):
-    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
 
     # unload() returns the base without folding anything in: exactly the bug the check exists for.
-    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
     out = tmp_path / "merged"
     with pytest.raises(XrayTrainError, match="does not match base"):
         merge(perturbed_adapter, out, echo=lambda *a: None)

@@ -24,7 +24,7 @@ from xray_train.outputs import ADAPTER_WEIGHTS, DONE_MARKER
 from xray_train.train import CHECKPOINT_COMPLETE, checkpoint_problem, find_resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_STEPS = 6
+MAX_STEPS = 4
 
 
 def cli_env(**extra) -> dict:
@@ -107,13 +107,7 @@ def test_kill_and_resume_phase1_then_phase2(tiny_model_dir, tmp_path, feature_ca
     ref2, run2 = tmp_path / "p2-ref", tmp_path / "p2"
     reference = start([*train_args("phase2", tiny_model_dir, ref2), "--resume", str(ref1)], env)
     victim = start([*train_args("phase2", tiny_model_dir, run2), "--resume", str(ref1)], env)
-    try:
-        kill_after_checkpoint(victim, run2)
-    except BaseException:
-        out, err = reference.communicate()
-        if "KeyError" in err and "multi_modal_projector" in err:
-            pytest.xfail("model.continue_adapter cannot load a Phase-1 adapter into a Phase-2 model (KeyError)")
-        raise
+    kill_after_checkpoint(victim, run2)
     finish(reference)
     resumed_out, _ = finish(start([*train_args("phase2", tiny_model_dir, run2), "--resume", str(ref1)], env))
     assert_resumed_like_uninterrupted(ref2, run2, resumed_out)

@@ -249,8 +249,10 @@ def merge(
 
         echo("Merging LoRA, projector and loc-token rows into the base weights")
         merged = model.merge_and_unload()
-        # Training switches the KV cache off; a published model should generate at full speed.
+        # load_base switches the KV cache off for training (as a top-level config attribute, which
+        # save_pretrained would publish); a published model should generate with its cache.
         merged.config.use_cache = True
+        merged.config.get_text_config().use_cache = True
         merged.save_pretrained(staging)
         processor.save_pretrained(staging)
         if (adapter_dir / RESOLVED_CONFIG).is_file():

@@ -245,6 +245,12 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     from peft import get_peft_model
 
     model, processor = load_base(cfg.model, device_map=device_map, liger=cfg.training.use_liger)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for an inference kernel the first
+    # time a layer runs in eval mode and unpacks them only when a state_dict is taken, so training
+    # after a mid-run evaluation would backpropagate through the repacked layout (wrong gradients).
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     loc_ids = None
     if cfg.add_loc_tokens:
         loc_ids = add_loc_tokens(processor.tokenizer)

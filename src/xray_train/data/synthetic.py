@@ -102,8 +102,25 @@ def _zone_bounds(spec: FilmSpec, side: str, zone: str) -> tuple[float, float]:
     return top + k * third, top + (k + 1) * third
 
 
-def sample_spec(rng: np.random.Generator, n_findings: int | None = None) -> FilmSpec:
-    """Draw the anatomy jitter and 0-3 findings (or exactly ``n_findings``)."""
+def sample_spec(
+    rng: np.random.Generator,
+    n_findings: int | None = None,
+    kinds: tuple[str, ...] = FINDING_KINDS,
+    blob_radius: tuple[float, float] | None = None,
+) -> FilmSpec:
+    """Draw the anatomy jitter and 0-3 findings (or exactly ``n_findings``).
+
+    ``kinds`` restricts which findings are drawn; ``blob_radius`` replaces the nodule and mass radius
+    range (a fraction of the film's shorter side). With the defaults the draws are exactly those of the
+    committed sample data.
+    """
+    unknown = set(kinds) - set(FINDING_KINDS)
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be a non-empty subset of {FINDING_KINDS}, got {kinds}")
+    # Each (kind, side[, zone]) appears once per film, which caps how many findings a kind list allows.
+    distinct = sum({"cardiomegaly": 1, "pleural effusion": 2}.get(k, 6) for k in set(kinds))
+    if n_findings is not None and n_findings > distinct:
+        raise ValueError(f"{n_findings} findings asked for, but {kinds} allow at most {distinct} per film")
     shift_x, shift_y = rng.uniform(-0.015, 0.015, size=2)
     lung_scale = rng.uniform(0.94, 1.04)
     heart = (0.545 + shift_x + rng.uniform(-0.01, 0.01), 0.64 + shift_y, rng.uniform(0.12, 0.145),
@@ -114,7 +131,7 @@ def sample_spec(rng: np.random.Generator, n_findings: int | None = None) -> Film
     findings: list[FindingSpec] = []
     used: set[tuple[str, str]] = set()
     while len(findings) < n:
-        kind = str(rng.choice(FINDING_KINDS))
+        kind = str(rng.choice(kinds))
         side = str(rng.choice(["right", "left"])) if kind != "cardiomegaly" else ""
         zone = str(rng.choice(ZONES)) if kind in ("nodule", "mass", "consolidation") else ""
         key = (kind, side) if kind in ("pleural effusion", "cardiomegaly") else (kind, side + zone)
@@ -122,7 +139,8 @@ def sample_spec(rng: np.random.Generator, n_findings: int | None = None) -> Film
             continue
         used.add(key)
         if kind in ("nodule", "mass"):
-            r = rng.uniform(0.012, 0.022) if kind == "nodule" else rng.uniform(0.045, 0.07)
+            low, high = blob_radius or ((0.012, 0.022) if kind == "nodule" else (0.045, 0.07))
+            r = rng.uniform(low, high)
             params = (rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), r, rng.uniform(0.18, 0.26))
         elif kind == "consolidation":
             params = (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.06, 0.11),
@@ -267,10 +285,12 @@ def render_film(spec: FilmSpec, size: tuple[int, int], bit_depth: int = 16) -> S
 
 def generate_film(
     rng: np.random.Generator, size: tuple[int, int] = (512, 624), bit_depth: int = 16,
-    n_findings: int | None = None,
+    n_findings: int | None = None, kinds: tuple[str, ...] = FINDING_KINDS,
+    blob_radius: tuple[float, float] | None = None,
 ) -> SyntheticFilm:
-    """A frontal film with 0-3 findings (or ``n_findings``); ``size`` is (width, height)."""
-    return render_film(sample_spec(rng, n_findings), size, bit_depth)
+    """A frontal film with 0-3 findings (or ``n_findings``); ``size`` is (width, height).
+    ``kinds`` and ``blob_radius`` as in ``sample_spec``."""
+    return render_film(sample_spec(rng, n_findings, kinds, blob_radius), size, bit_depth)
 
 
 def generate_lateral(rng: np.random.Generator, size: tuple[int, int], bit_depth: int = 16) -> np.ndarray:
@@ -345,7 +365,7 @@ def _pylist(items: list[str]) -> str:
     return "[" + ", ".join(f"'{i}'" for i in items) + "]"
 
 
-def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0) -> Path:
+def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -> Path:
     """Write ``n`` images in the real PadChest layout under ``out_dir``; returns the CSV path.
 
     ``out_dir/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`` (all 36 columns, the real header with
@@ -354,6 +374,7 @@ def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0) -> Path:
     EXCLUDE or from PED patients; some patients have several studies. Quirks reproduced: leading spaces
     in some labels, nested ``LabelsLocalizationsBySentence`` for Physician rows and flat for RNN rows,
     numpy-repr ``labelCUIS`` with a newline for long lists, the literal ``None`` in DICOM columns.
+    ``findings`` (``n_findings``, ``kinds``, ``blob_radius``) go to ``generate_film``.
     """
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -381,7 +402,7 @@ def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0) -> Path:
         if study_no % 12 == 5:  # a few EXCLUDE rows, deterministically
             frontal_proj = "EXCLUDE"
         size = PADCHEST_SIZES[int(rng.integers(0, len(PADCHEST_SIZES)))]
-        film = generate_film(rng, size=size, bit_depth=16)
+        film = generate_film(rng, size=size, bit_depth=16, **findings)
         views = [(frontal_proj, film.pixels)]
         if image_no + 1 < n and rng.random() < 0.25:
             views.append(("L", generate_lateral(rng, size, 16)))
@@ -458,11 +479,12 @@ def _indiana_text(film: SyntheticFilm) -> tuple[str, str]:
     return " ".join(sentences), " ".join(s for s in sentences[1:]) or "Cardiomegaly."
 
 
-def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0) -> dict[str, Path]:
+def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -> dict[str, Path]:
     """Write ``n`` frontal images (plus laterals for some studies) in Indiana's Kaggle layout.
 
     Returns the paths: ``reports_csv``, ``projections_csv``, ``image_root`` and ``box_file`` (exact pixel
     boxes of the drawn findings, continuous pixel edges, one row per finding, frontal images only).
+    ``findings`` (``n_findings``, ``kinds``, ``blob_radius``) go to ``generate_film``.
     """
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -472,7 +494,7 @@ def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0) -> dict[str, 
     for _ in range(n):
         uid += int(rng.integers(1, 4))  # real uids have gaps
         size = INDIANA_SIZES[int(rng.integers(0, len(INDIANA_SIZES)))]
-        film = generate_film(rng, size=size, bit_depth=8)
+        film = generate_film(rng, size=size, bit_depth=8, **findings)
         im = 4000 + int(rng.integers(1, 999))
         frontal = f"{uid}_IM-{im:04d}-1001.dcm.png"
         save_png(film.pixels, image_root / frontal)
@@ -506,4 +528,31 @@ def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0) -> dict[str, 
         "projections_csv": out / "indiana_projections.csv",
         "image_root": image_root,
         "box_file": out / "boxes.csv",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning benchmark layout
+
+
+def write_benchmark(
+    out_dir: Path | str, n_train: int, n_test: int, seed_train: int, seed_test: int, **findings
+) -> dict[str, Path]:
+    """Train and held-out data for ``benchmarks/bench_learning.py`` and ``tests/test_learning.py``.
+
+    ``train/padchest`` (Phase 1) and ``train/indiana`` (Phase 2, exact ``boxes.csv``) are drawn from
+    ``seed_train`` (PadChest from ``seed_train + 1``, so its films are not Indiana's); ``test/indiana`` from
+    ``seed_test``, so held-out positions and sizes were never seen. ``findings`` (``n_findings``, ``kinds``,
+    ``blob_radius``) apply to all three. Returns ``padchest_csv``, ``padchest_images``, ``train`` and
+    ``test`` (the latter two: ``write_indiana``'s path dicts).
+    """
+    if seed_train == seed_test:
+        raise ValueError("seed_train and seed_test must differ: the test films would repeat the training ones")
+    out = Path(out_dir)
+    padchest_csv = write_padchest(out / "train" / "padchest", n=n_train, seed=seed_train + 1, **findings)
+    return {
+        "padchest_csv": padchest_csv,
+        "padchest_images": padchest_csv.parent / "images",
+        "train": write_indiana(out / "train" / "indiana", n=n_train, seed=seed_train, **findings),
+        "test": write_indiana(out / "test" / "indiana", n=n_test, seed=seed_test, **findings),
     }
