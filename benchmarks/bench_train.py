@@ -105,7 +105,10 @@ def make_samples(base_dir: Path, data_dir: Path, n_images: int, task: str):
 class StepTimer:
     """Times optimizer steps after warm-up with the GPU synchronised (a TrainerCallback)."""
 
-    def __init__(self, warmup: int = 2):
+    default_warmup = 2
+
+    def __init__(self, warmup: int | None = None):
+        warmup = warmup if warmup is not None else StepTimer.default_warmup
         from transformers import TrainerCallback
 
         timer = self
@@ -224,10 +227,16 @@ def run_trl(base, processor, encoder, items, batch, steps, workdir):
         dataset_kwargs={"skip_prepare_dataset": True}, gradient_checkpointing=True, max_length=None,
         dataloader_num_workers=2, disable_tqdm=True, seed=0,
     )
+    from datasets import Dataset
+
+    # TRL wants a `datasets.Dataset`; as in its VLM examples the collator builds each batch (here from
+    # the same prepared samples every row trains on).
+    samples = pixel_dataset(items, processor)
+    collate = Collator(encoder.ids)
     timer = StepTimer()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=pixel_dataset(items, processor),
-                         data_collator=Collator(encoder.ids), peft_config=lora, processing_class=processor,
-                         callbacks=[timer.callback])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"index": list(range(len(items)))}),
+                         data_collator=lambda rows: collate([samples[r["index"]] for r in rows]),
+                         peft_config=lora, processing_class=processor, callbacks=[timer.callback])
     trainer.train()
     del trainer, model
     return timer.seconds_per_step()
@@ -241,7 +250,7 @@ def unsloth_unavailable_reason() -> str | None:
     return None
 
 
-def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phase1", compile_layers=False, **levers):
+def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phase1", **levers):
     """The project's real path: build_training_model + XrayTrainer + TrainingDataset (+ feature cache)."""
     from xray_train.collate import Collator
     from xray_train.config import RunConfig
@@ -254,8 +263,6 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
         "logging_steps": 1000,
         "save_steps": 10_000,
         "report_to": ["none"],
-        # Cached features are gathered per batch in the collator: worker processes only add IPC.
-        "dataloader_num_workers": 0,
         "group_by_length": False,
         "eval_strategy": "no",
         **levers,
@@ -266,17 +273,13 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
     cfg = RunConfig.model_validate(
         {
             "phase": phase,
-            "output_dir": str(workdir / f"xray-{phase}-{batch}-{compile_layers}-{abs(hash(json.dumps(levers, sort_keys=True)))}"),
+            "output_dir": str(workdir / f"xray-{phase}-{batch}-{abs(hash(json.dumps(levers, sort_keys=True)))}"),
             "model": {"base": str(base)},
             "data": {"dataset": dataset, "image_root": str(image_root), **extra},
             "training": training,
         }
     )
     model, proc = build_training_model(cfg)
-    if compile_layers:
-        from xray_train.model import compile_decoder_layers
-
-        compile_decoder_layers(model)
     if phase == "phase2":
         from xray_train.collate import PromptEncoder
 
@@ -308,7 +311,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (torch.compile compiles in them)")
     args = parser.parse_args()
+    StepTimer.default_warmup = args.warmup
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
 
@@ -341,11 +346,30 @@ def main() -> None:
     if "xray-levers" in rows:
         for name, batch, levers in [
             ("xray-train, no Liger", b, {"use_liger": False}),
-            ("xray-train, torch.compile decoder layers (no Liger)", b, {"use_liger": False, "compile_layers": True}),
-            ("xray-train, torch.compile decoder layers (no Liger)", 2 * b, {"use_liger": False, "compile_layers": True}),
+            ("xray-train, torch.compile decoder layers (no Liger)", b, {"use_liger": False, "torch_compile": True}),
+            ("xray-train, torch.compile decoder layers (no Liger)", 2 * b, {"use_liger": False, "torch_compile": True}),
         ]:
             measure(name, "phase1", batch,
                     lambda levers=levers, batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, **levers),
+                    results, peak, flops, notes=json.dumps(levers))
+    if "xray-compile2" in rows:
+        for name, batch, levers, phase in [
+            ("xray-train, torch.compile", 2 * b, {"torch_compile": True}, "phase1"),
+            ("xray-train, torch.compile + gradient checkpointing", 4 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
+            ("xray-train, torch.compile + gradient checkpointing", 8 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
+        ]:
+            measure(name, phase, batch,
+                    lambda levers=levers, batch=batch, phase=phase: run_xray(base, processor, encoder, items, batch, args.steps, work, phase=phase, **levers),
+                    results, peak, flops, notes=json.dumps(levers))
+    if "xray-compile" in rows:
+        for name, batch, levers, phase in [
+            ("xray-train, torch.compile + gradient checkpointing", 2 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
+            ("xray-train, torch.compile + gradient checkpointing", 4 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
+            ("xray-train, torch.compile", 4 * b, {"torch_compile": True}, "phase1"),
+            ("xray-train Phase 2, torch.compile + gradient checkpointing", 2 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase2"),
+        ]:
+            measure(name, phase, batch,
+                    lambda levers=levers, batch=batch, phase=phase: run_xray(base, processor, encoder, items, batch, args.steps, work, phase=phase, **levers),
                     results, peak, flops, notes=json.dumps(levers))
     if "xray" in rows:
         for batch in (b, 2 * b):
@@ -355,8 +379,8 @@ def main() -> None:
             results[-1]["cache_build_s"] = round(getattr(run_xray, "last_cache_s", 0.0), 2)
     if "xray-levers" in rows:
         for name, batch, levers in [
-            ("xray-train, no feature cache (SigLIP every step, 2 loader workers)",
-             b, {"use_liger": True, "cache_vision_features": False, "dataloader_num_workers": 2}),
+            ("xray-train, no feature cache (SigLIP every step, 8 loader workers)",
+             b, {"use_liger": True, "cache_vision_features": False}),
             ("xray-train, full logits", b, {"use_liger": True, "loss_on_targets_only": False}),
             ("xray-train, + gradient checkpointing", 2 * b, {"use_liger": True, "gradient_checkpointing": True}),
         ]:
@@ -378,7 +402,7 @@ def main() -> None:
         "peak_bf16_tflops": peak,
         "versions": versions(),
         "sample": {"sequence_tokens": seq_len, "answer_tokens": ANSWER_TOKENS, "image_px": 896, "image_tokens": 256},
-        "timed_steps": f"3..{args.steps}",
+        "timed_steps": f"{args.warmup + 1}..{args.steps}",
         "model_flops_per_sample": flops,
         "rows": results,
         "not_run": {

@@ -65,7 +65,7 @@ def main() -> None:
     Trainer.__init__ = init
     t = time.time()
     sec = bt.run_xray(base, processor, encoder, items, args.batch, args.steps, args.workdir,
-                      use_liger=bool(args.liger), compile_layers=bool(args.compile))
+                      use_liger=bool(args.liger), torch_compile=bool(args.compile))
     print(f"sec/step {sec:.3f}  samples/s {args.batch / sec:.2f}  wall {time.time() - t:.0f}s")
     sort = os.environ.get("PROF_SORT", "cuda_time_total")
     print(prof.key_averages(group_by_stack_n=int(os.environ.get("PROF_STACK", 0))).table(

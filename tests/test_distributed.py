@@ -3,7 +3,6 @@ ranks over gloo running the real CLI end to end against a one-process run of the
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -181,12 +180,6 @@ def test_call_through_ddp_is_a_plain_call_elsewhere():
 # Two CPU ranks over gloo, end to end through the real CLI
 
 
-def _fixed_train_py() -> bool:
-    import xray_train.train as train
-
-    return "call_through_ddp" in inspect.getsource(train)
-
-
 def _run(cmd: list[str], env: dict, log: Path) -> str:
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=150)
     out = proc.stdout + proc.stderr
@@ -314,12 +307,6 @@ def test_two_ranks_train_the_same_adapter_as_one_process(runs):
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     scale = max(one[k].abs().max().item() for k in one)
-    if worst > 1e-4 * scale and not _fixed_train_py():
-        pytest.xfail(
-            f"issue 8: XrayTrainer._loss unwraps DDP, so gradients are never all-reduced and each rank "
-            f"trains on its own shard (max |diff| {worst:.2e} vs weights up to {scale:.2e}); apply the "
-            f"call_through_ddp fix to train.py"
-        )
     assert worst <= 1e-4 * scale, f"max |diff| {worst:.2e}"
     l1, l2 = _losses(runs["one"]), _losses(runs["two"])
     for step in (3, 4):
@@ -332,10 +319,5 @@ def test_two_ranks_resume_from_the_last_complete_checkpoint(runs):
     summary = _summary(runs["resumed"])
     assert summary["num_processes"] == 2 and summary["global_steps"] == 4
     before, after = _adapter(runs["two"]), _adapter(runs["resumed"])
-    worst = max((before[k] - after[k]).abs().max().item() for k in before)
-    if worst > 1e-6 and not _fixed_train_py():
-        # Unsynchronised ranks hold different weights; the checkpoint keeps rank 0's and resumes both
-        # ranks from it, so the continuation cannot match the uninterrupted run.
-        pytest.xfail(f"issue 8: needs the call_through_ddp fix in train.py (max |diff| {worst:.2e})")
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6)

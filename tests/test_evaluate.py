@@ -42,9 +42,8 @@ def trained_adapters(make_config, tmp_path_factory) -> dict[str, Path]:
     if not (dirs["phase1"] / DONE_MARKER).is_file():
         run(make_config("phase1", output_dir=dirs["phase1"]), overwrite=True, echo=lambda *a: None)
     if not (dirs["phase2"] / DONE_MARKER).is_file():
-        # Not resumed from phase1: model.continue_adapter currently fails on a Phase-2 model (KeyError on
-        # the projector in set_peft_model_state_dict). Nothing here depends on the Phase-1 lineage.
-        run(make_config("phase2", output_dir=dirs["phase2"]), overwrite=True, echo=lambda *a: None)
+        run(make_config("phase2", output_dir=dirs["phase2"]), resume_from=dirs["phase1"], overwrite=True,
+            echo=lambda *a: None)
     return dirs
 
 

@@ -92,8 +92,8 @@ def test_merge_check_catches_a_merge_that_drops_the_adapter(perturbed_adapter, t
         merge(perturbed_adapter, out, echo=lambda *a: None)
     report = json.loads((out / MERGE_CHECK).read_text())
     assert report["passed"] is False
-    assert not report["weights"]["lora"]["ok"] and not report["weights"]["projector"]["ok"]
-    assert not report["weights"]["loc_rows"]["ok"]
+    # (peft's unload keeps the trained projector copy, so only these two are lost.)
+    assert not report["weights"]["lora"]["ok"] and not report["weights"]["loc_rows"]["ok"]
 
 
 def test_merge_refuses_unsafe_output_dirs(make_config, tmp_path_factory, tmp_path):

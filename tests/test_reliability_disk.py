@@ -64,7 +64,8 @@ def test_finished_dir_is_not_overwritten_without_overwrite(tmp_path):
     cfg = RunConfig.model_validate(phase1_raw(out))
     (out / "checkpoint-10").mkdir()
     assert train.prepare_output_dir(cfg, overwrite=True) is None
-    assert out.is_dir() and list(out.iterdir()) == []
+    # Only the new run's resolved config is there: nothing of the old run survives.
+    assert out.is_dir() and [p.name for p in out.iterdir()] == ["xray_train_config.yaml"]
 
 
 def test_unfinished_dir_is_resumed_not_refused(tmp_path):
@@ -72,7 +73,8 @@ def test_unfinished_dir_is_resumed_not_refused(tmp_path):
     (out / "checkpoint-2").mkdir(parents=True)  # no completion marker: moved aside, fresh start
     cfg = RunConfig.model_validate(phase1_raw(out))
     assert train.prepare_output_dir(cfg, overwrite=False) is None
-    assert [p.name.startswith("incomplete-checkpoint-2-") for p in out.iterdir()] == [True]
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 2 and names[0].startswith("incomplete-checkpoint-2-") and names[1] == "xray_train_config.yaml"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -59,19 +58,44 @@ def _load(config: Path, overrides: Optional[list[str]], phase: str | None = None
     return cfg
 
 
+NumGpusOpt = typer.Option(
+    None, "--num-gpus", min=1, help="Train data-parallel on N GPUs of this host (runs `accelerate launch`)."
+)
+AccelConfigOpt = typer.Option(
+    None, "--accelerate-config", help="accelerate config for --num-gpus (default configs/accelerate/ddp.yaml)."
+)
+
+
+def _maybe_relaunch(num_gpus: Optional[int], accelerate_config: Optional[Path]) -> None:
+    """``--num-gpus N``: become ``accelerate launch --num_processes N ... xray-train <same args>``."""
+    if num_gpus is None:
+        return
+    from xray_train.launch import launch, strip_launch_options
+
+    launch(num_gpus, strip_launch_options(sys.argv[1:])[2], accelerate_config)
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @app.command()
 def phase1(
     config: Path = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     overwrite: bool = OverwriteOpt,
+    num_gpus: Optional[int] = NumGpusOpt,
+    accelerate_config: Optional[Path] = AccelConfigOpt,
 ):
     """Phase 1: report SFT on PadChest. Rerunning the same command resumes from the latest checkpoint."""
     from xray_train.train import run
 
+    _maybe_relaunch(num_gpus, accelerate_config)
     _setup_logging()
     cfg = _load(config, set_, "phase1")
     out = run(cfg, overwrite=overwrite, echo=console.print)
-    console.print(f"[green]Phase 1 done.[/green] Adapter and processor in {out}")
+    if _is_main_rank():
+        console.print(f"[green]Phase 1 done.[/green] Adapter and processor in {out}")
 
 
 @app.command()
@@ -82,16 +106,20 @@ def phase2(
     ),
     set_: Optional[list[str]] = SetOpt,
     overwrite: bool = OverwriteOpt,
+    num_gpus: Optional[int] = NumGpusOpt,
+    accelerate_config: Optional[Path] = AccelConfigOpt,
 ):
     """Phase 2: <loc> box SFT (Indiana CXR or another box source), continuing the Phase-1 adapter."""
     from xray_train.train import run
 
+    _maybe_relaunch(num_gpus, accelerate_config)
     _setup_logging()
     cfg = _load(config, set_, "phase2")
     if resume is not None and not resume.is_dir():
         raise XrayTrainError(f"--resume: directory not found: {resume}")
     out = run(cfg, resume_from=resume, overwrite=overwrite, echo=console.print)
-    console.print(f"[green]Phase 2 done.[/green] Adapter and processor in {out}")
+    if _is_main_rank():
+        console.print(f"[green]Phase 2 done.[/green] Adapter and processor in {out}")
 
 
 @data_app.command("check")

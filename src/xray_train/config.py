@@ -8,7 +8,6 @@ file) is collected and reported together, each naming its dotted key, before any
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,7 +199,12 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute decoder activations in backward: less memory, ~30 % slower."
     )
-    dataloader_num_workers: int = Field(2, ge=0, description="Image-loading worker processes.")
+    dataloader_num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Data-loading worker processes. Default: 0 with cached vision features (batches are "
+        "gathered in-process, workers only add copies), else up to 8 for image decoding.",
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
     report_to: list[str] = Field(
         ["tensorboard"], description="Loggers: any of tensorboard, wandb, mlflow, or none."
@@ -214,7 +218,14 @@ class TrainingSection(_Section):
     loss_on_targets_only: bool = Field(
         True, description="Compute the LM head only at supervised positions (chunked cross-entropy)."
     )
-    use_liger: bool = Field(False, description="Patch Gemma 3 with Liger kernels (GPU only).")
+    use_liger: bool = Field(
+        False, description="Patch Gemma 3 with Liger kernels (GPU only; measured slower than torch_compile)."
+    )
+    torch_compile: bool | None = Field(
+        None,
+        description="torch.compile each decoder layer: removes most of the host overhead that bounds a QLoRA "
+        "step (measured 2.2x at batch 32 on an H200); the first steps compile. Default: on with CUDA.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":

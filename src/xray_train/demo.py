@@ -1,4 +1,5 @@
-"""``xray-train demo``: the whole chain on the bundled sample data, on CPU, in a few minutes."""
+"""``xray-train demo``: the whole chain on the bundled sample data, on CPU, in a few minutes:
+tiny model -> data check -> Phase 1 -> Phase 2 (continuing Phase 1) -> evaluate both -> predict 3 images."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from xray_train.errors import XrayTrainError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
+#: A demo report is ~40 tokens; an undertrained tiny model that never stops would otherwise spend
+#: 256 steps of a 262k-row LM head per answer on CPU.
+DEMO_MAX_NEW_TOKENS = 128
 
 
 def demo_config(name: str) -> Path:
@@ -85,13 +89,16 @@ def evaluate_and_predict(cfg1, cfg2, paths: dict, workdir: Path, overwrite: bool
 
     evaluation = {}
     console.rule("Evaluate: Phase-1 adapter on the PadChest test split (adapter vs base)")
-    evaluation["phase1"] = evaluate(paths["phase1"], cfg1, split="test", echo=echo)
+    evaluation["phase1"] = evaluate(paths["phase1"], cfg1, split="test", max_new_tokens=DEMO_MAX_NEW_TOKENS, echo=echo)
     for line in summary_lines(evaluation["phase1"]):
         echo(line)
 
     console.rule("Evaluate: Phase-2 adapter on the Indiana test split (adapter vs base)")
     model, processor = load_adapter(paths["phase2"])
-    evaluation["phase2"] = evaluate(paths["phase2"], cfg2, split="test", model=model, processor=processor, echo=echo)
+    evaluation["phase2"] = evaluate(
+        paths["phase2"], cfg2, split="test", max_new_tokens=DEMO_MAX_NEW_TOKENS, model=model, processor=processor,
+        echo=echo,
+    )
     for line in summary_lines(evaluation["phase2"]):
         echo(line)
 
@@ -100,6 +107,6 @@ def evaluate_and_predict(cfg1, cfg2, paths: dict, workdir: Path, overwrite: bool
     predictions = workdir / "predictions"
     predict(
         paths["phase2"], [ex.image_path for ex in samples[:3]], predictions, task="both",
-        overwrite=overwrite, model=model, processor=processor, echo=echo,
+        overwrite=overwrite, max_new_tokens=DEMO_MAX_NEW_TOKENS, model=model, processor=processor, echo=echo,
     )
     return evaluation, predictions

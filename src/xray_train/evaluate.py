@@ -365,7 +365,7 @@ def evaluate(
     out_dir = Path(out_dir) if out_dir is not None else adapter_dir
     json_out = Path(json_out) if json_out is not None else None
     check_output_targets(adapter_dir, out_dir, json_out, overwrite)
-    if cfg.phase == "phase2" and not adapter_has_loc_rows(adapter_dir):
+    if cfg.phase == "phase2" and cfg.add_loc_tokens and not adapter_has_loc_rows(adapter_dir):
         raise XrayTrainError(
             f"{adapter_dir} has no trained <loc> tokens (a Phase-1 adapter?); box metrics need a Phase-2 "
             "adapter. Evaluate it with a phase1 (PadChest) config instead."

@@ -110,7 +110,13 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.items = items
         self.pixel_loader = pixel_loader
         self.feature_cache = feature_cache
-        self.unreadable = 0
+        # Shared memory: DataLoader workers mark failures where the main process can count them.
+        self._unreadable = torch.zeros(max(1, len(items)), dtype=torch.bool).share_memory_()
+
+    @property
+    def unreadable(self) -> int:
+        """Images that failed to load during training (each replaced by the next example)."""
+        return int(self._unreadable.sum())
 
     def __len__(self) -> int:
         return len(self.items)
@@ -127,7 +133,7 @@ class TrainingDataset(torch.utils.data.Dataset):
                 image = self._image(item.example.image_path)
             except ImageError as exc:
                 # A file that broke after the data check must not end an epoch: use the next example.
-                self.unreadable += 1
+                self._unreadable[(index + attempt) % len(self.items)] = True
                 logger.warning("unreadable image, using the next example instead: %s", exc)
                 continue
             return {"input_ids": item.input_ids, "labels": item.labels, **image}

@@ -260,7 +260,7 @@ def merge(
         del model, merged
         gc.collect()
 
-        echo(f"Reloading the merged model with AutoModelForImageTextToText to check it")
+        echo("Reloading the merged model with AutoModelForImageTextToText to check it")
         reloaded = AutoModelForImageTextToText.from_pretrained(
             staging, dtype=dtype, use_safetensors=True, trust_remote_code=False,
             device_map=device_map if device_map is not None else _device_map(),

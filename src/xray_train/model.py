@@ -61,7 +61,7 @@ def default_device_map():
     return {"": "cpu"}
 
 
-def apply_liger_kernels() -> None:
+def apply_liger_kernels(model=None) -> None:
     """Swap Gemma 3's RMSNorm, GeGLU MLP and RoPE for Liger's fused Triton kernels (GPU only).
 
     Gemma's RMSNorm upcasts to fp32 and keeps fp32 copies for backward, and its MLP keeps gate, up and
@@ -76,7 +76,8 @@ def apply_liger_kernels() -> None:
     if not torch.cuda.is_available():
         raise XrayTrainError("training.use_liger: Liger kernels need a CUDA GPU; set it to false on CPU")
     apply_liger_kernel_to_gemma3(
-        rope=True, rms_norm=True, geglu=True, layer_norm=False, cross_entropy=False, fused_linear_cross_entropy=False
+        rope=True, rms_norm=True, geglu=True, layer_norm=False, cross_entropy=False,
+        fused_linear_cross_entropy=False, model=model,
     )
 
 
@@ -108,7 +109,8 @@ def load_base(model_cfg: ModelConfig, device_map=None, liger: bool = False):
             f"model.base: {model_cfg.base} is a {type(model).__name__}, expected a Gemma 3 "
             "image-text model (Gemma3ForConditionalGeneration) such as google/medgemma-4b-it"
         )
-    model.config.use_cache = False
+    # Training never reuses past keys/values; the text config is where Gemma 3 reads the flag.
+    model.config.get_text_config().use_cache = False
     return model, processor
 
 
@@ -259,6 +261,11 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if resume_from is not None:
         continue_adapter(peft_model, resume_from)
     _upcast_trainable(peft_model)
+    compile_layers = cfg.training.torch_compile
+    if compile_layers is None:
+        compile_layers = torch.cuda.is_available()
+    if compile_layers:
+        compile_decoder_layers(peft_model)
     if cfg.training.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from xray_train.config import RunConfig, dump_config
 from xray_train.data.records import Example
 from xray_train.data.registry import read_dataset
 from xray_train.data.splits import split_examples
+from xray_train.distributed import call_through_ddp, use_cpu
+from xray_train.distributed import state as distributed_state
 from xray_train.errors import XrayTrainError
 from xray_train.inputs import EncodedExample, PixelLoader, TrainingDataset, encode_examples
 from xray_train.loss import full_logits_loss, targets_only_loss
@@ -166,16 +167,24 @@ def check_resume_dir(resume_from: Path, cfg: RunConfig) -> None:
 
 
 def prepare_output_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
-    """Create ``output_dir`` or decide to resume. Returns the checkpoint to resume from, if any."""
+    """Create ``output_dir`` (and its resolved config) or decide to resume; returns the checkpoint to
+    resume from, if any. With several ranks only the main process deletes, creates, renames or writes;
+    the others wait for it, then find the same checkpoint (every rank must resume from the same step)."""
     out = cfg.output_dir
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if (out / DONE_MARKER).is_file():
+    if not overwrite and (out / DONE_MARKER).is_file():
         raise XrayTrainError(
             f"{out} holds a finished {cfg.phase} run; pass --overwrite to replace it or choose another output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return find_resumable_checkpoint(out)
+    state = distributed_state()
+    with state.main_process_first():
+        if state.is_main_process:
+            if overwrite and out.exists():
+                shutil.rmtree(out)
+            with disk_full_as_error(out):
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / RESOLVED_CONFIG, dump_config(cfg))
+        checkpoint = find_resumable_checkpoint(out)
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +238,6 @@ def feature_cache_root(cfg: RunConfig) -> Path:
 
 
 def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
-    from accelerate import PartialState
-
     from xray_train.features import VisionFeatureCache
     from xray_train.loss import unwrap_gemma3
 
@@ -238,7 +245,7 @@ def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
     cache = None
     if cfg.training.cache_vision_features:
         paths = [it.example.image_path for it in data.train + data.validation]
-        state = PartialState()
+        state = distributed_state()
         # Rank 0 computes the cache; the other ranks then find it complete and memory-map it.
         with state.main_process_first():
             cache = VisionFeatureCache.build_or_load(
@@ -268,6 +275,8 @@ def _trainer_class():
         """Marks a checkpoint complete only after every file of it was written."""
 
         def on_save(self, args, state, control, **kwargs):
+            # Every rank writes its own rng_state_N.pth into the checkpoint: mark it once all have.
+            distributed_state().wait_for_everyone()
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
@@ -285,6 +294,11 @@ def _trainer_class():
             self._targets_only = targets_only
             # compute_loss divides by the token count of the whole accumulated batch itself.
             self.model_accepts_loss_kwargs = True
+            # One process sees several GPUs (plain `python`, or `accelerate launch --num_processes 1`):
+            # the Trainer would wrap the model in nn.DataParallel, which a 4-bit model placed on one GPU
+            # cannot use. Several GPUs mean several processes (see docs/multi_gpu.md).
+            if self.args.parallel_mode.value == "not_distributed" and self.args.n_gpu > 1:
+                self.args._n_gpu = 1
             self._eval_correct = 0
             self._eval_total = 0
 
@@ -301,8 +315,14 @@ def _trainer_class():
             # Evaluation order does not matter; the default would load every image to sort by length.
             return torch.utils.data.SequentialSampler(eval_dataset)
 
+        def autocast_smart_context_manager(self, cache_enabled=True):
+            # accelerate puts autocast on model.forward, which the project's loss does not call (it runs
+            # the decoder and the LM head separately), so the mixed-precision context is entered here.
+            return self.accelerator.autocast(autocast_handler=None)
+
         def _loss(self, model, inputs):
-            return targets_only_loss(model, inputs) if self._targets_only else full_logits_loss(model, inputs)
+            # Through DDP's own forward: a loss on the unwrapped model would never all-reduce gradients.
+            return call_through_ddp(model, targets_only_loss if self._targets_only else full_logits_loss, inputs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = self._loss(model, inputs)
@@ -416,7 +436,7 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         eval_steps=(t.eval_steps or t.save_steps) if eval_strategy == "steps" else None,
         bf16=bf16,
         fp16=fp16,
-        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_num_workers=loader_workers(cfg),
         dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to=report_to,
@@ -424,8 +444,19 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         # Gradient checkpointing is applied in model.py to decoder layers only.
         gradient_checkpointing=False,
         ddp_find_unused_parameters=False,
+        # Without CUDA, ranks (tests, CI) must still form a gloo group rather than train independently.
+        use_cpu=use_cpu(),
         disable_tqdm=False,
     )
+
+
+def loader_workers(cfg: RunConfig) -> int:
+    """Cached features are gathered per batch in the collator, in-process: worker processes would only
+    add inter-process copies (measured: +30 % step time at MedGemma scale). Pixels need workers."""
+    t = cfg.training
+    if t.dataloader_num_workers is not None:
+        return t.dataloader_num_workers
+    return 0 if t.cache_vision_features else min(8, os.cpu_count() or 1)
 
 
 def _optimizer_groups(cfg: RunConfig, model):
@@ -456,8 +487,6 @@ def run(cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False
     if resume_from is not None:
         check_resume_dir(resume_from, cfg)
     checkpoint = prepare_output_dir(cfg, overwrite)
-    with disk_full_as_error(cfg.output_dir):
-        atomic_write_text(cfg.output_dir / RESOLVED_CONFIG, dump_config(cfg))
 
     from transformers import set_seed
 
@@ -539,6 +568,7 @@ def save_outputs(
         "train_runtime_s": round(elapsed, 2),
         "train_samples_per_s": round(samples / elapsed, 4) if elapsed > 0 else None,
         "num_processes": trainer.accelerator.num_processes,
+        "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "metrics": {
             k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items() if v is not None

@@ -546,8 +546,8 @@ def write_benchmark(
     ``blob_radius``) apply to all three. Returns ``padchest_csv``, ``padchest_images``, ``train`` and
     ``test`` (the latter two: ``write_indiana``'s path dicts).
     """
-    if seed_train == seed_test:
-        raise ValueError("seed_train and seed_test must differ: the test films would repeat the training ones")
+    if seed_test in (seed_train, seed_train + 1):
+        raise ValueError("seed_test must differ from seed_train and seed_train + 1: test films would repeat training ones")
     out = Path(out_dir)
     padchest_csv = write_padchest(out / "train" / "padchest", n=n_train, seed=seed_train + 1, **findings)
     return {

@@ -1,0 +1,104 @@
+"""GPU-only levers give the same loss and LoRA gradients as the plain path (bf16 tolerance).
+
+Liger patches Gemma 3's classes for the whole process, so each variant runs in its own process and
+writes its loss and gradients; the test compares them. Skipped without CUDA (CI has none); run on a GPU
+host with ``pytest tests/gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+WORKER = r"""
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from xray_train.collate import Collator, PromptEncoder
+from xray_train.config import RunConfig
+from xray_train.features import pooled_vision_features
+from xray_train.inputs import PixelLoader
+from xray_train.loss import targets_only_loss, full_logits_loss, unwrap_gemma3
+from xray_train.model import apply_liger_kernels, build_training_model, compile_decoder_layers
+
+base, samples, out, variant = sys.argv[1:5]
+cfg = RunConfig.model_validate({
+    "phase": "phase2", "output_dir": "unused", "lora": {"dropout": 0.0},
+    "model": {"base": base, "compute_dtype": "bfloat16"},
+    "data": {"dataset": "indiana", "image_root": samples},
+})
+model, proc = build_training_model(cfg)
+torch.manual_seed(0)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.02)
+enc = PromptEncoder(proc, "sys")
+images = sorted(Path(samples).rglob("*-1001.dcm.png"))[:4]
+answers = ["<loc0010><loc0020><loc0500><loc0600> nodule", "no localisable finding",
+           "<loc0100><loc0200><loc0700><loc0900> mass ; <loc0300><loc0100><loc0400><loc0300> nodule", "no localisable finding"]
+items = [dict(enc.encode("detect", a), pixel_values=PixelLoader(proc)(p)) for a, p in zip(answers, images)]
+batch = {k: v.cuda() for k, v in Collator(enc.ids)(items).items()}
+batch["image_features"] = pooled_vision_features(unwrap_gemma3(model).model, batch.pop("pixel_values"))
+
+
+def measure(fn, name):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        res = fn(model, batch)
+        loss = res.loss_sum / res.n_tokens
+    loss.backward()
+    grads = {n: p.grad.float().cpu().contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    save_file(grads, str(Path(out) / f"{variant}-{name}.safetensors"))
+    Path(out, f"{variant}-{name}.json").write_text(json.dumps({"loss": loss.item(), "n": int(res.n_tokens)}))
+
+
+# The reference and the lever run in one process on the same weights: the plain HF path first, then
+# the lever switched on in place (Liger patches the loaded modules; compile wraps the layers).
+measure(full_logits_loss, "plain")
+if variant == "liger":
+    apply_liger_kernels(unwrap_gemma3(model))
+elif variant == "compile":
+    compile_decoder_layers(model)
+measure(targets_only_loss, "lever")
+"""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_model_dir):
+    from .. import conftest
+
+    out = tmp_path_factory.mktemp("gpu-equivalence")
+    samples = conftest.SAMPLES / "indiana"
+    for variant in ("targets", "liger", "compile"):
+        proc = subprocess.run(
+            [sys.executable, "-c", WORKER, str(tiny_model_dir), str(samples), str(out), variant],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _load(out: Path, variant: str):
+    from safetensors.torch import load_file
+
+    return json.loads((out / f"{variant}.json").read_text()), load_file(str(out / f"{variant}.safetensors"))
+
+
+@pytest.mark.parametrize("variant", ["targets", "liger", "compile"])
+def test_lever_matches_plain_loss_and_gradients(results, variant):
+    plain_meta, plain = _load(results, f"{variant}-plain")
+    meta, grads = _load(results, f"{variant}-lever")
+    assert meta["n"] == plain_meta["n"]
+    assert meta["loss"] == pytest.approx(plain_meta["loss"], rel=1e-2)
+    assert grads.keys() == plain.keys()
+    for name, ref in plain.items():
+        cos = torch.nn.functional.cosine_similarity(grads[name].flatten(), ref.flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
