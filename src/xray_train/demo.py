@@ -68,7 +68,7 @@ def run_demo(workdir: Path, overwrite: bool = True, console: Console | None = No
         )
     console.print(
         "A tiny random model trained for a few CPU steps: the numbers show the pipeline works, not that "
-        "the model does. Next: `xray-train push-to-hub runs/demo/phase2 --repo-id ORG/NAME --dry-run staged/`.",
+        f"the model does. Next: `xray-train push-to-hub {paths['phase2']} --repo-id ORG/NAME --dry-run staged/`.",
         highlight=False,
     )
     return paths

@@ -1,0 +1,50 @@
+"""Shipped configs load, say how to run them, and keep the settings the product promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xray_train.config import ConfigError, dump_config, load_config
+
+from .conftest import REPO
+
+RUN_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_run_config_validates_and_starts_with_its_command(path: Path, tmp_path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run: xray-train "), first
+    phase = "phase1" if "phase1" in path.name else "phase2"
+    assert f"xray-train {phase} --config {path.relative_to(REPO)}" in first
+    cfg = load_config(path, check_paths=False)
+    assert cfg.phase == phase
+    # Round trip: the resolved config saved beside outputs loads back to the same config.
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump_config(cfg))
+    assert load_config(saved, check_paths=False) == cfg
+
+
+@pytest.mark.parametrize("name", ["phase1_padchest.yaml", "phase2_indiana.yaml"])
+def test_real_configs_use_the_seed_quantisation_and_lora(name):
+    cfg = load_config(REPO / "configs" / name, check_paths=False)
+    assert cfg.model.base == "google/medgemma-4b-it"
+    assert (cfg.model.load_in_4bit, cfg.model.quant_type, cfg.model.double_quant) == (True, "nf4", True)
+    assert cfg.model.compute_dtype == "bfloat16"
+    assert (cfg.lora.r, cfg.lora.alpha, sorted(cfg.lora.target_modules)) == (32, 64, ["q_proj", "v_proj"])
+    assert cfg.add_loc_tokens == cfg.train_projector == (cfg.phase == "phase2")
+
+
+def test_set_overrides_are_typed_and_every_problem_is_reported(tmp_path):
+    path = REPO / "configs" / "phase1_padchest.yaml"
+    cfg = load_config(path, ["training.learning_rate=5e-5", "lora.r=16", "training.report_to=[none]"], check_paths=False)
+    assert cfg.training.learning_rate == 5e-5 and cfg.lora.r == 16
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.learning_rate=fast", "lora.rank=8", "training.bf16=true", "training.fp16=true"],
+                    check_paths=False)
+    text = str(err.value)
+    for key in ("training.learning_rate", "lora.rank", "fp16"):
+        assert key in text
+    assert len(err.value.problems) >= 3
