@@ -103,3 +103,16 @@ def test_predict_and_merge_user_errors_exit_2(adapters, monkeypatch, capsys, tmp
     assert code == 2 and "must not be the adapter dir" in err
     code, _, err = run_main(monkeypatch, capsys, "predict", str(adapters["phase1"]), "x.png", "--task", "nope")
     assert code == 2  # click rejects the choice itself
+
+
+@pytest.mark.parametrize("name, boxes", [("phase1", False), ("phase2", True)])
+def test_data_check_on_the_bundled_samples_needs_no_model(tmp_path, name, boxes):
+    """The README's first step works before any model is downloaded: the demo configs name a tiny model
+    that does not exist yet, and data check must not care."""
+    out = tmp_path / "summary.json"
+    result = runner.invoke(cli.app, ["data", "check", "--config", str(REPO / "configs" / "demo" / f"{name}.yaml"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["examples"] > 0
+    assert summary["examples"] + sum(summary["skipped"].values()) == summary["rows_total"]
+    assert ("boxes_total" in summary and summary["boxes_total"] > 0) == boxes

@@ -134,7 +134,8 @@ def data_check(
     from xray_train.config import load_config
     from xray_train.data.check import check_dataset
 
-    cfg = load_config(config, (set_ or []) + (["data.strict=true"] if strict else []))
+    # Only the data matters here: a base model that is not downloaded yet is not an error.
+    cfg = load_config(config, (set_ or []) + (["data.strict=true"] if strict else []), check_model=False)
     summary = check_dataset(cfg.data, open_images=not no_images, progress=True)
     _print_data_summary(summary)
     if json_out is not None:

@@ -387,7 +387,7 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def _check_paths(raw: dict) -> list[str]:
+def _check_paths(raw: dict, check_model: bool = True) -> list[str]:
     """Existence checks the schema cannot do, on the (possibly invalid) raw config so they are reported
     with the schema's errors, before any loading."""
     problems = []
@@ -409,7 +409,7 @@ def _check_paths(raw: dict) -> list[str]:
             problems.append(f"data.{name}: not found: {value}")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     base = model.get("base")
-    if isinstance(base, str) and looks_like_local_path(base) and not Path(base).expanduser().is_dir():
+    if check_model and isinstance(base, str) and looks_like_local_path(base) and not Path(base).expanduser().is_dir():
         problems.append(f"model.base: local model directory not found: {base}")
     out = raw.get("output_dir")
     if isinstance(out, (str, Path)) and str(out) and Path(out).exists() and not Path(out).is_dir():
@@ -445,9 +445,12 @@ def _raw_conflicts(raw: dict) -> list[str]:
     return found
 
 
-def load_config(path: Path | str, overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
+def load_config(
+    path: Path | str, overrides: list[str] | None = None, check_paths: bool = True, check_model: bool = True
+) -> RunConfig:
     """Read, override and validate a run config; raise ``ConfigError`` listing every problem (schema,
-    conflicting options and missing paths together), each naming its dotted key."""
+    conflicting options and missing paths together), each naming its dotted key. ``check_model=False``
+    skips the base-model check for commands that only read data (``data check``)."""
     path = Path(path)
     overrides = overrides or []
     raw = _resolve_paths(apply_overrides(read_yaml(path), overrides), path.parent.resolve())
@@ -461,7 +464,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None, check_path
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [_mark_set(p, from_set) for p in _raw_conflicts(raw) if p.split(":", 1)[0] not in reported]
     if check_paths:
-        problems += [_mark_set(p, from_set) for p in _check_paths(raw)]
+        problems += [_mark_set(p, from_set) for p in _check_paths(raw, check_model)]
     if problems:
         raise ConfigError(str(path), list(dict.fromkeys(problems)))
     return cfg
