@@ -58,7 +58,7 @@ ALL_ROWS = ("main", "phase2_only", "projector_frozen", "plain_text_loc", "mean_b
 PRESETS = {
     "ci": {
         "model": dict(image_size=112, patch_size=14, mm_tokens_per_image=64, hidden_size=128, num_layers=2,
-                      vision_hidden_size=64, vision_layers=2),
+                      vision_hidden_size=64, vision_layers=2, embedding_std=128**-0.5, final_norm_scale=4.0),
         "data": dict(n_train=160, n_test=48, kinds=("mass",), n_findings=1, blob_radius=(0.06, 0.09)),
         "phase1": dict(max_steps=40, learning_rate=2e-3, batch=8),
         "phase2": dict(max_steps=200, learning_rate=2e-3, projector_learning_rate=2e-3, batch=8),
@@ -66,7 +66,7 @@ PRESETS = {
     },
     "full": {
         "model": dict(image_size=224, patch_size=14, mm_tokens_per_image=256, hidden_size=256, num_layers=4,
-                      vision_hidden_size=128, vision_layers=2),
+                      vision_hidden_size=128, vision_layers=2, embedding_std=256**-0.5, final_norm_scale=4.0),
         "data": dict(n_train=1500, n_test=200, kinds=("mass",), n_findings=1, blob_radius=(0.06, 0.09)),
         "phase1": dict(max_steps=300, learning_rate=1e-3, batch=16),
         "phase2": dict(max_steps=1500, learning_rate=1e-3, projector_learning_rate=1e-3, batch=16),

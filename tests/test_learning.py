@@ -1,9 +1,12 @@
-"""The whole chain must learn to box a lesion in films it never saw (CPU-sized ``bench_learning``).
+"""The whole chain must learn on films it never saw (CPU-sized ``bench_learning``).
 
-The end-to-end learning check runs only with ``XRAY_TRAIN_LEARNING_TEST=1``: with a frozen random
-language model and LoRA on q/v alone the recipe does not yet learn the answer format within a CI budget
-(docs/learning.md has the measurements), so by default it would only fail. The benchmark's own pieces
-(held-out data, the mean-box baseline) are always tested.
+Always on: after Phase 1 -> Phase 2 ``--resume`` the model answers held-out films in the trained format
+and names the right finding: a break in label masking, loc tokens, continuation or decoding fails it.
+Gated (``XRAY_TRAIN_LEARNING_TEST=1``): beating the mean box on IoU, which the CI budget does not reach
+yet (docs/learning.md has the measurements). The benchmark's own pieces are always tested.
+
+The tiny LM gets a pretrained-like output scale (``embedding_std``, ``final_norm_scale``): with HF's
+default init no frozen token can win the 262k-way softmax, so no answer could ever end.
 
 Phase 1 (a few steps, so the continuation is exercised) -> Phase 2 ``--resume`` through the CLI ->
 ``evaluate`` on held-out films drawn from another seed. A broken link anywhere (preprocessing, box
@@ -25,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for a 2-core CI machine; one 8-px patch per image token (8x8 grid on a 64-px image).
 CI_PRESET = {
-    "model": dict(image_size=64, patch_size=8, mm_tokens_per_image=64, hidden_size=64, num_layers=2,
-                  vision_hidden_size=32, vision_layers=2),
+    "model": dict(image_size=64, patch_size=8, mm_tokens_per_image=64, hidden_size=128, num_layers=2,
+                  vision_hidden_size=32, vision_layers=2, embedding_std=128**-0.5, final_norm_scale=4.0),
     "data": dict(n_train=64, n_test=16, kinds=("mass",), n_findings=1, blob_radius=(0.08, 0.12)),
     "phase1": dict(max_steps=4, learning_rate=2e-2, batch=4),
-    "phase2": dict(max_steps=60, learning_rate=2e-2, projector_learning_rate=2e-2, batch=8),
+    "phase2": dict(max_steps=150, learning_rate=5e-3, projector_learning_rate=5e-3, batch=8),
     "lora_r": 16,
 }
 
@@ -43,7 +46,7 @@ def _bench():
 
 learning = pytest.mark.skipif(
     os.environ.get("XRAY_TRAIN_LEARNING_TEST") != "1",
-    reason="end-to-end learning check: set XRAY_TRAIN_LEARNING_TEST=1 (see docs/learning.md)",
+    reason="IoU learning check: set XRAY_TRAIN_LEARNING_TEST=1 (see docs/learning.md)",
 )
 
 
@@ -101,7 +104,6 @@ def learned(tmp_path_factory):
                                echo=lambda *a: None)
 
 
-@learning
 def test_answers_parse(learned):
     main = learned["rows"]["main"]
     assert main["parse_rate"] >= 0.9, json.dumps(main)

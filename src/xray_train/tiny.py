@@ -243,8 +243,22 @@ def build_processor(tokenizer_dir: Path, image_size: int, mm_tokens_per_image: i
     )
 
 
-def make_tiny_model(out_dir: Path, overwrite: bool = False, seed: int = 0, **sizes) -> Path:
-    """Write a tiny random MedGemma-shaped model + real tokenizer + processor to ``out_dir``."""
+def make_tiny_model(
+    out_dir: Path,
+    overwrite: bool = False,
+    seed: int = 0,
+    embedding_std: float | None = None,
+    final_norm_scale: float = 1.0,
+    **sizes,
+) -> Path:
+    """Write a tiny random MedGemma-shaped model + real tokenizer + processor to ``out_dir``.
+
+    With HF's default init (embedding std 0.02) a random tiny LM cannot put probability on any frozen
+    token of its 262k vocabulary: the largest logit it can reach is ``0.02 x hidden`` (about 1 at width
+    64, against ln 262k = 12.5 for an even share). A pretrained Gemma has no such ceiling. For learning
+    benchmarks, ``embedding_std`` (e.g. hidden**-0.5) and ``final_norm_scale`` (the final RMSNorm's gain)
+    give the random LM a pretrained-like output scale; the defaults keep HF's init.
+    """
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
@@ -258,6 +272,12 @@ def make_tiny_model(out_dir: Path, overwrite: bool = False, seed: int = 0, **siz
     with torch.no_grad():
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, proj.shape[0] ** -0.5)
+    with torch.no_grad():
+        text = model.model.language_model
+        if embedding_std is not None:
+            text.embed_tokens.weight.normal_(0.0, embedding_std)
+        if final_norm_scale != 1.0:
+            text.norm.weight.fill_(final_norm_scale - 1.0)  # Gemma's RMSNorm multiplies by (1 + weight)
     model = model.to(torch.bfloat16)
     processor = build_processor(
         reference_tokenizer_dir(), config.vision_config.image_size, config.mm_tokens_per_image
