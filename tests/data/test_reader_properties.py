@@ -29,7 +29,8 @@ from xray_train.data.boxfile import read_box_file
 from xray_train.errors import DataError
 
 SETTINGS = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=40, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
@@ -194,7 +195,9 @@ def test_indiana_reader_never_crashes(image_root, projections, mesh, boxes, box_
     )
     result = _check(lambda: indiana.read(cfg), image_root, latin1)
     if result is not None:
-        assert result.rows_total == len(projections)
+        # A row whose every cell is empty is a blank line (spreadsheet exports write ",,"), not a record.
+        blank = sum(1 for uid, stem, proj in projections if not (uid or stem or proj))
+        assert result.rows_total == len(projections) - blank
 
 
 @SETTINGS
