@@ -20,10 +20,12 @@ Rows:
 - ``xray-train``: the project's real training path (``build_training_model`` + ``XrayTrainer`` +
   ``TrainingDataset`` + vision-feature cache + targets-only loss), with each lever switchable.
 
-MFU uses the conventional model FLOPs of one sample, identical for every row: 6 x (LM body + LM head)
-parameters x tokens + 2 x SigLIP parameters x 4096 patches, over the GPU's dense bf16 peak. It counts
-the work the model needs, not what an implementation executes (recomputation and cached features do
-not change it), so MFU ratios equal speed ratios.
+MFU counts the model FLOPs one sample's update needs, identical for every row, over the GPU's dense bf16
+peak: the language model's forward and input-gradient matmuls at every token (4 x body parameters x
+tokens; its weights are frozen, so no weight gradients), the LM head at the supervised tokens
+(4 x head x answer tokens) and attention scores (4 x 2 x layers x heads x head_dim x tokens^2 for
+forward + backward). The frozen SigLIP tower is left out: its output does not change during training (a
+cached run computes it once per image). Recomputation is not counted, so MFU ratios equal speed ratios.
 """
 
 from __future__ import annotations
@@ -102,8 +104,50 @@ def make_samples(base_dir: Path, data_dir: Path, n_images: int, task: str):
     return processor, encoder, items
 
 
+def model_flops_per_sample(counts: dict, seq_len: int) -> float:
+    body = 4 * counts["lm_body"] * seq_len
+    head = 4 * counts["lm_head"] * ANSWER_TOKENS
+    attention = 4 * 2 * counts["layers"] * counts["attention_width"] * seq_len**2
+    return float(body + head + attention)
+
+
+DEFAULT_XRAY_ROWS = [
+    ("phase1", 8, {"torch_compile": False}),
+    ("phase1", 8, {}),
+    ("phase1", 16, {}),
+    ("phase1", 16, {"activation_memory_budget": 0.5}),
+    ("phase1", 32, {"gradient_checkpointing": True}),
+    ("phase1", 32, {"gradient_checkpointing": True, "checkpoint_layers": 22}),
+    ("phase1", 8, {"cache_vision_features": False}),
+    ("phase1", 8, {"loss_on_targets_only": False}),
+    ("phase2", 16, {"gradient_checkpointing": True}),
+]
+
+
+def parse_xray_row(text: str):
+    import yaml
+
+    phase, batch, spec = (text.split(":", 2) + [""])[:3]
+    levers = {}
+    for part in filter(None, spec.split(",")):
+        key, value = part.split("=", 1)
+        levers[key] = yaml.safe_load(value)
+    return phase, int(batch), levers
+
+
+def describe_levers(phase: str, levers: dict) -> str:
+    name = "xray-train" + (" Phase 2" if phase == "phase2" else "")
+    if not levers:
+        return f"{name} (defaults)"
+    return f"{name}, " + ", ".join(f"{k}={v}" for k, v in levers.items())
+
+
 class StepTimer:
-    """Times optimizer steps after warm-up with the GPU synchronised (a TrainerCallback)."""
+    """Times optimizer steps after warm-up (a TrainerCallback).
+
+    The GPU is synchronised only where the timed window opens and closes: a sync in every step would
+    serialise the host and the GPU and hide what removing per-step synchronisation buys.
+    """
 
     default_warmup = 2
 
@@ -115,16 +159,17 @@ class StepTimer:
 
         class _CB(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
-                timer.stamps.append((state.global_step, time.perf_counter()))
+                if state.global_step in (timer.warmup, state.max_steps):
+                    torch.cuda.synchronize()
+                    timer.stamps.append((state.global_step, time.perf_counter()))
 
         self.callback = _CB()
         self.warmup = warmup
         self.stamps: list[tuple[int, float]] = []
 
     def seconds_per_step(self) -> float:
-        timed = [t for step, t in self.stamps if step >= self.warmup]
-        return (timed[-1] - timed[0]) / (len(timed) - 1)
+        (first, t0), (last, t1) = self.stamps[0], self.stamps[-1]
+        return (t1 - t0) / (last - first)
 
 
 def training_args(out: Path, batch: int, steps: int, **extra):
@@ -257,6 +302,13 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
     from xray_train.model import build_training_model
     from xray_train.train import PreparedData, _trainer_class, build_datasets, training_arguments
 
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    # Each row compiles afresh: code compiled for an earlier row's batch shape (or marked dynamic by it)
+    # and the process-wide partitioner budget must not carry over.
+    torch._dynamo.reset()
+    functorch_config.activation_memory_budget = 1.0
     training = {
         "per_device_train_batch_size": batch,
         "max_steps": steps,
@@ -294,6 +346,7 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
         callbacks=[timer.callback],
     )
     trainer.args.disable_tqdm = True
+    trainer.args.dataloader_drop_last = True  # a smaller last batch would recompile inside the timed steps
     trainer.train()
     del trainer, model
     run_xray.last_cache_s = cache_s
@@ -307,7 +360,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_speed.json")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("BENCH_WORKDIR", "/dev/shm/xray-bench")))
-    parser.add_argument("--rows", default="seed,trl,unsloth,xray,xray-levers,xray-phase2")
+    parser.add_argument("--rows", default="seed,trl,unsloth", help="peer rows to run (seed, trl, unsloth)")
+    parser.add_argument("--xray", action="append", type=parse_xray_row, metavar="PHASE:BATCH:key=value,...",
+                        help="an xray-train row (repeatable), e.g. phase1:16:gradient_checkpointing=true,"
+                             "checkpoint_layers=12; default: DEFAULT_XRAY_ROWS")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=64)
@@ -325,7 +381,7 @@ def main() -> None:
     processor, encoder, items = make_samples(base, args.workdir / "padchest", args.images, "report")
     seq_len = len(items[0].input_ids)
     counts = parameter_counts()
-    flops = 6 * (counts["lm_body"] + counts["lm_head"]) * seq_len + 2 * counts["vision"] * counts["patches"]
+    flops = model_flops_per_sample(counts, seq_len)
     peak = gpu_peak_tflops()
     rows = set(args.rows.split(","))
     results: list[dict] = []
@@ -342,55 +398,13 @@ def main() -> None:
         reason = unsloth_unavailable_reason()
         results.append({"name": "Unsloth FastVisionModel", "phase": "phase1", "batch_size": b, "samples_per_s": None,
                         "error": reason or "importable but not run", "notes": "see not_run"})
-    # Liger patches Gemma 3's classes for the whole process, so every row without it runs first.
-    if "xray-levers" in rows:
-        for name, batch, levers in [
-            ("xray-train, no Liger", b, {"use_liger": False}),
-            ("xray-train, torch.compile decoder layers (no Liger)", b, {"use_liger": False, "torch_compile": True}),
-            ("xray-train, torch.compile decoder layers (no Liger)", 2 * b, {"use_liger": False, "torch_compile": True}),
-        ]:
-            measure(name, "phase1", batch,
-                    lambda levers=levers, batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, **levers),
-                    results, peak, flops, notes=json.dumps(levers))
-    if "xray-compile2" in rows:
-        for name, batch, levers, phase in [
-            ("xray-train, torch.compile", 2 * b, {"torch_compile": True}, "phase1"),
-            ("xray-train, torch.compile + gradient checkpointing", 4 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
-            ("xray-train, torch.compile + gradient checkpointing", 8 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
-        ]:
-            measure(name, phase, batch,
-                    lambda levers=levers, batch=batch, phase=phase: run_xray(base, processor, encoder, items, batch, args.steps, work, phase=phase, **levers),
-                    results, peak, flops, notes=json.dumps(levers))
-    if "xray-compile" in rows:
-        for name, batch, levers, phase in [
-            ("xray-train, torch.compile + gradient checkpointing", 2 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
-            ("xray-train, torch.compile + gradient checkpointing", 4 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase1"),
-            ("xray-train, torch.compile", 4 * b, {"torch_compile": True}, "phase1"),
-            ("xray-train Phase 2, torch.compile + gradient checkpointing", 2 * b, {"torch_compile": True, "gradient_checkpointing": True}, "phase2"),
-        ]:
-            measure(name, phase, batch,
-                    lambda levers=levers, batch=batch, phase=phase: run_xray(base, processor, encoder, items, batch, args.steps, work, phase=phase, **levers),
-                    results, peak, flops, notes=json.dumps(levers))
-    if "xray" in rows:
-        for batch in (b, 2 * b):
-            measure("xray-train (defaults: feature cache, targets-only head, Liger)", "phase1", batch,
-                    lambda batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, use_liger=True),
-                    results, peak, flops)
+    for phase, batch, levers in args.xray or DEFAULT_XRAY_ROWS:
+        measure(describe_levers(phase, levers), phase, batch,
+                lambda levers=levers, batch=batch, phase=phase: run_xray(
+                    base, processor, encoder, items, batch, args.steps, work, phase=phase, **levers),
+                results, peak, flops, notes=json.dumps(levers))
+        if "cache_build_s" not in results[-1]:
             results[-1]["cache_build_s"] = round(getattr(run_xray, "last_cache_s", 0.0), 2)
-    if "xray-levers" in rows:
-        for name, batch, levers in [
-            ("xray-train, no feature cache (SigLIP every step, 8 loader workers)",
-             b, {"use_liger": True, "cache_vision_features": False}),
-            ("xray-train, full logits", b, {"use_liger": True, "loss_on_targets_only": False}),
-            ("xray-train, + gradient checkpointing", 2 * b, {"use_liger": True, "gradient_checkpointing": True}),
-        ]:
-            measure(name, "phase1", batch,
-                    lambda levers=levers, batch=batch: run_xray(base, processor, encoder, items, batch, args.steps, work, **levers),
-                    results, peak, flops, notes=json.dumps(levers))
-    if "xray-phase2" in rows:
-        measure("xray-train Phase 2 (loc tokens + trainable projector)", "phase2", b,
-                lambda: run_xray(base, processor, encoder, items, b, args.steps, work, phase="phase2", use_liger=True),
-                results, peak, flops)
 
     seed = next((r["samples_per_s"] for r in results if r["name"].startswith("seed") and r.get("samples_per_s")), None)
     for r in results:

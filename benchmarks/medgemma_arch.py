@@ -94,4 +94,11 @@ def parameter_counts(config=None) -> dict[str, float]:
     head = t.vocab_size * t.hidden_size
     vis_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     vision = v.num_hidden_layers * vis_layer
-    return {"lm_body": lm_body, "lm_head": head, "vision": vision, "patches": (v.image_size // v.patch_size) ** 2}
+    return {
+        "lm_body": lm_body,
+        "lm_head": head,
+        "vision": vision,
+        "patches": (v.image_size // v.patch_size) ** 2,
+        "layers": t.num_hidden_layers,
+        "attention_width": t.num_attention_heads * t.head_dim,
+    }

@@ -107,3 +107,47 @@ def test_cached_pooling_equals_the_projector(tiny_model_dir, processor):
 
         got = project_pooled(gemma.multi_modal_projector, pool_vision_outputs(gemma.multi_modal_projector, vision))
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("checkpoint_layers", [None, 1])
+def test_checkpointing_all_or_some_layers_matches_no_checkpointing(tiny_model_dir, processor, checkpoint_layers):
+    from xray_train.model import keep_activations_except
+
+    model, proc = build_training_model(_config(tiny_model_dir, "phase1"))
+    _perturb_lora(model)
+    _, cached = _batch(model, proc, "report")
+    model.train()
+    plain = targets_only_loss(model, cached)
+    plain_grads = _grads(model, plain)
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = unwrap_gemma3(model).model.language_model.layers
+    chosen = list(range(len(layers)))
+    if checkpoint_layers is not None:
+        chosen = keep_activations_except(model, checkpoint_layers)
+    assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == chosen
+    assert len(chosen) == (checkpoint_layers if checkpoint_layers is not None else len(layers))
+
+    recomputed = []
+    hooks = [layer.mlp.register_forward_hook(lambda *a, i=i: recomputed.append(i)) for i, layer in enumerate(layers)]
+    ckpt = targets_only_loss(model, cached)
+    ckpt_grads = _grads(model, ckpt)
+    for h in hooks:
+        h.remove()
+    # Checkpointed layers run their forward twice (the second time in backward); the others once.
+    assert sorted(i for i in set(recomputed) if recomputed.count(i) == 2) == chosen
+    torch.testing.assert_close(ckpt.loss_sum, plain.loss_sum)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpointed_layers_are_spread_over_the_stack():
+    from xray_train.model import checkpointed_layer_indices
+
+    assert checkpointed_layer_indices(34, 34) == list(range(34))
+    assert checkpointed_layer_indices(34, 0) == []
+    assert checkpointed_layer_indices(34, 50) == list(range(34))
+    half = checkpointed_layer_indices(34, 17)
+    assert len(half) == 17 and half[0] == 0 and max(b - a for a, b in zip(half, half[1:])) == 2
+    assert len(checkpointed_layer_indices(34, 22)) == 22

@@ -130,6 +130,7 @@ class Collator:
             # Gemma 3 attends bidirectionally inside an image block: it needs to know where images are.
             "token_type_ids": (input_ids == self.ids.image).long(),
             "labels": labels,
+            **target_positions(labels),
         }
         if "pixel_values" in items[0]:
             out["pixel_values"] = torch.stack([torch.as_tensor(it["pixel_values"]) for it in items])
@@ -139,7 +140,30 @@ class Collator:
                 out["image_features"] = first.cache.rows([it["image_features"].row for it in items])
             else:
                 out["image_features"] = torch.stack([torch.as_tensor(it["image_features"]) for it in items])
+            _check_image_tokens(out["token_type_ids"], out["image_features"])
         return out
+
+
+def target_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the loss is taken, computed on the host: ``target_index`` flat positions (row * seq + col)
+    of the hidden states that predict a supervised token, and ``target_ids`` those tokens.
+
+    The loss gathers with these instead of a boolean mask on the GPU, whose data-dependent shape would
+    force a host-device synchronisation in every training step.
+    """
+    shifted = labels[:, 1:]
+    rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    return {"target_index": rows * labels.shape[1] + cols, "target_ids": shifted[rows, cols]}
+
+
+def _check_image_tokens(token_type_ids: torch.Tensor, features: torch.Tensor) -> None:
+    # Checked here, on the host: the same check on GPU tensors would synchronise every step.
+    per_row = token_type_ids.sum(1)
+    if features.dim() != 3 or bool((per_row != features.shape[1]).any()):
+        raise ValueError(
+            f"image features of shape {tuple(features.shape)} do not match the image tokens per row "
+            f"{per_row.tolist()}"
+        )
 
 
 def describe_supervision(encoder: PromptEncoder, encoded: dict[str, list[int]]) -> list[tuple[str, bool]]:

@@ -33,8 +33,13 @@ def _data_conflicts(val_fraction, test_fraction) -> list[tuple[str, str]]:
     return []
 
 
-def _training_conflicts(bf16, fp16, report_to) -> list[tuple[str, str]]:
+def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> list[tuple[str, str]]:
     out = []
+    levers = levers or {}
+    if levers.get("activation_memory_budget") is not None and levers.get("torch_compile") is False:
+        out.append(("activation_memory_budget", "applies to compiled layers only: remove it or set torch_compile"))
+    if levers.get("checkpoint_layers") is not None and not levers.get("gradient_checkpointing"):
+        out.append(("checkpoint_layers", "needs gradient_checkpointing: true"))
     if bf16 is True and fp16 is True:
         out.append(("fp16", "bf16 and fp16 are mutually exclusive (set one of them to false)"))
     if isinstance(report_to, list):
@@ -42,6 +47,9 @@ def _training_conflicts(bf16, fp16, report_to) -> list[tuple[str, str]]:
         if bad:
             out.append(("report_to", f"unknown logger(s) {bad} (use any of {sorted(KNOWN_LOGGERS)})"))
     return out
+
+
+_LEVER_KEYS = ("torch_compile", "activation_memory_budget", "gradient_checkpointing", "checkpoint_layers")
 
 
 def _run_conflicts(phase, dataset, fp16, compute_dtype) -> list[tuple[str, str]]:
@@ -199,6 +207,19 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute decoder activations in backward: less memory, ~30 % slower."
     )
+    checkpoint_layers: int | None = Field(
+        None,
+        ge=0,
+        description="With gradient_checkpointing: recompute only this many decoder layers (spread evenly "
+        "over the stack); the others keep their activations. Trades memory for speed. Default: all.",
+    )
+    activation_memory_budget: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Compiled layers only: the share of each layer's activations torch.compile may keep for "
+        "backward; it recomputes the cheapest ops (norms, activations) to stay under it. Default: keep all.",
+    )
     dataloader_num_workers: int | None = Field(
         None,
         ge=0,
@@ -229,7 +250,8 @@ class TrainingSection(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
-        _raise_conflicts(_training_conflicts(self.bf16, self.fp16, self.report_to), prefix="training.")
+        levers = {k: getattr(self, k) for k in _LEVER_KEYS}
+        _raise_conflicts(_training_conflicts(self.bf16, self.fp16, self.report_to, levers), prefix="training.")
         return self
 
 
@@ -436,7 +458,10 @@ def _raw_conflicts(raw: dict) -> list[str]:
     found = [f"data.{k}: {m}" for k, m in _data_conflicts(data.get("val_fraction"), data.get("test_fraction"))]
     found += [
         f"training.{k}: {m}"
-        for k, m in _training_conflicts(training.get("bf16"), training.get("fp16"), training.get("report_to"))
+        for k, m in _training_conflicts(
+            training.get("bf16"), training.get("fp16"), training.get("report_to"),
+            {k: training.get(k) for k in _LEVER_KEYS},
+        )
     ]
     found += [
         f"{k}: {m}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from xray_train.collate import IGNORE_INDEX
+from xray_train.collate import IGNORE_INDEX, target_positions
 from xray_train.features import active_projector, project_pooled
 
 #: Rows of hidden states per LM-head chunk: bounds the transient logits to chunk x vocab floats.
@@ -57,7 +57,8 @@ def merged_inputs_embeds(gemma3_model, batch) -> torch.Tensor:
     features = _image_features(gemma3_model, batch)
     if features is not None:
         features = features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
-        if features.shape[0] != int(image_mask.sum()):
+        # The count is checked by the collator on the host; a GPU-side check would synchronise here.
+        if not input_ids.is_cuda and features.shape[0] != int(image_mask.sum()):
             raise ValueError(f"{features.shape[0]} image features for {int(image_mask.sum())} image tokens")
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
     return embeds
@@ -83,11 +84,12 @@ def targets_only_loss(model, batch, chunk_rows: int = HEAD_CHUNK_ROWS) -> LossOu
         token_type_ids=batch["token_type_ids"],
         use_cache=False,
     )
-    hidden = out.last_hidden_state[:, :-1]
-    labels = batch["labels"][:, 1:]
-    supervised = labels != IGNORE_INDEX
-    hidden_sel = hidden[supervised]
-    labels_sel = labels[supervised]
+    hidden = out.last_hidden_state
+    if "target_index" not in batch:
+        batch = {**batch, **target_positions(batch["labels"].cpu())}
+    index = batch["target_index"].to(hidden.device)
+    hidden_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    labels_sel = batch["target_ids"].to(hidden.device)
     loss_sum = hidden_sel.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden_sel.device)
     for start in range(0, hidden_sel.shape[0], chunk_rows):
@@ -100,7 +102,8 @@ def targets_only_loss(model, batch, chunk_rows: int = HEAD_CHUNK_ROWS) -> LossOu
             chunk_loss, chunk_correct = _head_ce(full.lm_head, h, y)
         loss_sum = loss_sum + chunk_loss
         correct = correct + chunk_correct
-    return LossOutput(loss_sum, supervised.sum(), correct)
+    n_tokens = torch.tensor(labels_sel.shape[0], device=hidden_sel.device)
+    return LossOutput(loss_sum, n_tokens, correct)
 
 
 def full_logits_loss(model, batch) -> LossOutput:

@@ -265,14 +265,38 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if compile_layers is None:
         compile_layers = torch.cuda.is_available()
     if compile_layers:
-        compile_decoder_layers(peft_model)
+        compile_decoder_layers(peft_model, cfg.training.activation_memory_budget)
     if cfg.training.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
+        if cfg.training.checkpoint_layers is not None:
+            keep_activations_except(peft_model, cfg.training.checkpoint_layers)
     return peft_model, processor
 
 
-def compile_decoder_layers(model) -> int:
+def checkpointed_layer_indices(n_layers: int, n_checkpointed: int) -> list[int]:
+    """``n_checkpointed`` of ``n_layers`` decoder layers, spread evenly over the stack."""
+    n = min(max(n_checkpointed, 0), n_layers)
+    return sorted({int(i * n_layers / n) for i in range(n)}) if n else []
+
+
+def keep_activations_except(model, n_checkpointed: int) -> list[int]:
+    """Selective checkpointing: only ``n_checkpointed`` decoder layers recompute in backward.
+
+    Peak memory grows by one layer's activations per layer that keeps them, and each such layer saves
+    its share of the recomputation (about a third of its step time), so a memory budget between "all"
+    and "none" is met at the best speed. Returns the indices of the checkpointed layers.
+    """
+    from xray_train.loss import unwrap_gemma3
+
+    layers = unwrap_gemma3(model).model.language_model.layers
+    chosen = checkpointed_layer_indices(len(layers), n_checkpointed)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return chosen
+
+
+def compile_decoder_layers(model, activation_memory_budget: float | None = None) -> int:
     """``torch.compile`` each language-model decoder layer (bitsandbytes and peft layers included).
 
     At MedGemma-4B scale a QLoRA step is bound by Python and kernel-launch overhead, not by the GPU
@@ -280,8 +304,16 @@ def compile_decoder_layers(model) -> int:
     with their dequantisation, two LoRA branches, six RMSNorms and RoPE each cost tens of microseconds
     of host time. Compiling the layers fuses the elementwise work and removes most of that overhead.
     The LM head and loss stay eager (they run once per step). Returns the number of layers compiled.
+
+    ``activation_memory_budget`` (0-1] lets the compiler's partitioner recompute cheap ops in backward
+    instead of saving their outputs. It is torch's process-wide setting, read when a layer first compiles.
     """
     from xray_train.loss import unwrap_gemma3
+
+    if activation_memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = activation_memory_budget
 
     layers = unwrap_gemma3(model).model.language_model.layers
     for layer in layers:

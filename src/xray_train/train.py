@@ -268,8 +268,65 @@ def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
 # Trainer
 
 
+class NonFiniteLossGuard:
+    """Stops a run whose loss became NaN or inf, naming the step, without stalling the GPU.
+
+    Reading a CUDA loss on the host (``if not torch.isfinite(loss)``) waits for the GPU every step, and
+    a QLoRA step is host-bound: the GPU would idle while Python queues the next step. The loss is instead
+    copied to pinned memory asynchronously and read once the copy is done, at the latest before any
+    checkpoint is written and at the end of training, so a non-finite loss is still never saved.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[int, torch.Tensor, object]] = []
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        if not loss.is_cuda:
+            self._raise_if_bad(step, float(loss.detach()))
+            return
+        host = torch.empty((), dtype=torch.float32, pin_memory=True)
+        host.copy_(loss.detach().float(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending.append((step, host, done))
+        self.check(wait=False)
+
+    def check(self, wait: bool) -> None:
+        while self._pending:
+            step, host, done = self._pending[0]
+            if not wait and not done.query():
+                return
+            done.synchronize()
+            self._pending.pop(0)
+            self._raise_if_bad(step, float(host))
+
+    def _raise_if_bad(self, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            self._pending.clear()
+            self.on_bad_loss(step, value)
+
+    def on_bad_loss(self, step: int, value: float) -> None:  # replaced by the trainer
+        raise XrayTrainError(f"loss became {value} at step {step}")
+
+
 def _trainer_class():
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    class FiniteLossCallback(TrainerCallback):
+        """Resolves the pending loss checks before anything is saved and when training ends."""
+
+        def __init__(self, guard: NonFiniteLossGuard):
+            self.guard = guard
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+                self.guard.check(wait=True)
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.guard.check(wait=True)
+            return control
 
     class CheckpointCompleteCallback(TrainerCallback):
         """Marks a checkpoint complete only after every file of it was written."""
@@ -289,6 +346,11 @@ def _trainer_class():
 
         def __init__(self, *args, lengths=None, targets_only=True, **kwargs):
             super().__init__(*args, **kwargs)
+            self.loss_guard = NonFiniteLossGuard()
+            self.loss_guard.on_bad_loss = self._stop_on_bad_loss
+            # Right after the flow callback (which decides should_save), before any that writes files.
+            flow = next(i for i, cb in enumerate(self.callback_handler.callbacks) if isinstance(cb, DefaultFlowCallback))
+            self.callback_handler.callbacks.insert(flow + 1, FiniteLossCallback(self.loss_guard))
             self.add_callback(CheckpointCompleteCallback())
             self._lengths = lengths
             self._targets_only = targets_only
@@ -328,15 +390,23 @@ def _trainer_class():
             out = self._loss(model, inputs)
             denom = num_items_in_batch if num_items_in_batch is not None else out.n_tokens.clamp(min=1)
             loss = out.loss_sum / denom
-            if not torch.isfinite(loss):
-                last = find_last_good(Path(self.args.output_dir))
-                raise XrayTrainError(
-                    f"loss became {loss.item()} at step {self.state.global_step + 1}; stopped without saving. "
-                    f"Last good checkpoint: {last or 'none'}. Lower training.learning_rate or check the data."
-                )
+            self.loss_guard.watch(loss, self.state.global_step + 1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return (loss, out) if return_outputs else loss
+
+        def floating_point_ops(self, inputs) -> int:
+            # The Trainer counts parameters anew every step (a walk over every module); they never change.
+            if not hasattr(self, "_params_no_embeddings"):
+                self._params_no_embeddings = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs["input_ids"].numel() * self._params_no_embeddings
+
+        def _stop_on_bad_loss(self, step: int, value: float) -> None:
+            last = find_last_good(Path(self.args.output_dir))
+            raise XrayTrainError(
+                f"loss became {value} at step {step}; stopped without saving. "
+                f"Last good checkpoint: {last or 'none'}. Lower training.learning_rate or check the data."
+            )
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = self._prepare_inputs(inputs)
@@ -429,6 +499,8 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
+        # Its per-step NaN check reads the loss on the host (a GPU sync); NonFiniteLossGuard stops instead.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -438,6 +510,9 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         fp16=fp16,
         dataloader_num_workers=loader_workers(cfg),
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Pinned batches copied without blocking: a blocking copy would make the host wait, every step,
+        # for the GPU to finish the previous step before it could queue the next.
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to=report_to,
         remove_unused_columns=False,
@@ -478,8 +553,13 @@ def _optimizer_groups(cfg: RunConfig, model):
 # The recipe
 
 
-def run(cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False, echo=print) -> Path:
-    """Train one phase end to end and write the adapter, processor, config and summary to output_dir."""
+def run(
+    cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False, echo=print, callbacks=None
+) -> Path:
+    """Train one phase end to end and write the adapter, processor, config and summary to output_dir.
+
+    ``callbacks``: extra ``TrainerCallback`` objects (tests and benchmarks observe a real run with them).
+    """
     # Everything that can be refused is checked before the (slow) model load.
     mixed_precision(cfg)
     if cfg.phase == "phase2" and resume_from is None:
@@ -508,6 +588,7 @@ def run(cfg: RunConfig, resume_from: Path | None = None, overwrite: bool = False
         lengths=train_set.lengths(),
         targets_only=cfg.training.loss_on_targets_only,
         optimizers=(_optimizer_groups(cfg, model), None),
+        callbacks=callbacks,
     )
     resumed_step = 0
     if checkpoint is not None:

@@ -67,8 +67,20 @@ if variant == "liger":
     apply_liger_kernels(unwrap_gemma3(model))
 elif variant == "compile":
     compile_decoder_layers(model)
+elif variant == "compile_budget":
+    # The partitioner recomputes instead of saving: the gradients must not change.
+    compile_decoder_layers(model, activation_memory_budget=0.3)
+elif variant == "compile_checkpoint_some":
+    from xray_train.model import keep_activations_except
+    compile_decoder_layers(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations_except(model, 1)
+    model.train()  # checkpointing is active in training mode only (dropout is 0)
 measure(targets_only_loss, "lever")
 """
+
+
+VARIANTS = ["targets", "liger", "compile", "compile_budget", "compile_checkpoint_some"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +89,7 @@ def results(tmp_path_factory, tiny_model_dir):
 
     out = tmp_path_factory.mktemp("gpu-equivalence")
     samples = conftest.SAMPLES / "indiana"
-    for variant in ("targets", "liger", "compile"):
+    for variant in VARIANTS:
         proc = subprocess.run(
             [sys.executable, "-c", WORKER, str(tiny_model_dir), str(samples), str(out), variant],
             capture_output=True, text=True, timeout=600,
@@ -92,7 +104,7 @@ def _load(out: Path, variant: str):
     return json.loads((out / f"{variant}.json").read_text()), load_file(str(out / f"{variant}.safetensors"))
 
 
-@pytest.mark.parametrize("variant", ["targets", "liger", "compile"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_lever_matches_plain_loss_and_gradients(results, variant):
     plain_meta, plain = _load(results, f"{variant}-plain")
     meta, grads = _load(results, f"{variant}-lever")

@@ -1,0 +1,57 @@
+"""A training step never waits for the GPU: every host-device synchronisation inside a step lets the GPU
+idle while Python queues the next kernels, and a QLoRA step at MedGemma scale is host-bound.
+
+Runs the real ``train.run`` on the tiny base with CUDA's sync debugging switched on for the steady-state
+steps (after compilation); the deliberate waits at the end of a step (the loss guard before a checkpoint
+or the last step) happen in ``on_step_end`` callbacks and are not counted. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _sync_watch(first_step: int, sites: list[str]):
+    from transformers import TrainerCallback
+
+    class SyncWatch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 >= first_step:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.set_sync_debug_mode("default")
+
+    return SyncWatch()
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_training_steps_never_synchronise(make_config, phase):
+    from xray_train import train
+
+    cfg = make_config(
+        phase, "training.max_steps=7", "training.save_steps=100", "training.eval_strategy=no",
+        "training.logging_steps=100", "training.per_device_train_batch_size=2",
+    )
+    sites: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            stack = "".join(traceback.format_stack(limit=14)[:-1])
+            if "on_step_end" not in stack:
+                sites.append(f"{filename}:{lineno}\n{stack}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        try:
+            train.run(cfg, callbacks=[_sync_watch(first_step=4, sites=sites)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not sites, f"{len(sites)} synchronising calls in steady-state steps; first:\n" + "\n\n".join(sites[:3])
