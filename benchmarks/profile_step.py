@@ -1,12 +1,19 @@
-"""Profile a few xray-train Phase-1 steps at MedGemma-4B scale (GPU): top CUDA kernels and step time.
+"""Where a steady-state xray-train step spends its time at MedGemma-4B scale (GPU).
 
-    python benchmarks/profile_step.py --batch 16
+Prints the wall time per step, the GPU's busy time per step (sum of CUDA kernel time, CUPTI only: no
+CPU tracing that would itself slow the host) and a cProfile of the host side of the timed steps. A step
+whose GPU busy time is well below its wall time is bound by the host (Python and kernel launches).
+
+    python benchmarks/profile_step.py --batch 12 [--set gradient_checkpointing=true ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -19,57 +26,53 @@ import bench_train as bt  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=12)
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/xray-bench"))
-    p.add_argument("--liger", type=int, default=1)
-    p.add_argument("--compile", type=int, default=0)
-    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--set", action="append", default=[], help="training lever key=value")
     args = p.parse_args()
     os.environ.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))
     base = bt.build_random_medgemma(args.workdir / "medgemma-4b-random")
-    processor, encoder, items = bt.make_samples(base, args.workdir / "padchest", 32, "report")
+    processor, encoder, items = bt.make_samples(base, args.workdir / "padchest", 96, "report")
+    levers = bt.parse_xray_row(f"phase1:{args.batch}:{','.join(args.set)}")[2]
 
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 
-    prof = torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-        with_stack=bool(int(os.environ.get("PROF_STACK", 0))),
-        schedule=torch.profiler.schedule(wait=int(os.environ.get("PROF_WAIT", 3)), warmup=1, active=2, repeat=1),
-    )
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    host = cProfile.Profile()
+    marks: list[float] = []
 
-    class ProfCB(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            prof.start()
-
-        def on_step_end(self, *a, **k):
-            prof.step()
-
-        def on_train_end(self, *a, **k):
-            prof.stop()
-
-    orig = bt.StepTimer.__init__
-
-    def patched(self, warmup=2):
-        orig(self, warmup)
-        self.extra = ProfCB()
-
-    # Reuse run_xray but with the profiler callback attached through the timer.
-    from transformers import Trainer
+    class ProfileTimedSteps(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                torch.cuda.synchronize()
+                marks.append(time.perf_counter())
+                prof.start()
+                host.enable()
+            elif state.global_step == args.steps:
+                host.disable()
+                torch.cuda.synchronize()
+                marks.append(time.perf_counter())
+                prof.stop()
 
     real_init = Trainer.__init__
 
     def init(self, *a, **k):
-        k["callbacks"] = list(k.get("callbacks") or []) + [ProfCB()]
+        k["callbacks"] = list(k.get("callbacks") or []) + [ProfileTimedSteps()]
         real_init(self, *a, **k)
 
     Trainer.__init__ = init
-    t = time.time()
-    sec = bt.run_xray(base, processor, encoder, items, args.batch, args.steps, args.workdir,
-                      use_liger=bool(args.liger), torch_compile=bool(args.compile))
-    print(f"sec/step {sec:.3f}  samples/s {args.batch / sec:.2f}  wall {time.time() - t:.0f}s")
-    sort = os.environ.get("PROF_SORT", "cuda_time_total")
-    print(prof.key_averages(group_by_stack_n=int(os.environ.get("PROF_STACK", 0))).table(
-        sort_by=sort, row_limit=int(os.environ.get("PROF_ROWS", 30)), max_name_column_width=70))
+    bt.run_xray(base, processor, encoder, items, args.batch, args.steps, args.workdir, **levers)
+    n = args.steps - args.warmup
+    wall = (marks[1] - marks[0]) / n
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / n
+    print(f"batch {args.batch} {levers}: wall {wall * 1000:.1f} ms/step, GPU busy {busy * 1000:.1f} ms/step "
+          f"({100 * busy / wall:.0f} %), {args.batch / wall:.1f} samples/s (under cProfile)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    out = io.StringIO()
+    pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(25)
+    print(out.getvalue()[:6000])
 
 
 if __name__ == "__main__":

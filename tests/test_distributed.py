@@ -321,3 +321,21 @@ def test_two_ranks_resume_from_the_last_complete_checkpoint(runs):
     before, after = _adapter(runs["two"]), _adapter(runs["resumed"])
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6)
+
+
+def test_one_process_seeing_several_gpus_trains_its_own_batch_on_one(make_config, monkeypatch):
+    """A plain `python` run on a multi-GPU host: no nn.DataParallel, and the batch is not multiplied by
+    the GPU count (it was: the 1-GPU benchmark row trained 16 per step while reporting 8)."""
+    from transformers import TrainingArguments
+
+    from xray_train.train import _trainer_class, training_arguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: getattr(self, "_n_gpu", 1)))
+    cfg = make_config("phase1", "training.per_device_train_batch_size=3", "training.group_by_length=false")
+    args = training_arguments(cfg, has_eval=False)
+    args._n_gpu = 2  # what TrainingArguments finds on a 2-GPU host in one process
+    model = torch.nn.Linear(2, 2)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=list(range(12)), data_collator=list)
+    assert trainer.args.n_gpu == 1
+    assert trainer._train_batch_size == 3
+    assert len(next(iter(trainer.get_train_dataloader()))) == 3

@@ -131,6 +131,8 @@ class Collator:
             "token_type_ids": (input_ids == self.ids.image).long(),
             "labels": labels,
             **target_positions(labels),
+            # Flat positions of the image soft tokens, where the loss writes the image features.
+            "image_index": (input_ids == self.ids.image).flatten().nonzero().squeeze(1),
         }
         if "pixel_values" in items[0]:
             out["pixel_values"] = torch.stack([torch.as_tensor(it["pixel_values"]) for it in items])
@@ -140,7 +142,6 @@ class Collator:
                 out["image_features"] = first.cache.rows([it["image_features"].row for it in items])
             else:
                 out["image_features"] = torch.stack([torch.as_tensor(it["image_features"]) for it in items])
-            _check_image_tokens(out["token_type_ids"], out["image_features"])
         return out
 
 
@@ -154,16 +155,6 @@ def target_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     shifted = labels[:, 1:]
     rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
     return {"target_index": rows * labels.shape[1] + cols, "target_ids": shifted[rows, cols]}
-
-
-def _check_image_tokens(token_type_ids: torch.Tensor, features: torch.Tensor) -> None:
-    # Checked here, on the host: the same check on GPU tensors would synchronise every step.
-    per_row = token_type_ids.sum(1)
-    if features.dim() != 3 or bool((per_row != features.shape[1]).any()):
-        raise ValueError(
-            f"image features of shape {tuple(features.shape)} do not match the image tokens per row "
-            f"{per_row.tolist()}"
-        )
 
 
 def describe_supervision(encoder: PromptEncoder, encoded: dict[str, list[int]]) -> list[tuple[str, bool]]:

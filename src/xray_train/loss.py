@@ -50,18 +50,21 @@ def _image_features(gemma3_model, batch) -> torch.Tensor | None:
 def merged_inputs_embeds(gemma3_model, batch) -> torch.Tensor:
     """Token embeddings with the image soft-token positions replaced by the projected image features."""
     input_ids = batch["input_ids"]
-    image_token_id = gemma3_model.config.image_token_id
-    image_mask = input_ids == image_token_id
+    image_mask = input_ids == gemma3_model.config.image_token_id
     # The image placeholder id may be past the embedding rows; its row is overwritten anyway.
     embeds = gemma3_model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
     features = _image_features(gemma3_model, batch)
-    if features is not None:
-        features = features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
-        # The count is checked by the collator on the host; a GPU-side check would synchronise here.
-        if not input_ids.is_cuda and features.shape[0] != int(image_mask.sum()):
-            raise ValueError(f"{features.shape[0]} image features for {int(image_mask.sum())} image tokens")
-        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
-    return embeds
+    if features is None:
+        return embeds
+    features = features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+    # Positions from the collator (host): a mask-based scatter would synchronise with the GPU in backward.
+    index = batch.get("image_index")
+    if index is None:
+        index = image_mask.flatten().nonzero().squeeze(1)
+    if features.shape[0] != index.shape[0]:
+        raise ValueError(f"{features.shape[0]} image features for {index.shape[0]} image tokens")
+    flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index.to(embeds.device), features)
+    return flat.reshape(embeds.shape)
 
 
 def _head_ce(lm_head, hidden: torch.Tensor, labels: torch.Tensor):
@@ -102,7 +105,8 @@ def targets_only_loss(model, batch, chunk_rows: int = HEAD_CHUNK_ROWS) -> LossOu
             chunk_loss, chunk_correct = _head_ce(full.lm_head, h, y)
         loss_sum = loss_sum + chunk_loss
         correct = correct + chunk_correct
-    n_tokens = torch.tensor(labels_sel.shape[0], device=hidden_sel.device)
+    # torch.full, not torch.tensor: copying a host scalar to the GPU would synchronise.
+    n_tokens = torch.full((), labels_sel.shape[0], dtype=torch.long, device=hidden_sel.device)
     return LossOutput(loss_sum, n_tokens, correct)
 
 

@@ -265,7 +265,7 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if compile_layers is None:
         compile_layers = torch.cuda.is_available()
     if compile_layers:
-        compile_decoder_layers(peft_model, cfg.training.activation_memory_budget)
+        compile_decoder_layers(peft_model)
     if cfg.training.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
@@ -296,7 +296,7 @@ def keep_activations_except(model, n_checkpointed: int) -> list[int]:
     return chosen
 
 
-def compile_decoder_layers(model, activation_memory_budget: float | None = None) -> int:
+def compile_decoder_layers(model) -> int:
     """``torch.compile`` each language-model decoder layer (bitsandbytes and peft layers included).
 
     At MedGemma-4B scale a QLoRA step is bound by Python and kernel-launch overhead, not by the GPU
@@ -304,16 +304,8 @@ def compile_decoder_layers(model, activation_memory_budget: float | None = None)
     with their dequantisation, two LoRA branches, six RMSNorms and RoPE each cost tens of microseconds
     of host time. Compiling the layers fuses the elementwise work and removes most of that overhead.
     The LM head and loss stay eager (they run once per step). Returns the number of layers compiled.
-
-    ``activation_memory_budget`` (0-1] lets the compiler's partitioner recompute cheap ops in backward
-    instead of saving their outputs. It is torch's process-wide setting, read when a layer first compiles.
     """
     from xray_train.loss import unwrap_gemma3
-
-    if activation_memory_budget is not None:
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = activation_memory_budget
 
     layers = unwrap_gemma3(model).model.language_model.layers
     for layer in layers:

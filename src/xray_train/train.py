@@ -361,6 +361,8 @@ def _trainer_class():
             # cannot use. Several GPUs mean several processes (see docs/multi_gpu.md).
             if self.args.parallel_mode.value == "not_distributed" and self.args.n_gpu > 1:
                 self.args._n_gpu = 1
+                # The Trainer already multiplied the batch by the GPU count (for DataParallel).
+                self._train_batch_size = self.args.train_batch_size
             self._eval_correct = 0
             self._eval_total = 0
 
