@@ -193,7 +193,7 @@ def training_args(out: Path, batch: int, steps: int, **extra):
     return TrainingArguments(**base)
 
 
-def measure(name, phase, batch, fn, results, peak_tflops, flops_per_sample, notes=""):
+def measure(name, phase, batch, fn, results, peak_tflops, flops_per_sample, notes=""):  # noqa: PLR0913
     """Run one row; record speed, memory and MFU, or the error that stopped it."""
     gc.collect()
     torch.cuda.empty_cache()
@@ -215,9 +215,13 @@ def measure(name, phase, batch, fn, results, peak_tflops, flops_per_sample, note
         traceback.print_exc()
     results.append(row)
     print(json.dumps(row), flush=True)
+    if measure.checkpoint_path:  # partial results survive a run cut short by a time limit
+        measure.checkpoint_path.write_text(json.dumps({"rows_so_far": results}, indent=2) + "\n")
     gc.collect()
     torch.cuda.empty_cache()
 
+
+measure.checkpoint_path = None
 
 # ---------------------------------------------------------------------------------------------
 # Rows
@@ -368,6 +372,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (torch.compile compiles in them)")
     args = parser.parse_args()
     StepTimer.default_warmup = args.warmup
+    measure.checkpoint_path = args.out.with_suffix(".partial.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
 
