@@ -40,7 +40,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -228,7 +230,10 @@ def run_one(n: int, args, base: Path, csv: Path, images: Path, env: dict) -> dic
     steps_timed = len(stamps) - 1
     if steps_timed < 1:
         return {"gpus": n, "error": f"only {len(stamps)} steps after warm-up; raise --steps"}
-    seconds = stamps[-1] - stamps[0]
+    # Median, not mean: a compiled layer recompiles (tens of seconds) whenever a batch brings a new sequence
+    # length or batch size, and one such step inside the window would dominate a mean.
+    step_seconds = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    seconds = statistics.median(step_seconds) * steps_timed
     global_batch = args.batch * n
     summary = json.loads((out / "training_summary.json").read_text())
     row = {
@@ -236,6 +241,7 @@ def run_one(n: int, args, base: Path, csv: Path, images: Path, env: dict) -> dic
         "samples_per_s": round(steps_timed * global_batch / seconds, 3),
         "seconds_per_step": round(seconds / steps_timed, 4),
         "steps_timed": steps_timed,
+        "step_seconds": [round(x, 3) for x in step_seconds],
         "per_device_batch": args.batch,
         "global_batch": global_batch,
         "peak_mem_gb": None,
@@ -289,7 +295,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per run.")
     parser.add_argument("--warmup", type=int, default=3, help="Steps before this one are not timed.")
     parser.add_argument("--batch", type=int, default=8, help="Per-GPU batch size (global = N x batch).")
-    parser.add_argument("--images", type=int, default=96, help="Synthetic PadChest images written.")
+    parser.add_argument("--images", type=int, default=None,
+                        help="Synthetic PadChest images written (default: enough that no run wraps an epoch, whose "
+                             "smaller last batch would be a new shape and be counted as a full one).")
     parser.add_argument("--timeout", type=int, default=540, help="Seconds allowed per launch.")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("BENCH_WORKDIR", "/dev/shm/xray-mgpu")))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -302,6 +310,9 @@ def main() -> None:
     import torch
 
     wanted = [int(x) for x in args.gpus.split(",") if x.strip()]
+    if args.images is None:
+        # ~4 % of images go to validation/test splits; one spare step of margin.
+        args.images = math.ceil((args.steps + 1) * args.batch * max(wanted) / 0.96)
     env = dict(os.environ)
     for key, value in SAFE_ENV.items():
         env.setdefault(key, value)
