@@ -48,3 +48,19 @@ def test_set_overrides_are_typed_and_every_problem_is_reported(tmp_path):
     for key in ("training.learning_rate", "lora.rank", "fp16"):
         assert key in text
     assert len(err.value.problems) >= 3
+
+
+def test_checkpoint_layers_conflicts_only_with_checkpointing_switched_off():
+    path = REPO / "configs" / "phase1_padchest.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.gradient_checkpointing=false", "training.lora_typo=1"], check_paths=False)
+    # The YAML sets checkpoint_layers: 12, so switching checkpointing off must say to drop one of them,
+    # in the same report as the other problems.
+    assert any(p.startswith("training.checkpoint_layers") for p in err.value.problems)
+    assert any("lora_typo" in p for p in err.value.problems)
+    cfg = load_config(path, ["training.gradient_checkpointing=false", "training.checkpoint_layers=null"],
+                      check_paths=False)
+    assert cfg.training.gradient_checkpointing is False
+    demo = load_config(REPO / "configs" / "demo" / "phase1.yaml", ["training.gradient_checkpointing=false"],
+                       check_paths=False)
+    assert demo.training.checkpoint_layers == 12  # the default alone is no conflict

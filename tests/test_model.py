@@ -134,3 +134,18 @@ def test_missing_local_base_is_one_clear_error(tmp_path):
 
     with pytest.raises(XrayTrainError, match="no config.json"):
         load_base(ModelConfig(base=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, [False, False]),  # default: on with CUDA only
+    ({"gradient_checkpointing": True, "checkpoint_layers": 1}, [True, False]),
+    ({"gradient_checkpointing": True, "checkpoint_layers": None}, [True, True]),
+])
+def test_checkpointing_config_reaches_the_decoder_layers(tiny_model_dir, overrides, expected):
+    from xray_train.loss import unwrap_gemma3
+
+    cfg = config(tiny_model_dir, "phase1")
+    cfg = RunConfig.model_validate({**cfg.model_dump(mode="json"), "training": overrides})
+    model, _ = build_training_model(cfg)
+    layers = unwrap_gemma3(model).model.language_model.layers
+    assert [bool(layer.gradient_checkpointing) for layer in layers] == expected

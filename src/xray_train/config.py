@@ -207,8 +207,10 @@ class TrainingSection(_Section):
     max_eval_samples: int | None = Field(256, gt=0, description="Cap on validation examples per evaluation.")
     bf16: bool | None = Field(None, description="bf16 autocast. Default: on where the GPU supports it.")
     fp16: bool = Field(False, description="fp16 autocast (GPUs without bf16).")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute decoder-layer activations in backward instead of keeping them (less memory)."
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute decoder-layer activations in backward instead of keeping them (less GPU memory). "
+        "Default: on with CUDA (on CPU memory is not what limits and recomputation only costs time).",
     )
     checkpoint_layers: int | None = Field(
         12,

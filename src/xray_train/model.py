@@ -266,7 +266,10 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
         compile_layers = torch.cuda.is_available()
     if compile_layers:
         compile_decoder_layers(peft_model)
-    if cfg.training.gradient_checkpointing:
+    checkpointing = cfg.training.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = torch.cuda.is_available()
+    if checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
         if cfg.training.checkpoint_layers is not None:
