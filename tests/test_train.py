@@ -114,3 +114,31 @@ def test_rerun_resumes_from_latest_checkpoint(make_config, capsys):
     assert any("Resuming from checkpoint-2" in m for m in messages)
     summary = json.loads((cfg.output_dir / SUMMARY).read_text())
     assert summary["global_steps"] == 4
+
+
+def test_loss_guard_defers_gpu_reads_until_the_copy_is_done_or_a_save_needs_it():
+    """The CUDA path of NonFiniteLossGuard, with the CUDA event replaced by a stand-in (CI has no GPU)."""
+    from xray_train.train import NonFiniteLossGuard
+
+    class Event:
+        def __init__(self):
+            self.done = False
+            self.waited = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = True
+
+    guard = NonFiniteLossGuard()
+    first, second = Event(), Event()
+    guard._pending = [(7, torch.tensor(1.5), first), (8, torch.tensor(float("nan")), second)]
+    guard.check(wait=False)  # nothing copied yet: nothing read, nothing raised
+    assert len(guard._pending) == 2 and not first.waited
+    first.done = True
+    guard.check(wait=False)  # step 7 is readable and finite; step 8 still in flight
+    assert len(guard._pending) == 1
+    with pytest.raises(XrayTrainError, match="loss became nan at step 8"):
+        guard.check(wait=True)  # before a checkpoint: wait for it
+    assert second.waited and not guard._pending
