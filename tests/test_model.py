@@ -149,3 +149,34 @@ def test_checkpointing_config_reaches_the_decoder_layers(tiny_model_dir, overrid
     model, _ = build_training_model(cfg)
     layers = unwrap_gemma3(model).model.language_model.layers
     assert [bool(layer.gradient_checkpointing) for layer in layers] == expected
+
+
+def test_ordinal_loc_init_makes_neighbouring_bins_alike_and_survives_save_and_load(tiny_model_dir, tmp_path):
+    from xray_train.loss import unwrap_gemma3
+    from xray_train.model import load_adapter, loc_token_ids
+
+    cfg = config(tiny_model_dir, "phase2", loc_token_init="ordinal")
+    model, processor = build_training_model(cfg)
+    ids = loc_token_ids(processor.tokenizer)
+    rows = unwrap_gemma3(model).get_input_embeddings().weight[ids].detach().float()
+    rows = rows - rows.mean(0)
+    sim = torch.nn.functional.cosine_similarity(rows[500:501], rows, dim=1)
+    assert sim[500] > sim[504] > sim[516] > sim[540].abs()
+    assert sim[540:].abs().max() < 0.5  # far bins are not alike
+
+    mean_model, _ = build_training_model(config(tiny_model_dir, "phase2"))
+    mean_rows = unwrap_gemma3(mean_model).get_input_embeddings().weight[ids].detach()
+    assert torch.equal(mean_rows[0], mean_rows[1000])  # the plain init: every bin the same row
+
+    # The trained rows travel in the adapter: a load (which resizes with the plain init) gets them back.
+    out = tmp_path / "adapter"
+    model.save_pretrained(out, save_embedding_layers=False)
+    processor.save_pretrained(out)
+    (out / RESOLVED_CONFIG).write_text(dump_config(cfg))
+    loaded, _ = load_adapter(out)
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layer = next(m for m in loaded.modules() if isinstance(m, TrainableTokensLayer))
+    merged = layer.get_merged_weights(layer.active_adapters)[ids].detach().float()
+    expected = unwrap_gemma3(model).get_input_embeddings().weight[ids].detach().float()
+    torch.testing.assert_close(merged, expected)

@@ -141,7 +141,7 @@ def loc_token_ids(tokenizer) -> list[int] | None:
 
 
 def resize_embeddings_for(model, token_ids: list[int]) -> None:
-    """Grow the (tied) embedding so every given id has a row; new rows start at the mean embedding."""
+    """Grow the (tied) embedding so every given id has a row (new rows start at the mean embedding)."""
     needed = max(token_ids) + 1
     current = model.get_input_embeddings().weight.shape[0]
     if needed > current:
@@ -151,6 +151,42 @@ def resize_embeddings_for(model, token_ids: list[int]) -> None:
         weight = model.get_input_embeddings().weight
         with torch.no_grad():
             weight[current:] = weight[:current].float().mean(0).to(weight.dtype)
+
+
+def init_loc_rows(model, loc_ids: list[int], init: str = "mean") -> None:
+    """Give freshly added <loc> tokens (``loc_ids`` in bin order) their starting rows.
+
+    All of them, including the first ~60 ids that land on the base's unused padding rows (Gemma 3 pads its
+    vocabulary to 262,208 rows) and would otherwise start from whatever those rows hold. ``"mean"``: the
+    mean embedding of the real vocabulary. ``"ordinal"``: that plus ``ordinal_code``.
+    """
+    weight = model.get_input_embeddings().weight
+    real_vocab = weight.detach()[: min(loc_ids)]
+    # Accumulated in fp32 without an fp32 copy of the 262k x 2560 table.
+    rows = real_vocab.mean(0, keepdim=True, dtype=torch.float32).expand(len(loc_ids), -1)
+    if init == "ordinal":
+        scale = float(real_vocab[:8192].float().norm(dim=1).median())
+        rows = rows + ordinal_code(len(loc_ids), weight.shape[1], scale).to(rows.device)
+    with torch.no_grad():
+        weight[torch.as_tensor(loc_ids, device=weight.device)] = rows.to(weight.dtype)
+
+
+def ordinal_code(n_bins: int, dim: int, scale: float, frequencies: int = 32, seed: int = 0) -> torch.Tensor:
+    """[n_bins, dim] rows whose dot products fall off smoothly with the distance between bins.
+
+    Row k is ``scale * Q [cos(pi f k / n), sin(pi f k / n)]_f / sqrt(F)`` for f = 1..F, Q a fixed random
+    orthonormal basis: row_i . row_k = scale^2 / F * sum_f cos(pi f (i - k) / n), a kernel peaked at i = k
+    about n / F bins wide. With a tied head the <loc> logits inherit it: the bin the hidden state points
+    at scores highest and its neighbours next, so bins never seen as a target are still reachable.
+    """
+    f_count = max(1, min(frequencies, dim // 4))
+    k = torch.arange(n_bins, dtype=torch.float64)[:, None]
+    f = torch.arange(1, f_count + 1, dtype=torch.float64)[None, :]
+    angles = torch.pi * k * f / n_bins
+    features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1) / f_count**0.5
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, 2 * f_count, generator=generator, dtype=torch.float64))
+    return (scale * features @ basis.T).float()
 
 
 def lora_config(cfg: RunConfig, loc_ids: list[int] | None):
@@ -255,8 +291,11 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
             module.support_avx512bf16_for_cpu = False
     loc_ids = None
     if cfg.add_loc_tokens:
+        fresh = loc_token_ids(processor.tokenizer) is None
         loc_ids = add_loc_tokens(processor.tokenizer)
         resize_embeddings_for(model, loc_ids)
+        if fresh:
+            init_loc_rows(model, loc_ids, cfg.model.loc_token_init)
     peft_model = get_peft_model(model, lora_config(cfg, loc_ids))
     if resume_from is not None:
         continue_adapter(peft_model, resume_from)
