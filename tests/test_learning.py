@@ -1,9 +1,10 @@
 """The whole chain must learn on films it never saw (CPU-sized ``bench_learning``).
 
-Always on: after Phase 1 -> Phase 2 ``--resume`` the model answers held-out films in the trained format
-and names the right finding: a break in label masking, loc tokens, continuation or decoding fails it.
-Gated (``XRAY_TRAIN_LEARNING_TEST=1``): beating the mean box on IoU, which the CI budget does not reach
-yet (docs/learning.md has the measurements). The benchmark's own pieces are always tested.
+After Phase 1 -> Phase 2 ``--resume`` the model answers held-out films in the trained format, names the
+right finding, and its boxes overlap the truth clearly more than the trivial baseline's (the mean training
+box, labels given): at this size 0.06-0.08 mean IoU against 0.017 (docs/learning.md). A break in label
+masking, loc tokens, box transform, continuation or decoding fails it. Gated
+(``XRAY_TRAIN_LEARNING_TEST=1``): the stronger margin of +0.1 IoU, which the CI budget does not reach.
 
 The tiny LM gets a pretrained-like output scale (``embedding_std``, ``final_norm_scale``): with HF's
 default init no frozen token can win the 262k-way softmax, so no answer could ever end.
@@ -110,7 +111,12 @@ def test_answers_parse(learned):
     assert main["finding_f1"] >= 0.9, json.dumps(main)
 
 
+def test_boxes_beat_the_mean_box_on_held_out_films(learned):
+    main, mean_box = learned["rows"]["main"], learned["rows"]["mean_box"]
+    assert main["mean_iou"] >= max(2.5 * mean_box["mean_iou"], mean_box["mean_iou"] + 0.03), json.dumps(learned["rows"])
+
+
 @learning
-def test_beats_the_mean_box_on_held_out_films(learned):
+def test_beats_the_mean_box_on_held_out_films_by_a_wide_margin(learned):
     main, mean_box = learned["rows"]["main"], learned["rows"]["mean_box"]
     assert main["mean_iou"] >= mean_box["mean_iou"] + 0.1, json.dumps(learned["rows"])

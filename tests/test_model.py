@@ -155,7 +155,7 @@ def test_ordinal_loc_init_makes_neighbouring_bins_alike_and_survives_save_and_lo
     from xray_train.loss import unwrap_gemma3
     from xray_train.model import load_adapter, loc_token_ids
 
-    cfg = config(tiny_model_dir, "phase2", loc_token_init="ordinal")
+    cfg = config(tiny_model_dir, "phase2")  # ordinal is the default
     model, processor = build_training_model(cfg)
     ids = loc_token_ids(processor.tokenizer)
     rows = unwrap_gemma3(model).get_input_embeddings().weight[ids].detach().float()
@@ -164,7 +164,7 @@ def test_ordinal_loc_init_makes_neighbouring_bins_alike_and_survives_save_and_lo
     assert sim[500] > sim[504] > sim[516] > sim[540].abs()
     assert sim[540:].abs().max() < 0.5  # far bins are not alike
 
-    mean_model, _ = build_training_model(config(tiny_model_dir, "phase2"))
+    mean_model, _ = build_training_model(config(tiny_model_dir, "phase2", loc_token_init="mean"))
     mean_rows = unwrap_gemma3(mean_model).get_input_embeddings().weight[ids].detach()
     assert torch.equal(mean_rows[0], mean_rows[1000])  # the plain init: every bin the same row
 
