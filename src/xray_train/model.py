@@ -81,8 +81,9 @@ def apply_liger_kernels(model=None) -> None:
     )
 
 
-def load_base(model_cfg: ModelConfig, device_map=None, liger: bool = False):
-    """Base model (4-bit if configured) and its processor, from a hub id or a local directory."""
+def load_base(model_cfg: ModelConfig, device_map=None, liger: bool = False, with_processor: bool = True):
+    """Base model (4-bit if configured) and its processor (None unless ``with_processor``), from a hub id
+    or a local directory."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _check_base_exists(model_cfg.base)
@@ -101,7 +102,9 @@ def load_base(model_cfg: ModelConfig, device_map=None, liger: bool = False):
         kwargs["quantization_config"] = quant
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_cfg.base, **kwargs)
-        processor = AutoProcessor.from_pretrained(model_cfg.base, revision=model_cfg.revision)
+        processor = None
+        if with_processor:
+            processor = AutoProcessor.from_pretrained(model_cfg.base, revision=model_cfg.revision)
     except OSError as exc:
         raise XrayTrainError(f"model.base: cannot load {model_cfg.base}: {str(exc).splitlines()[0]}") from None
     if type(model).__name__ != "Gemma3ForConditionalGeneration":
@@ -379,7 +382,8 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
         model_cfg.base = base
     if load_in_4bit is not None:
         model_cfg.load_in_4bit = load_in_4bit
-    model, _ = load_base(model_cfg, device_map=device_map)
+    # The adapter directory carries its own processor (with the <loc> tokens).
+    model, _ = load_base(model_cfg, device_map=device_map, with_processor=False)
     processor = AutoProcessor.from_pretrained(adapter_dir)
     loc_ids = loc_token_ids(processor.tokenizer)
     if loc_ids:
