@@ -339,3 +339,52 @@ def test_one_process_seeing_several_gpus_trains_its_own_batch_on_one(make_config
     assert trainer.args.n_gpu == 1
     assert trainer._train_batch_size == 3
     assert len(next(iter(trainer.get_train_dataloader()))) == 3
+
+
+POISON_ONE_RANK = r"""
+import os, sys
+import xray_train.train as train
+from xray_train.loss import targets_only_loss
+
+calls = []
+
+
+def poisoned(model, batch, *args, **kwargs):
+    out = targets_only_loss(model, batch, *args, **kwargs)
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) >= 3:  # rank 1 only, from its 3rd step
+        out.loss_sum = out.loss_sum * float("nan")
+    return out
+
+
+train.targets_only_loss = poisoned
+from xray_train.cli import main
+
+sys.argv = ["xray-train", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_message(tiny_model_dir, tmp_path):
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_ONE_RANK)
+    env = dict(os.environ, XRAY_TRAIN_FEATURE_CACHE=str(tmp_path / "features"), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
+               ACCELERATE_TORCH_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "phase1", "--config", str(REPO / "configs" / "demo" / "phase1.yaml"),
+           "--set", f"model.base={tiny_model_dir}", "--set", f"output_dir={out}",
+           "--set", "training.max_steps=6", "--set", "training.save_steps=100", "--set", "training.logging_steps=1",
+           "--set", "training.eval_strategy=no", "--set", "training.report_to=[none]",
+           "--set", "training.dataloader_num_workers=0", "--set", "training.per_device_train_batch_size=2"]
+    # Before the collective check only rank 1 stopped; rank 0 crashed in its next all-reduce with a gloo
+    # connection error (over NCCL it would wait there until the collective timed out).
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert text.count("loss became nan at step 3") >= 2, text[-3000:]  # both ranks, the same step
+    assert not (out / "adapter_model.safetensors").exists()

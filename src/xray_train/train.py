@@ -275,35 +275,64 @@ class NonFiniteLossGuard:
     a QLoRA step is host-bound: the GPU would idle while Python queues the next step. The loss is instead
     copied to pinned memory asynchronously and read once the copy is done, at the latest before any
     checkpoint is written and at the end of training, so a non-finite loss is still never saved.
+
+    With several processes (``collective``) a rank must never stop alone: the others would wait for it in
+    the next gradient all-reduce until the collective times out. Losses are then only judged at the points
+    every rank reaches at the same step (``check(wait=True)``: log, save and last steps), where the ranks
+    agree on the first bad step and all stop together.
     """
 
-    def __init__(self):
+    def __init__(self, collective: bool = False):
+        self.collective = collective
         self._pending: list[tuple[int, torch.Tensor, object]] = []
 
     def watch(self, loss: torch.Tensor, step: int) -> None:
+        value = loss.detach().float()
         if not loss.is_cuda:
-            self._raise_if_bad(step, float(loss.detach()))
-            return
-        host = torch.empty((), dtype=torch.float32, pin_memory=True)
-        host.copy_(loss.detach().float(), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self._pending.append((step, host, done))
-        self.check(wait=False)
+            self._pending.append((step, value.clone(), None))
+        else:
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending.append((step, host, done))
+        if not self.collective:
+            self.check(wait=False)
 
     def check(self, wait: bool) -> None:
+        if self.collective and not wait:
+            return
+        first_bad = None
         while self._pending:
             step, host, done = self._pending[0]
-            if not wait and not done.query():
-                return
-            done.synchronize()
+            if done is not None and not wait and not done.query():
+                break
+            if done is not None:
+                done.synchronize()
             self._pending.pop(0)
-            self._raise_if_bad(step, float(host))
-
-    def _raise_if_bad(self, step: int, value: float) -> None:
-        if not math.isfinite(value):
+            if first_bad is None and not math.isfinite(float(host)):
+                first_bad = (step, float(host))
+                if not self.collective:
+                    break
+        if self.collective:
+            first_bad = self._agree(first_bad)
+        if first_bad is not None:
             self._pending.clear()
-            self.on_bad_loss(step, value)
+            self.on_bad_loss(*first_bad)
+
+    @staticmethod
+    def _agree(first_bad: tuple[int, float] | None) -> tuple[int, float] | None:
+        """The earliest bad step over all ranks (every rank calls this at the same step)."""
+        import torch.distributed as dist
+
+        never = torch.iinfo(torch.int64).max
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        step = torch.tensor([first_bad[0] if first_bad else never], dtype=torch.int64, device=device)
+        dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        earliest = int(step.item())
+        if earliest == never:
+            return None
+        return earliest, first_bad[1] if first_bad and first_bad[0] == earliest else float("nan")
 
     def on_bad_loss(self, step: int, value: float) -> None:  # replaced by the trainer
         raise XrayTrainError(f"loss became {value} at step {step}")
@@ -320,7 +349,13 @@ def _trainer_class():
             self.guard = guard
 
         def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+            # Points every rank reaches at the same step (a collective check needs all of them).
+            if (
+                control.should_save
+                or control.should_log
+                or control.should_training_stop
+                or state.global_step >= state.max_steps
+            ):
                 self.guard.check(wait=True)
             return control
 
@@ -346,7 +381,7 @@ def _trainer_class():
 
         def __init__(self, *args, lengths=None, targets_only=True, **kwargs):
             super().__init__(*args, **kwargs)
-            self.loss_guard = NonFiniteLossGuard()
+            self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
             self.loss_guard.on_bad_loss = self._stop_on_bad_loss
             # Right after the flow callback (which decides should_save), before any that writes files.
             flow = next(i for i, cb in enumerate(self.callback_handler.callbacks) if isinstance(cb, DefaultFlowCallback))
