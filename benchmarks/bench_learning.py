@@ -32,7 +32,8 @@ Run (CPU, a few minutes; GPU, the full preset, about 8 minutes on one H100):
     /work/venv/bin/python benchmarks/bench_learning.py --device cpu --size ci
     python benchmarks/bench_learning.py --device cuda --size full
 
-``--set key=value`` adds a config override to every training run (e.g. ``training.learning_rate=1e-3``);
+``--jobs N`` runs N trainings side by side (4 fit one GPU); ``--set key=value`` adds a config override to
+every training run (e.g. ``training.learning_rate=1e-3``);
 ``--rows main,mean_box`` runs a subset; ``--out`` names the results file.
 """
 
@@ -42,9 +43,11 @@ import argparse
 import json
 import os
 import platform
+import queue
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -338,6 +341,12 @@ def _affine(x, w):
 # The benchmark
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         import torch
@@ -347,8 +356,10 @@ def device_name(device: str) -> str:
 
 
 def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra_sets: list[str] = (),
-                  echo=print) -> dict:
-    """Build model and data under ``workdir``, train and score ``rows``; returns the results dict."""
+                  echo=print, jobs: int = 1) -> dict:
+    """Build model and data under ``workdir``, train and score ``rows``; returns the results dict.
+
+    ``jobs`` > 1 runs that many trainings side by side."""
     from xray_train.data.synthetic import write_benchmark
     from xray_train.tiny import make_tiny_model
 
@@ -365,7 +376,7 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
     base = _cached(workdir / "base", preset["model"],
                    lambda path: make_tiny_model(path, overwrite=True, **preset["model"]))
     data = _cached(workdir / "data", d, lambda path: write_benchmark(
-        path, d["n_train"], d["n_test"], SEED_TRAIN, SEED_TEST,
+        path, d["n_train"], d["n_test"], SEED_TRAIN, SEED_TEST, workers=min(3, os.cpu_count() or 1),
         n_findings=d["n_findings"], kinds=tuple(d["kinds"]), blob_radius=tuple(d["blob_radius"])))
     echo(f"model + data ready ({time.time() - started:.0f} s)")
     r = preset["lora_r"]
@@ -384,20 +395,48 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
         "projector_frozen": (["--resume", str(workdir / "phase1")], ["model.train_projector=false"]),
         "plain_text_loc": (["--resume", str(workdir / "phase1")], ["model.add_loc_tokens=false"]),
     }
-    if any(row in rows for row in variants if row != "phase2_only"):
-        secs = _cli(["phase1", "--config", str(p1_yaml), "--overwrite", *sets], workdir / "phase1.log", env)
-        results["phase1_seconds"] = round(secs, 1)
-        echo(f"phase1 done ({secs:.0f} s)")
-    for name, (resume, overrides) in variants.items():
-        if name not in rows:
-            continue
+    # Trainings are subprocesses. ``jobs`` > 1 runs that many side by side (Phase 2 alone needs no Phase 1,
+    # the --resume variants wait for it), spread over the visible GPUs: a tiny model leaves a GPU mostly
+    # idle, so several share one. Scoring runs here afterwards, one at a time.
+    n_gpus = _visible_gpus() if device == "cuda" else 0
+    free_slots: queue.Queue = queue.Queue()
+    for slot in range(max(jobs, 1)):
+        free_slots.put(slot)
+
+    def on_a_slot(args: list[str], log: Path) -> float:
+        slot = free_slots.get()
+        try:
+            pinned = {"CUDA_VISIBLE_DEVICES": str(slot % n_gpus)} if n_gpus > 1 else {}
+            return _cli(args, log, env | pinned)
+        finally:
+            free_slots.put(slot)
+
+    wanted = [name for name in variants if name in rows]
+    with ThreadPoolExecutor(len(wanted) + 1) as pool:  # threads wait; slots bound the trainings
+        phase1 = None
+        if any(name != "phase2_only" for name in wanted):
+            phase1 = pool.submit(on_a_slot, ["phase1", "--config", str(p1_yaml), "--overwrite", *sets],
+                                 workdir / "phase1.log")
+
+        def phase2(name: str) -> float:
+            resume, overrides = variants[name]
+            if resume:
+                phase1.result()
+            args = ["phase2", "--config", str(p2_yaml), "--overwrite", "--set",
+                    f"output_dir={workdir / f'phase2_{name}'}", *resume, *sets]
+            return on_a_slot(args + [x for o in overrides for x in ("--set", o)], workdir / f"phase2_{name}.log")
+
+        # Phase 2 alone first: it need not wait for Phase 1.
+        trainings = {name: pool.submit(phase2, name) for name in sorted(wanted, key=lambda n: bool(variants[n][0]))}
+        if phase1 is not None:
+            results["phase1_seconds"] = round(phase1.result(), 1)
+            echo(f"phase1 done ({results['phase1_seconds']:.0f} s)")
+        train_seconds = {name: job.result() for name, job in trainings.items()}
+    for name in wanted:
         out = workdir / f"phase2_{name}"
         t0 = time.time()
-        args = ["phase2", "--config", str(p2_yaml), "--overwrite", "--set", f"output_dir={out}", *resume, *sets]
-        args += [x for o in overrides for x in ("--set", o)]
-        train_s = _cli(args, workdir / f"phase2_{name}.log", env)
         res = _evaluate(out, p2_yaml, data, new_tokens.get(name, 40), plain_text=name == "plain_text_loc")
-        row = _row(res, time.time() - t0) | {"train_seconds": round(train_s, 1)}
+        row = _row(res, time.time() - t0 + train_seconds[name]) | {"train_seconds": round(train_seconds[name], 1)}
         summary = json.loads((out / "training_summary.json").read_text())
         row["final_train_loss"] = (summary.get("metrics") or {}).get("train_loss")
         results["rows"][name] = row
@@ -431,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {ALL_ROWS}")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every training run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run side by side (spread over the visible GPUs; several share one)")
     parser.add_argument("--preset-json", default=None, help="JSON merged into the preset (experiments)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
@@ -447,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(rows) - set(ALL_ROWS)
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {ALL_ROWS}")
-    results = run_benchmark(args.workdir / args.size, preset, args.device, rows, args.sets)
+    results = run_benchmark(args.workdir / args.size, preset, args.device, rows, args.sets, jobs=args.jobs)
     import torch
     import transformers
 

@@ -54,7 +54,7 @@ def test_checkpoint_layers_conflicts_only_with_checkpointing_switched_off():
     path = REPO / "configs" / "phase1_padchest.yaml"
     with pytest.raises(ConfigError) as err:
         load_config(path, ["training.gradient_checkpointing=false", "training.lora_typo=1"], check_paths=False)
-    # The YAML sets checkpoint_layers: 12, so switching checkpointing off must say to drop one of them,
+    # The YAML sets checkpoint_layers, so switching checkpointing off must say to drop one of them,
     # in the same report as the other problems.
     assert any(p.startswith("training.checkpoint_layers") for p in err.value.problems)
     assert any("lora_typo" in p for p in err.value.problems)
@@ -63,4 +63,4 @@ def test_checkpoint_layers_conflicts_only_with_checkpointing_switched_off():
     assert cfg.training.gradient_checkpointing is False
     demo = load_config(REPO / "configs" / "demo" / "phase1.yaml", ["training.gradient_checkpointing=false"],
                        check_paths=False)
-    assert demo.training.checkpoint_layers == 12  # the default alone is no conflict
+    assert demo.training.checkpoint_layers is None  # the default alone is no conflict

@@ -341,6 +341,15 @@ def test_one_process_seeing_several_gpus_trains_its_own_batch_on_one(make_config
     assert len(next(iter(trainer.get_train_dataloader()))) == 3
 
 
+def test_ddp_does_not_rebroadcast_constant_buffers_every_step(make_config):
+    """In-graph dequantisation keeps the 4-bit quantisation state as buffers (~50 MB for MedGemma-4B); DDP's
+    default would send them from rank 0 to every rank before each forward."""
+    from xray_train.train import training_arguments
+
+    args = training_arguments(make_config("phase1"), has_eval=False)
+    assert args.ddp_broadcast_buffers is False
+
+
 POISON_ONE_RANK = r"""
 import os, sys
 import xray_train.train as train

@@ -72,6 +72,22 @@ def test_benchmark_data_holds_out_unseen_films(tmp_path):
         write_benchmark(tmp_path / "same", 2, 2, seed_train=3, seed_test=3)
 
 
+def test_benchmark_data_written_in_parallel_is_identical(tmp_path):
+    import hashlib
+
+    from xray_train.data.synthetic import write_benchmark
+
+    def digest(root):
+        return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+    serial = write_benchmark(tmp_path / "serial", 3, 2, seed_train=1, seed_test=5, kinds=("mass",), n_findings=1)
+    parallel = write_benchmark(tmp_path / "parallel", 3, 2, seed_train=1, seed_test=5, workers=3, kinds=("mass",),
+                               n_findings=1)
+    assert parallel["padchest_images"] == tmp_path / "parallel" / "train" / "padchest" / "images"
+    assert set(parallel) == set(serial)
+    assert digest(tmp_path / "parallel") == digest(tmp_path / "serial") != {}
+
+
 def test_impossible_finding_counts_are_refused():
     import numpy as np
 

@@ -136,10 +136,24 @@ def test_missing_local_base_is_one_clear_error(tmp_path):
         load_base(ModelConfig(base=str(tmp_path / "nowhere")))
 
 
+def test_checkpoint_layers_default_is_measured_per_phase(tiny_model_dir):
+    from xray_train.config import DEFAULT_CHECKPOINT_LAYERS
+
+    assert config(tiny_model_dir, "phase1").checkpointed_layer_count == DEFAULT_CHECKPOINT_LAYERS["phase1"]
+    assert config(tiny_model_dir, "phase2").checkpointed_layer_count == DEFAULT_CHECKPOINT_LAYERS["phase2"]
+    # Phase 2 keeps more activations (trainable projector, <loc> rows): it must not checkpoint fewer layers.
+    assert DEFAULT_CHECKPOINT_LAYERS["phase2"] >= DEFAULT_CHECKPOINT_LAYERS["phase1"]
+    explicit = RunConfig.model_validate(
+        {**config(tiny_model_dir, "phase2").model_dump(mode="json"), "training": {"checkpoint_layers": "all"}}
+    )
+    assert explicit.checkpointed_layer_count == "all"
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({}, [False, False]),  # default: on with CUDA only
     ({"gradient_checkpointing": True, "checkpoint_layers": 1}, [True, False]),
-    ({"gradient_checkpointing": True, "checkpoint_layers": None}, [True, True]),
+    ({"gradient_checkpointing": True, "checkpoint_layers": "all"}, [True, True]),
+    ({"gradient_checkpointing": True, "checkpoint_layers": 0}, [False, False]),
 ])
 def test_checkpointing_config_reaches_the_decoder_layers(tiny_model_dir, overrides, expected):
     from xray_train.loss import unwrap_gemma3

@@ -257,8 +257,8 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(make_config, monkeypa
 
     calls = {"n": 0}
 
-    def poisoned(model, batch):
-        out = targets_only_loss(model, batch)
+    def poisoned(model, batch, *args):
+        out = targets_only_loss(model, batch, *args)
         calls["n"] += 1
         if calls["n"] == 3:  # third training micro-batch = step 3 (batch 4, no accumulation)
             out.loss_sum = out.loss_sum * torch.tensor(float("nan"))

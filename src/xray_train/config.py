@@ -49,6 +49,9 @@ def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> li
 
 _LEVER_KEYS = ("gradient_checkpointing", "checkpoint_layers")
 
+#: Decoder layers checkpointed when training.checkpoint_layers is null, per phase (benchmarks/results/train_speed.md).
+DEFAULT_CHECKPOINT_LAYERS = {"phase1": 7, "phase2": 12}
+
 
 def _run_conflicts(phase, dataset, fp16, compute_dtype) -> list[tuple[str, str]]:
     out = []
@@ -218,12 +221,13 @@ class TrainingSection(_Section):
         description="Recompute decoder-layer activations in backward instead of keeping them (less GPU memory). "
         "Default: on with CUDA (on CPU memory is not what limits and recomputation only costs time).",
     )
-    checkpoint_layers: int | None = Field(
-        12,
-        ge=0,
+    checkpoint_layers: int | Literal["all"] | None = Field(
+        None,
         description="With gradient_checkpointing: how many decoder layers recompute (spread evenly over the "
-        "stack; MedGemma-4B has 34); the others keep their activations. null: all. At batch 16 the step is "
-        "bound by the host, so recomputing 12 layers costs no measurable speed and keeps the peak under 24 GB.",
+        "stack; MedGemma-4B has 34); the others keep their activations. \"all\": every layer (~10 GB at batch "
+        f"32). null: the measured default of the phase, {DEFAULT_CHECKPOINT_LAYERS['phase1']} in Phase 1 and "
+        f"{DEFAULT_CHECKPOINT_LAYERS['phase2']} in Phase 2 (whose trainable projector and <loc> rows keep more "
+        "activations): the fastest counts that stay under 24 GB at batch 16 on MedGemma-4B.",
     )
     dataloader_num_workers: int | None = Field(
         None,
@@ -244,6 +248,13 @@ class TrainingSection(_Section):
     loss_on_targets_only: bool = Field(
         True, description="Compute the LM head only at supervised positions (chunked cross-entropy)."
     )
+    head_chunk_rows: int = Field(
+        256,
+        gt=0,
+        description="Supervised positions per LM-head chunk. A chunk's logits (rows x 262k, in bf16, fp32 and "
+        "their fp32 gradient: ~3.7 GB per 1024 rows) exist on top of every saved activation at the step's "
+        "memory peak; 256 keeps that under 1 GB at no measurable speed cost.",
+    )
     use_liger: bool = Field(
         False, description="Patch Gemma 3 with Liger kernels (GPU only; measured slower than torch_compile)."
     )
@@ -251,6 +262,12 @@ class TrainingSection(_Section):
         None,
         description="torch.compile each decoder layer: removes most of the host overhead that bounds a QLoRA "
         "step (measured 2.2x at batch 32 on an H200); the first steps compile. Default: on with CUDA.",
+    )
+    dequantize_in_graph: bool | None = Field(
+        None,
+        description="Dequantise the 4-bit weights with torch ops inside the compiled decoder layers instead of "
+        "bitsandbytes' Python-level op (about 480 calls a step, whose host time bounds the step). Same "
+        "weights bit for bit. Default: on when the decoder layers are compiled.",
     )
 
     @model_validator(mode="after")
@@ -286,6 +303,12 @@ class RunConfig(_Section):
     def add_loc_tokens(self) -> bool:
         flag = self.model.add_loc_tokens
         return self.phase == "phase2" if flag is None else flag
+
+    @property
+    def checkpointed_layer_count(self) -> int | Literal["all"]:
+        """training.checkpoint_layers, with null resolved to the phase's measured default."""
+        n = self.training.checkpoint_layers
+        return DEFAULT_CHECKPOINT_LAYERS[self.phase] if n is None else n
 
     @property
     def train_projector(self) -> bool:

@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from xray_train.collate import IGNORE_INDEX, target_positions
 from xray_train.features import active_projector, project_pooled
 
-#: Rows of hidden states per LM-head chunk: bounds the transient logits to chunk x vocab floats.
-HEAD_CHUNK_ROWS = 1024
+#: Rows of hidden states per LM-head chunk: bounds the transient logits to chunk x vocab floats
+#: (config: training.head_chunk_rows).
+HEAD_CHUNK_ROWS = 256
 
 
 @dataclass

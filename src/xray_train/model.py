@@ -306,6 +306,14 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     compile_layers = cfg.training.torch_compile
     if compile_layers is None:
         compile_layers = torch.cuda.is_available()
+    in_graph = cfg.training.dequantize_in_graph
+    if in_graph is None:
+        in_graph = compile_layers
+    if in_graph:
+        from xray_train.loss import unwrap_gemma3
+        from xray_train.nf4 import dequantize_in_graph
+
+        dequantize_in_graph(unwrap_gemma3(peft_model).model.language_model.layers.modules())
     if compile_layers:
         compile_decoder_layers(peft_model)
     checkpointing = cfg.training.gradient_checkpointing
@@ -314,8 +322,8 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
-        if cfg.training.checkpoint_layers is not None:
-            keep_activations_except(peft_model, cfg.training.checkpoint_layers)
+        if cfg.checkpointed_layer_count != "all":
+            keep_activations_except(peft_model, cfg.checkpointed_layer_count)
     return peft_model, processor
 
 

@@ -379,7 +379,7 @@ def _trainer_class():
         """HF Trainer with the project's loss (targets-only LM head), token accuracy, length grouping
         without loading images, and a non-finite-loss guard."""
 
-        def __init__(self, *args, lengths=None, targets_only=True, **kwargs):
+        def __init__(self, *args, lengths=None, targets_only=True, head_chunk_rows=256, **kwargs):
             super().__init__(*args, **kwargs)
             self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
             self.loss_guard.on_bad_loss = self._stop_on_bad_loss
@@ -389,6 +389,7 @@ def _trainer_class():
             self.add_callback(CheckpointCompleteCallback())
             self._lengths = lengths
             self._targets_only = targets_only
+            self._head_chunk_rows = head_chunk_rows
             # compute_loss divides by the token count of the whole accumulated batch itself.
             self.model_accepts_loss_kwargs = True
             # One process sees several GPUs (plain `python`, or `accelerate launch --num_processes 1`):
@@ -421,7 +422,10 @@ def _trainer_class():
 
         def _loss(self, model, inputs):
             # Through DDP's own forward: a loss on the unwrapped model would never all-reduce gradients.
-            return call_through_ddp(model, targets_only_loss if self._targets_only else full_logits_loss, inputs)
+            if not self._targets_only:
+                return call_through_ddp(model, full_logits_loss, inputs)
+            # The module-level name is looked up per call so tests can substitute the loss.
+            return call_through_ddp(model, lambda m, b: targets_only_loss(m, b, self._head_chunk_rows), inputs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = self._loss(model, inputs)
@@ -556,6 +560,9 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         # Gradient checkpointing is applied in model.py to decoder layers only.
         gradient_checkpointing=False,
         ddp_find_unused_parameters=False,
+        # DDP would otherwise re-broadcast every buffer before each forward; ours never change (rotary
+        # tables, the 4-bit quantisation state of dequantize_in_graph: ~50 MB at MedGemma-4B scale).
+        ddp_broadcast_buffers=False,
         # Without CUDA, ranks (tests, CI) must still form a gloo group rather than train independently.
         use_cpu=use_cpu(),
         disable_tqdm=False,
@@ -624,6 +631,7 @@ def run(
         data_collator=Collator(encoder.ids),
         lengths=train_set.lengths(),
         targets_only=cfg.training.loss_on_targets_only,
+        head_chunk_rows=cfg.training.head_chunk_rows,
         optimizers=(_optimizer_groups(cfg, model), None),
         callbacks=callbacks,
     )

@@ -8,6 +8,7 @@ host with ``pytest tests/gpu``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ base, samples, out, variant = sys.argv[1:5]
 cfg = RunConfig.model_validate({
     "phase": "phase2", "output_dir": "unused", "lora": {"dropout": 0.0},
     "model": {"base": base, "compute_dtype": "bfloat16"},
+    # The plain path: every lever that build_training_model would switch on with CUDA stays off here.
+    "training": {"torch_compile": False, "gradient_checkpointing": False, "dequantize_in_graph": False},
     "data": {"dataset": "indiana", "image_root": samples},
 })
 model, proc = build_training_model(cfg)
@@ -67,6 +70,11 @@ if variant == "liger":
     apply_liger_kernels(unwrap_gemma3(model))
 elif variant == "compile":
     compile_decoder_layers(model)
+elif variant in ("in_graph_dequant", "compile_in_graph_dequant"):
+    from xray_train.nf4 import dequantize_in_graph
+    assert dequantize_in_graph(unwrap_gemma3(model).model.language_model.layers.modules()) > 0
+    if variant == "compile_in_graph_dequant":
+        compile_decoder_layers(model)
 elif variant == "compile_checkpoint_some":
     from xray_train.model import keep_activations_except
     compile_decoder_layers(model)
@@ -77,7 +85,9 @@ measure(targets_only_loss, "lever")
 """
 
 
-VARIANTS = ["targets", "liger", "compile", "compile_checkpoint_some"]
+ALL_VARIANTS = ["targets", "liger", "compile", "compile_checkpoint_some", "in_graph_dequant", "compile_in_graph_dequant"]
+# Each variant is a process with its own compile; XRAY_GPU_EQUIVALENCE=a,b runs a subset when GPU time is short.
+VARIANTS = [v for v in os.environ.get("XRAY_GPU_EQUIVALENCE", ",".join(ALL_VARIANTS)).split(",") if v in ALL_VARIANTS]
 
 
 @pytest.fixture(scope="module")

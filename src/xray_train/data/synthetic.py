@@ -536,7 +536,7 @@ def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -
 
 
 def write_benchmark(
-    out_dir: Path | str, n_train: int, n_test: int, seed_train: int, seed_test: int, **findings
+    out_dir: Path | str, n_train: int, n_test: int, seed_train: int, seed_test: int, workers: int = 1, **findings
 ) -> dict[str, Path]:
     """Train and held-out data for ``benchmarks/bench_learning.py`` and ``tests/test_learning.py``.
 
@@ -544,15 +544,25 @@ def write_benchmark(
     ``seed_train`` (PadChest from ``seed_train + 1``, so its films are not Indiana's); ``test/indiana`` from
     ``seed_test``, so held-out positions and sizes were never seen. ``findings`` (``n_findings``, ``kinds``,
     ``blob_radius``) apply to all three. Returns ``padchest_csv``, ``padchest_images``, ``train`` and
-    ``test`` (the latter two: ``write_indiana``'s path dicts).
+    ``test`` (the latter two: ``write_indiana``'s path dicts). ``workers`` > 1 writes the three sets in
+    parallel processes (same files: each set has its own seed).
     """
     if seed_test in (seed_train, seed_train + 1):
         raise ValueError("seed_test must differ from seed_train and seed_train + 1: test films would repeat training ones")
     out = Path(out_dir)
-    padchest_csv = write_padchest(out / "train" / "padchest", n=n_train, seed=seed_train + 1, **findings)
-    return {
-        "padchest_csv": padchest_csv,
-        "padchest_images": padchest_csv.parent / "images",
-        "train": write_indiana(out / "train" / "indiana", n=n_train, seed=seed_train, **findings),
-        "test": write_indiana(out / "test" / "indiana", n=n_test, seed=seed_test, **findings),
+    jobs = {
+        "padchest_csv": (write_padchest, out / "train" / "padchest", n_train, seed_train + 1),
+        "train": (write_indiana, out / "train" / "indiana", n_train, seed_train),
+        "test": (write_indiana, out / "test" / "indiana", n_test, seed_test),
     }
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold torch threads, which a forked child must not inherit.
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {k: pool.submit(fn, path, n=n, seed=seed, **findings) for k, (fn, path, n, seed) in jobs.items()}
+            written = {k: f.result() for k, f in futures.items()}
+    else:
+        written = {k: fn(path, n=n, seed=seed, **findings) for k, (fn, path, n, seed) in jobs.items()}
+    return written | {"padchest_images": written["padchest_csv"].parent / "images"}
