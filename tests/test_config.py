@@ -50,6 +50,16 @@ def test_set_overrides_are_typed_and_every_problem_is_reported(tmp_path):
     assert len(err.value.problems) >= 3
 
 
+def test_in_graph_dequantisation_refused_without_compile():
+    path = REPO / "configs" / "phase1_padchest.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.dequantize_in_graph=true", "training.torch_compile=false"], check_paths=False)
+    assert any(p.startswith("training.dequantize_in_graph") for p in err.value.problems)
+    # Either alone is fine; left unset, in-graph dequantisation follows compile.
+    assert load_config(path, ["training.torch_compile=false"], check_paths=False).training.dequantize_in_graph is None
+    assert load_config(path, ["training.dequantize_in_graph=true"], check_paths=False).training.dequantize_in_graph
+
+
 def test_checkpoint_layers_conflicts_only_with_checkpointing_switched_off():
     path = REPO / "configs" / "phase1_padchest.yaml"
     with pytest.raises(ConfigError) as err:

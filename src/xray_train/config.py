@@ -38,6 +38,12 @@ def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> li
     levers = levers or {}
     if levers.get("checkpoint_layers") is not None and levers.get("gradient_checkpointing") is False:
         out.append(("checkpoint_layers", "has no effect with gradient_checkpointing: false (remove one of them)"))
+    if levers.get("dequantize_in_graph") is True and levers.get("torch_compile") is False:
+        out.append((
+            "dequantize_in_graph",
+            "needs torch_compile (uncompiled, every layer would keep a bf16 copy of its weight for backward, "
+            "~6 GB for MedGemma-4B); remove one of them",
+        ))
     if bf16 is True and fp16 is True:
         out.append(("fp16", "bf16 and fp16 are mutually exclusive (set one of them to false)"))
     if isinstance(report_to, list):
@@ -47,7 +53,7 @@ def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> li
     return out
 
 
-_LEVER_KEYS = ("gradient_checkpointing", "checkpoint_layers")
+_LEVER_KEYS = ("gradient_checkpointing", "checkpoint_layers", "dequantize_in_graph", "torch_compile")
 
 #: Decoder layers checkpointed when training.checkpoint_layers is null, per phase (benchmarks/results/train_speed.md).
 DEFAULT_CHECKPOINT_LAYERS = {"phase1": 7, "phase2": 12}
@@ -267,7 +273,8 @@ class TrainingSection(_Section):
         None,
         description="Dequantise the 4-bit weights with torch ops inside the compiled decoder layers instead of "
         "bitsandbytes' Python-level op (about 480 calls a step, whose host time bounds the step). Same "
-        "weights bit for bit. Default: on when the decoder layers are compiled.",
+        "weights bit for bit. Default: on when the decoder layers are compiled (uncompiled it would keep a "
+        "bf16 copy of every weight for backward, so true with torch_compile: false is refused).",
     )
 
     @model_validator(mode="after")
