@@ -118,6 +118,8 @@ DEFAULT_XRAY_ROWS = [
     ("phase1", 16, {"gradient_checkpointing": False}),
     ("phase1", 16, {"dequantize_in_graph": False}),
     ("phase1", 16, {"head_chunk_rows": 1024}),
+    ("phase1", 16, {"split_image_attention": False}),
+    ("phase1", 16, {"head_grad_in_forward": False}),
     ("phase1", 16, {"checkpoint_layers": "all"}),
     ("phase1", 32, {"checkpoint_layers": "all"}),
     ("phase1", 16, {"torch_compile": False, "checkpoint_layers": "all"}),
@@ -347,7 +349,7 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
     trainer = _trainer_class()(
         model=model, args=training_arguments(cfg, has_eval=False), train_dataset=train_set,
         data_collator=Collator(encoder.ids), lengths=None, targets_only=cfg.training.loss_on_targets_only,
-        head_chunk_rows=cfg.training.head_chunk_rows,
+        head_chunk_rows=cfg.training.head_chunk_rows, head_grad_in_forward=cfg.training.head_grad_in_forward,
         callbacks=[timer.callback],
     )
     trainer.args.disable_tqdm = True

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
+import json
 import os
 import pstats
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train as bt  # noqa: E402
+import bench_train as bt
 
 
 def main() -> None:
@@ -31,6 +33,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--set", action="append", default=[], help="training lever key=value")
+    p.add_argument("--host", type=int, default=1, help="0: no cProfile (it slows the host and so the step)")
+    p.add_argument("--rows", type=int, default=12, help="kernel table rows")
+    p.add_argument("--gaps", type=int, default=0,
+                   help="1: also record host ops and attribute each GPU idle gap to the host op that launched "
+                        "the kernel after it (slows the host a little: the busy share reads low)")
     args = p.parse_args()
     os.environ.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))
     base = bt.build_random_medgemma(args.workdir / "medgemma-4b-random")
@@ -39,7 +46,10 @@ def main() -> None:
 
     from transformers import Trainer, TrainerCallback
 
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if args.gaps:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    prof = torch.profiler.profile(activities=activities)
     host = cProfile.Profile()
     marks: list[float] = []
 
@@ -49,9 +59,11 @@ def main() -> None:
                 torch.cuda.synchronize()
                 marks.append(time.perf_counter())
                 prof.start()
-                host.enable()
+                if args.host:
+                    host.enable()
             elif state.global_step == args.steps:
-                host.disable()
+                if args.host:
+                    host.disable()
                 torch.cuda.synchronize()
                 marks.append(time.perf_counter())
                 prof.stop()
@@ -68,11 +80,68 @@ def main() -> None:
     wall = (marks[1] - marks[0]) / n
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / n
     print(f"batch {args.batch} {levers}: wall {wall * 1000:.1f} ms/step, GPU busy {busy * 1000:.1f} ms/step "
-          f"({100 * busy / wall:.0f} %), {args.batch / wall:.1f} samples/s (under cProfile)")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+          f"({100 * busy / wall:.0f} %), {args.batch / wall:.1f} samples/s"
+          f"{' (under cProfile)' if args.host else ''}, peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.gaps:
+        trace = args.workdir / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        print_gaps(json.loads(trace.read_text()), n)
+    if not args.host:
+        return
     out = io.StringIO()
     pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(25)
     print(out.getvalue()[:6000])
+
+
+def print_gaps(trace: dict, n_steps: int, min_us: float = 5.0, top: int = 25) -> None:
+    """GPU idle time between kernels, summed by the host ops running when the next kernel was launched.
+
+    A gap whose next kernel was launched after the previous one ended is the host's fault (the GPU ran
+    dry); one whose kernel was queued in time is a dependency (a copy, an event). Labels are the
+    outermost and innermost profiler ranges on the launching thread.
+    """
+    events = trace["traceEvents"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
+    ranges = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and e.get("ph") == "X"]
+    by_tid: dict = {}
+    for e in ranges:
+        by_tid.setdefault(e["tid"], []).append(e)
+    gaps = []  # (gap_us, launch_ts, tid, host_late)
+    for prev, nxt in itertools.pairwise(device):
+        gap = nxt["ts"] - (prev["ts"] + prev.get("dur", 0))
+        if gap < min_us:
+            continue
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        if launch is None:
+            gaps.append((gap, None, None, None))
+            continue
+        late = launch["ts"] > prev["ts"] + prev.get("dur", 0)
+        gaps.append((gap, launch["ts"], launch["tid"], late))
+    labels: dict[str, list[float]] = {}
+    for tid, evs in by_tid.items():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+        queries = sorted((g for g in gaps if g[2] == tid), key=lambda g: g[1])
+        stack: list[dict] = []
+        i = 0
+        for gap, ts, _, late in queries:
+            while i < len(evs) and evs[i]["ts"] <= ts:
+                while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) < evs[i]["ts"]:
+                    stack.pop()
+                stack.append(evs[i])
+                i += 1
+            active = [e for e in stack if e["ts"] + e.get("dur", 0) >= ts]
+            names = [e["name"] for e in active]
+            label = " > ".join(dict.fromkeys([names[0][:60], *[x[:60] for x in names[-2:]]])) if names else "?"
+            key = f"{'host-late' if late else 'queued'} | {label}"
+            labels.setdefault(key, []).append(gap)
+    unattributed = sum(g[0] for g in gaps if g[1] is None)
+    total = sum(g[0] for g in gaps)
+    print(f"GPU idle in gaps >= {min_us} us: {total / 1000 / n_steps:.1f} ms/step over {len(gaps) / n_steps:.0f} "
+          f"gaps/step ({unattributed / 1000 / n_steps:.1f} ms/step without a launch record)")
+    for key, values in sorted(labels.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"{sum(values) / 1000 / n_steps:7.2f} ms/step {len(values) / n_steps:6.1f}/step  {key}")
 
 
 if __name__ == "__main__":

@@ -95,33 +95,44 @@ def main() -> None:
 
 
 #: The runs of the current code and defaults (the others are history, kept for the levers they measured).
-FINAL_RUNS = ["run10"]
-#: Rows of FINAL_RUNS whose settings are today's defaults (Phase 1: 7 of 34 layers checkpointed).
-CURRENT_DEFAULT_ROWS = {("run10", "xray-train, checkpoint_layers=7")}
+FINAL_RUNS = ["run11"]
+#: Rows of FINAL_RUNS whose settings are today's defaults (6 of 34 layers checkpointed in Phase 1, 10 in Phase 2).
+CURRENT_DEFAULT_ROWS = {
+    ("run11", "xray-train, checkpoint_layers=6"),
+    ("run11", "xray-train Phase 2, checkpoint_layers=10"),
+}
 
 NOTES = [
     "Reading the table (one H200 per run; speed-ups only against the same run's seed row):",
-    "- **Current defaults** (run10: batch 16, compiled decoder layers, in-graph NF4 dequantisation, 7 of 34",
-    "  layers checkpointed in Phase 1, 256-row LM-head chunks): 62.5 samples/s at 23.2 GB = 9.4x the seed",
-    "  recipe of the same run (6.65 samples/s, 22.9 GB) and 8.7x TRL SFTTrainer (7.2, the best peer; target",
-    "  1.5x). **The 10x-within-24-GB target is not met**: the best under 24 GB is 6 checkpointed layers,",
-    "  63.2 samples/s at 23.8 GB (9.5x); no checkpointing runs 63.9 at 27.5 GB (9.6x) in the same run.",
-    "- Phase 2 (trainable projector and <loc> rows) with 7 checkpointed layers: 56.3 samples/s (8.5x; target",
-    "  5x) at 25.3 GB, so Phase 2 keeps 12 checkpointed layers by default (~0.65 GB less per layer at batch",
-    "  16: about 22 GB; 23.9 GB in run6, measured before the 256-row head chunks saved ~2.4 GB).",
+    "- **Current defaults** (run11: batch 16, compiled decoder layers, in-graph NF4 dequantisation, split image",
+    "  attention, LM-head gradient made in the forward, 256-row head chunks, 6 of 34 layers checkpointed in",
+    "  Phase 1): 66.0 samples/s at 23.5 GB = **10.6x the seed recipe** of the same run (6.22 samples/s, 22.9 GB)",
+    "  and 9.1x TRL SFTTrainer (7.23, the best peer; target 1.5x). 5 layers run 66.9 at 24.1 GB (over 24 GB);",
+    "  no checkpointing 71.2 at 27.1 GB. The seed row ran 5.99-6.65 samples/s across runs 4-11; against the",
+    "  fastest seed row ever measured (6.65, run10) the same 66.0 samples/s would be 9.9x.",
+    "- Phase 2 (trainable projector and <loc> rows) with 10 checkpointed layers: 55.5 samples/s (8.9x; target",
+    "  5x) at 23.0 GB; 12 layers 54.9 at 21.7 GB.",
+    "- Session 4 levers (run11, each against the same run's defaults of the time, 7 layers checkpointed:",
+    "  65.1 samples/s at 22.9 GB):",
+    "  - `training.split_image_attention`: without it (transformers' dense mask, K/V repeated to every query",
+    "    head) 62.6 at 23.4 GB, so +3.9 % and 0.5 GB less. The dense mask was built every step by a dozen",
+    "    small host-launched ops: `profile_step.py --gaps 1` put ~3 ms a step of GPU idle on them. The",
+    "    attention kernel itself was not the gain: `bench_kernels.py` (H100, batch 16, forward+backward per",
+    "    layer) timed cuDNN with the dense mask at 0.85 ms, the split pair at 0.87-0.88 ms (cuDNN) or 1.16 ms",
+    "    (flash), FlexAttention at 0.85 ms.",
+    "  - `training.head_grad_in_forward`: without it (each 256-row chunk's logits recomputed in backward)",
+    "    63.7 at 22.7 GB, so +2.1 % for 0.2 GB.",
+    "- Where the rest of a step goes (`profile_step.py`, H100, batch 16, 7 layers): matmuls ~58 % of GPU time",
+    "  at ~650 TFLOP/s, attention 10 %, NF4 dequantisation ~15 ms a step (~2.5x its bandwidth bound), LoRA",
+    "  dropout's RNG fused into the RMSNorm ~8 ms, GELU 13 ms (at its bandwidth bound); the GPU idles ~6 % of",
+    "  the step waiting for the host (H200, `--gaps 1`: spread over the step boundary, the cuDNN attention",
+    "  launch and the compiled regions' entries).",
     "- Session 3 levers: `training.head_chunk_rows` 1024 -> 256 cut the peak by 2.4 GB (22.45 -> 20.03 GB",
     "  with 12 layers checkpointed, run8/run10) at equal speed; `training.dequantize_in_graph` +6.6 % (58.6 ->",
     "  62.5 with 7 layers, run10) at the same peak. Its first version (run9) let the compiler keep every bf16",
     "  weight for backward (+4-5 GB); the dequantisation is now a checkpointed region, recomputed in backward.",
-    "- The seed recipe itself ran 5.99-6.65 samples/s across runs 4-10 (11 %), and xray-train rows move as",
-    "  much: run8's window (steps 3..10) was too short (identical settings 44.5 and 63.1); from run9 on the",
-    "  window is steps 9..30.",
-    "- Why it stops near 10x: at batch 12 the GPU was busy 160 ms of a 214 ms step (`profile_step.py`, run5):",
-    "  matmuls run at ~730 TFLOP/s; the rest is host time that the GPU cannot hide (bitsandbytes' Python ops,",
-    "  now replaced by in-graph dequantisation, and ~1200 Triton launches a step). Session 2 removed every",
-    "  host-device synchronisation inside a step (`tests/gpu/test_no_sync.py`, passing on an H200 in",
-    "  session 3). Next levers not tried: CUDA graphs for the compiled layers, recomputable LoRA dropout",
-    "  (its masks and inputs are ~16 % of the saved activations).",
+    "- Window: run8's (steps 3..10) was too short (identical settings 44.5 and 63.1); from run9 on it is",
+    "  steps 9..30.",
     "- Measured and dropped: torch's `activation_memory_budget` for the compiled layers (run4/run5) cut memory",
     "  to 11-14 GB but cost 13-22 % speed at every budget tried (0.3-0.85): it recomputes matmuls, not only",
     "  cheap ops. Liger kernels (run1) were slower than compile (more host time).",

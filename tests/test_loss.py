@@ -151,3 +151,39 @@ def test_checkpointed_layers_are_spread_over_the_stack():
     half = checkpointed_layer_indices(34, 17)
     assert len(half) == 17 and half[0] == 0 and max(b - a for a, b in zip(half, half[1:])) == 2
     assert len(checkpointed_layer_indices(34, 22)) == 22
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_head_gradient_made_in_forward_matches_the_recomputing_path(tiny_model_dir, processor, chunk_rows):
+    """training.head_grad_in_forward: same loss, accuracy count and gradients as checkpointed chunks."""
+    model, proc = build_training_model(_config(tiny_model_dir, "phase1"))
+    _perturb_lora(model)
+    _, cached = _batch(model, proc, "report")
+    model.train()
+    recomputed = targets_only_loss(model, cached, chunk_rows=chunk_rows)
+    recomputed_grads = _grads(model, recomputed)
+    grad_modes = []
+    head = unwrap_gemma3(model).lm_head
+    hook = head.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    fused = targets_only_loss(model, cached, chunk_rows=chunk_rows, grad_in_forward=True)
+    fused_grads = _grads(model, fused)
+    hook.remove()
+    # The head ran once per chunk, with no autograd graph, and not again in backward.
+    assert grad_modes == [False] * -(-int(fused.n_tokens) // chunk_rows)
+    assert int(fused.n_correct) == int(recomputed.n_correct)
+    torch.testing.assert_close(fused.loss_sum, recomputed.loss_sum, rtol=1e-5, atol=1e-4)
+    assert fused_grads.keys() == recomputed_grads.keys()
+    for name, grad in recomputed_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_head_gradient_in_forward_keeps_the_recomputing_path_for_a_trainable_head(tiny_model_dir, processor):
+    """Phase 2 trains the <loc> rows of the tied head: the fused path (frozen head only) must not be used."""
+    model, proc = build_training_model(_config(tiny_model_dir, "phase2"))
+    _perturb_lora(model)
+    _, cached = _batch(model, proc, "detect")
+    plain_grads = _grads(model, targets_only_loss(model, cached))
+    asked = _grads(model, targets_only_loss(model, cached, grad_in_forward=True))
+    assert any("trainable_tokens_delta" in n for n in asked)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(asked[name], grad, msg=name)

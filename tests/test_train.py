@@ -116,20 +116,25 @@ def test_rerun_resumes_from_latest_checkpoint(make_config, capsys):
     assert summary["global_steps"] == 4
 
 
-def test_training_uses_the_configured_head_chunk(make_config, monkeypatch):
-    """training.head_chunk_rows bounds the LM-head transient at the memory peak; it must reach the loss."""
+def test_training_uses_the_configured_head_chunk(make_config, monkeypatch, tmp_path):
+    """training.head_chunk_rows bounds the LM-head transient at the memory peak and
+    training.head_grad_in_forward picks the head's backward: both must reach the loss."""
     from xray_train import train
     from xray_train.loss import targets_only_loss
 
     seen = []
 
-    def spy(model, batch, chunk_rows):
-        seen.append(chunk_rows)
-        return targets_only_loss(model, batch, chunk_rows)
+    def spy(model, batch, chunk_rows, grad_in_forward):
+        seen.append((chunk_rows, grad_in_forward))
+        return targets_only_loss(model, batch, chunk_rows, grad_in_forward)
 
     monkeypatch.setattr(train, "targets_only_loss", spy)
     run(make_config("phase1", "training.max_steps=1", "training.head_chunk_rows=5", "training.eval_strategy=no"))
-    assert seen and set(seen) == {5}
+    assert seen and set(seen) == {(5, True)}
+    seen.clear()
+    run(make_config("phase1", "training.max_steps=1", "training.head_grad_in_forward=false",
+                    "training.eval_strategy=no", output_dir=tmp_path / "recomputed-head"))
+    assert seen and {grad for _, grad in seen} == {False}
 
 
 def test_loss_guard_defers_gpu_reads_until_the_copy_is_done_or_a_save_needs_it():

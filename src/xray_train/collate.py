@@ -133,6 +133,8 @@ class Collator:
             **target_positions(labels),
             # Flat positions of the image soft tokens, where the loss writes the image features.
             "image_index": (input_ids == self.ids.image).flatten().nonzero().squeeze(1),
+            # Where the image block sits when every row has it at the same place (split attention).
+            "image_span": image_span(input_ids, self.ids.image),
         }
         if "pixel_values" in items[0]:
             out["pixel_values"] = torch.stack([torch.as_tensor(it["pixel_values"]) for it in items])
@@ -143,6 +145,27 @@ class Collator:
             else:
                 out["image_features"] = torch.stack([torch.as_tensor(it["image_features"]) for it in items])
         return out
+
+
+def batch_to(batch: dict, device) -> dict:
+    """The batch with its tensors on ``device`` (layout values such as ``image_span`` stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int] | None:
+    """``(start, end)`` of the one image block that every row has at the same place, else None."""
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(1)
+    if input_ids.shape[0] == 0 or int(counts[0]) == 0 or not bool((counts == counts[0]).all()):
+        return None
+    first = is_image.int().argmax(1)
+    if not bool((first == first[0]).all()):
+        return None
+    start = int(first[0])
+    end = start + int(counts[0])
+    if not bool(is_image[:, start:end].all()):  # two blocks, or a gap inside one
+        return None
+    return start, end
 
 
 def target_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:

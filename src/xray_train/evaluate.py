@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from xray_train.collate import PHASE_TASK, Collator, PromptEncoder
+from xray_train.collate import PHASE_TASK, Collator, PromptEncoder, batch_to
 from xray_train.config import RunConfig
 from xray_train.data.images import Geometry, ImageError, read_image_size
 from xray_train.data.loc import BOX_SEPARATOR, NO_BOX_ANSWER, decode_boxes
@@ -213,7 +213,7 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
                     continue
                 items.append({"input_ids": it.input_ids, "labels": it.labels, "pixel_values": pixels})
             if items:
-                batch = {k: v.to(inner.device) for k, v in collator(items).items()}
+                batch = batch_to(collator(items), inner.device)
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 out = targets_only_loss(model, batch)
                 correct += int(out.n_correct)

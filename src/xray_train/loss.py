@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from xray_train.attention import span_masks
 from xray_train.collate import IGNORE_INDEX, target_positions
 from xray_train.features import active_projector, project_pooled
 
@@ -76,16 +77,68 @@ def _head_ce(lm_head, hidden: torch.Tensor, labels: torch.Tensor):
     return loss, correct
 
 
-def targets_only_loss(model, batch, chunk_rows: int = HEAD_CHUNK_ROWS) -> LossOutput:
-    """Loss over supervised tokens only, LM head evaluated at those positions in checkpointed chunks."""
+class _HeadLossGradInForward(torch.autograd.Function):
+    """Summed cross-entropy of a frozen LM head over ``hidden`` rows, whose gradient is made in the forward.
+
+    The checkpointed chunks compute every chunk's logits twice (forward, then again in backward) and
+    run softmax three times. Here each chunk's logits are made once: the loss, the argmax and
+    ``d loss / d hidden`` (softmax minus one-hot, through the head) come from the same logits, and the
+    backward only scales the stored [rows, hidden] gradient. Liger's fused linear cross-entropy does
+    the same. Only for a head without trainable weights (Phase 1); ``tests/test_loss.py`` checks it
+    against the plain path.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head, labels, chunk_rows):
+        grad_hidden = torch.empty_like(hidden)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]
+            y = labels[start : start + chunk_rows]
+            low = lm_head(h)  # autocast applies as in the plain path
+            logits = low.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(y.shape[0], device=y.device)
+            loss_sum = loss_sum + (lse - logits[rows, y]).sum()
+            correct = correct + (logits.argmax(-1) == y).sum()
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            probs[rows, y] -= 1.0
+            # As autograd would: the fp32 gradient cast to the logits' dtype, then through the head.
+            weight = lm_head.weight.to(low.dtype)
+            grad_hidden[start : start + chunk_rows] = (probs.to(low.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
+
+
+def _frozen_linear_head(lm_head) -> bool:
+    return isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad
+
+
+def targets_only_loss(
+    model, batch, chunk_rows: int = HEAD_CHUNK_ROWS, grad_in_forward: bool = False
+) -> LossOutput:
+    """Loss over supervised tokens only, LM head evaluated at those positions in chunks.
+
+    ``grad_in_forward`` (config: training.head_grad_in_forward) makes a frozen head's gradient during
+    the forward (:class:`_HeadLossGradInForward`); otherwise each chunk is checkpointed.
+    """
     full = unwrap_gemma3(model)
     gemma3_model = full.model
     embeds = merged_inputs_embeds(gemma3_model, batch)
+    masks = span_masks(gemma3_model.config, batch.get("image_span"), embeds.shape[1])
     out = gemma3_model(
         input_ids=None,
         inputs_embeds=embeds,
-        attention_mask=batch["attention_mask"],
-        token_type_ids=batch["token_type_ids"],
+        # A prepared mapping skips transformers' dense-mask construction.
+        attention_mask=masks if masks is not None else batch["attention_mask"],
+        token_type_ids=None if masks is not None else batch["token_type_ids"],
         use_cache=False,
     )
     hidden = out.last_hidden_state
@@ -94,20 +147,24 @@ def targets_only_loss(model, batch, chunk_rows: int = HEAD_CHUNK_ROWS) -> LossOu
     index = batch["target_index"].to(hidden.device)
     hidden_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     labels_sel = batch["target_ids"].to(hidden.device)
+    # torch.full, not torch.tensor: copying a host scalar to the GPU would synchronise.
+    n_tokens = torch.full((), labels_sel.shape[0], dtype=torch.long, device=hidden_sel.device)
+    training = torch.is_grad_enabled() and hidden_sel.requires_grad
+    if grad_in_forward and training and _frozen_linear_head(full.lm_head):
+        loss_sum, correct = _HeadLossGradInForward.apply(hidden_sel, full.lm_head, labels_sel, chunk_rows)
+        return LossOutput(loss_sum, n_tokens, correct)
     loss_sum = hidden_sel.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden_sel.device)
     for start in range(0, hidden_sel.shape[0], chunk_rows):
         h = hidden_sel[start : start + chunk_rows]
         y = labels_sel[start : start + chunk_rows]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if training:
             # Recompute this chunk's logits in backward instead of keeping chunk x vocab floats alive.
             chunk_loss, chunk_correct = checkpoint(_head_ce, full.lm_head, h, y, use_reentrant=False)
         else:
             chunk_loss, chunk_correct = _head_ce(full.lm_head, h, y)
         loss_sum = loss_sum + chunk_loss
         correct = correct + chunk_correct
-    # torch.full, not torch.tensor: copying a host scalar to the GPU would synchronise.
-    n_tokens = torch.full((), labels_sel.shape[0], dtype=torch.long, device=hidden_sel.device)
     return LossOutput(loss_sum, n_tokens, correct)
 
 

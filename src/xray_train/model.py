@@ -303,6 +303,10 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if resume_from is not None:
         continue_adapter(peft_model, resume_from)
     _upcast_trainable(peft_model)
+    if cfg.training.split_image_attention:
+        from xray_train.attention import use_split_attention
+
+        use_split_attention(model)
     compile_layers = cfg.training.torch_compile
     if compile_layers is None:
         compile_layers = torch.cuda.is_available()

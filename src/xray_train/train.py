@@ -379,7 +379,9 @@ def _trainer_class():
         """HF Trainer with the project's loss (targets-only LM head), token accuracy, length grouping
         without loading images, and a non-finite-loss guard."""
 
-        def __init__(self, *args, lengths=None, targets_only=True, head_chunk_rows=256, **kwargs):
+        def __init__(
+            self, *args, lengths=None, targets_only=True, head_chunk_rows=256, head_grad_in_forward=False, **kwargs
+        ):
             super().__init__(*args, **kwargs)
             self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
             self.loss_guard.on_bad_loss = self._stop_on_bad_loss
@@ -390,6 +392,7 @@ def _trainer_class():
             self._lengths = lengths
             self._targets_only = targets_only
             self._head_chunk_rows = head_chunk_rows
+            self._head_grad_in_forward = head_grad_in_forward
             # compute_loss divides by the token count of the whole accumulated batch itself.
             self.model_accepts_loss_kwargs = True
             # One process sees several GPUs (plain `python`, or `accelerate launch --num_processes 1`):
@@ -425,7 +428,9 @@ def _trainer_class():
             if not self._targets_only:
                 return call_through_ddp(model, full_logits_loss, inputs)
             # The module-level name is looked up per call so tests can substitute the loss.
-            return call_through_ddp(model, lambda m, b: targets_only_loss(m, b, self._head_chunk_rows), inputs)
+            return call_through_ddp(
+                model, lambda m, b: targets_only_loss(m, b, self._head_chunk_rows, self._head_grad_in_forward), inputs
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = self._loss(model, inputs)
@@ -632,6 +637,7 @@ def run(
         lengths=train_set.lengths(),
         targets_only=cfg.training.loss_on_targets_only,
         head_chunk_rows=cfg.training.head_chunk_rows,
+        head_grad_in_forward=cfg.training.head_grad_in_forward,
         optimizers=(_optimizer_groups(cfg, model), None),
         callbacks=callbacks,
     )

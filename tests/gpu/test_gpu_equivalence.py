@@ -22,7 +22,7 @@ WORKER = r"""
 import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from xray_train.collate import Collator, PromptEncoder
+from xray_train.collate import Collator, PromptEncoder, batch_to
 from xray_train.config import RunConfig
 from xray_train.features import pooled_vision_features
 from xray_train.inputs import PixelLoader
@@ -30,12 +30,17 @@ from xray_train.loss import targets_only_loss, full_logits_loss, unwrap_gemma3
 from xray_train.model import apply_liger_kernels, build_training_model, compile_decoder_layers
 
 base, samples, out, variant = sys.argv[1:5]
+# Phase 2 (trainable projector and loc rows) unless the lever is Phase 1's (a frozen LM head).
+phase = "phase1" if variant.startswith("phase1") else "phase2"
+root = Path(samples).parent
+data = ({"dataset": "padchest", "image_root": str(root), "csv": str(root / "x.csv")} if phase == "phase1"
+        else {"dataset": "indiana", "image_root": samples})
 cfg = RunConfig.model_validate({
-    "phase": "phase2", "output_dir": "unused", "lora": {"dropout": 0.0},
+    "phase": phase, "output_dir": "unused", "lora": {"dropout": 0.0},
     "model": {"base": base, "compute_dtype": "bfloat16"},
     # The plain path: every lever that build_training_model would switch on with CUDA stays off here.
     "training": {"torch_compile": False, "gradient_checkpointing": False, "dequantize_in_graph": False},
-    "data": {"dataset": "indiana", "image_root": samples},
+    "data": data,
 })
 model, proc = build_training_model(cfg)
 torch.manual_seed(0)
@@ -47,8 +52,12 @@ enc = PromptEncoder(proc, "sys")
 images = sorted(Path(samples).rglob("*-1001.dcm.png"))[:4]
 answers = ["<loc0010><loc0020><loc0500><loc0600> nodule", "no localisable finding",
            "<loc0100><loc0200><loc0700><loc0900> mass ; <loc0300><loc0100><loc0400><loc0300> nodule", "no localisable finding"]
-items = [dict(enc.encode("detect", a), pixel_values=PixelLoader(proc)(p)) for a, p in zip(answers, images)]
-batch = {k: v.cuda() for k, v in Collator(enc.ids)(items).items()}
+task = "detect" if phase == "phase2" else "report"
+if phase == "phase1":
+    answers = ["FINDINGS:\n- cardiomegaly: cardiac", "FINDINGS:\n- no finding", "FINDINGS:\n- nodule: left, apical",
+               "FINDINGS:\n- pleural effusion: right, costophrenic angle"]
+items = [dict(enc.encode(task, a), pixel_values=PixelLoader(proc)(p)) for a, p in zip(answers, images)]
+batch = batch_to(Collator(enc.ids)(items), "cuda")
 batch["image_features"] = pooled_vision_features(unwrap_gemma3(model).model, batch.pop("pixel_values"))
 
 
@@ -81,11 +90,16 @@ elif variant == "compile_checkpoint_some":
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_activations_except(model, 1)
     model.train()  # checkpointing is active in training mode only (dropout is 0)
-measure(targets_only_loss, "lever")
+if variant == "phase1_head_grad_in_forward":
+    measure(lambda m, b: targets_only_loss(m, b, grad_in_forward=True), "lever")
+else:
+    measure(targets_only_loss, "lever")
 """
 
 
-ALL_VARIANTS = ["targets", "liger", "compile", "compile_checkpoint_some", "in_graph_dequant", "compile_in_graph_dequant"]
+# "targets" and "phase1_head_grad_in_forward" run the split image attention (on by default) on the GPU's kernels.
+ALL_VARIANTS = ["targets", "liger", "compile", "compile_checkpoint_some", "in_graph_dequant", "compile_in_graph_dequant",
+                "phase1_head_grad_in_forward"]
 # Each variant is a process with its own compile; XRAY_GPU_EQUIVALENCE=a,b runs a subset when GPU time is short.
 VARIANTS = [v for v in os.environ.get("XRAY_GPU_EQUIVALENCE", ",".join(ALL_VARIANTS)).split(",") if v in ALL_VARIANTS]
 
