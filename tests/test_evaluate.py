@@ -154,7 +154,7 @@ def _perfect_generation(monkeypatch, cfg):
     examples, _ = select_examples(cfg, "test")
     answers = {ex.image_path: build_target(ex, cfg.phase) for ex in examples}
 
-    def fake(self, requests):
+    def fake(self, requests, prepared=None):
         return [Generation(answers[r.image], 5) for r in requests]
 
     monkeypatch.setattr(Generator, "generate_batch", fake)

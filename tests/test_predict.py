@@ -32,7 +32,7 @@ def fixed_answers(monkeypatch):
     """Generation replaced by known answers: the model is only needed for its device and dtype."""
     calls = []
 
-    def fake(self, requests):
+    def fake(self, requests, prepared=None):
         calls.extend(requests)
         _, errors = self._pixels(requests)  # unreadable images still fail the real way
         return [Generation(None, 0, err) if err else Generation(DETECT if r.task == "detect" else REPORT, 9)

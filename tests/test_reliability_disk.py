@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -82,8 +83,16 @@ def test_unfinished_dir_is_resumed_not_refused(tmp_path):
 
 
 class _Loader:
-    def __call__(self, path):
-        return torch.zeros(3, 8, 8)
+    def prepare(self, path):
+        return np.zeros((8, 8), dtype=np.uint8)
+
+    def normalize(self, pixels, dtype=None):
+        return pixels.float().unsqueeze(-3).expand(*pixels.shape[:-2], 3, *pixels.shape[-2:])
+
+
+def _fake_model():
+    config = SimpleNamespace(mm_tokens_per_image=4, vision_config=SimpleNamespace(hidden_size=6))
+    return SimpleNamespace(vision_tower=torch.nn.Linear(2, 2), config=config)
 
 
 def test_disk_full_while_caching_features_is_a_clear_error(tmp_path, monkeypatch):
@@ -98,7 +107,7 @@ def test_disk_full_while_caching_features_is_a_clear_error(tmp_path, monkeypatch
         raise enospc(root)
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    model = SimpleNamespace(vision_tower=torch.nn.Linear(2, 2))
+    model = _fake_model()
     images = [tmp_path / f"{i}.png" for i in range(3)]
     with pytest.raises(XrayTrainError) as info:
         features.VisionFeatureCache.build_or_load(root, model, images, _Loader(), {"v": 1}, progress=False)
@@ -108,7 +117,7 @@ def test_disk_full_while_caching_features_is_a_clear_error(tmp_path, monkeypatch
     assert sorted(p.name for p in root.iterdir()) == ["0123earlier"]  # no half-built cache left behind
     assert (earlier / "meta.json").read_text() == "{}"
 
-    # With room on the disk the same call builds a usable cache (rows of unreadable images dropped).
+    # With room on the disk the same call builds a usable cache.
     monkeypatch.undo()
     monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
     monkeypatch.setattr(features, "pooled_vision_features", lambda model, px: torch.ones(px.shape[0], 4, 6))
@@ -119,7 +128,7 @@ def test_disk_full_while_caching_features_is_a_clear_error(tmp_path, monkeypatch
 def test_damaged_feature_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
     monkeypatch.setattr(features, "pooled_vision_features", lambda model, px: torch.ones(px.shape[0], 4, 6))
-    model = SimpleNamespace(vision_tower=torch.nn.Linear(2, 2))
+    model = _fake_model()
     images = [tmp_path / f"{i}.png" for i in range(3)]
     cache = features.VisionFeatureCache.build_or_load(tmp_path / "c", model, images, _Loader(), {}, progress=False)
     (cache.folder / "features.bin").write_bytes(b"\0" * 10)  # truncated on disk

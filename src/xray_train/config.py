@@ -177,6 +177,12 @@ class DataConfig(_Section):
     image_size: int | None = Field(
         None, gt=0, description="Side of the square image the model sees. Default: the processor's size."
     )
+    decode_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Processes reading images for the vision-feature cache, evaluation and prediction "
+        "(0: in-process). Default: one per CPU.",
+    )
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of patients held out for validation.")
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of patients held out for testing.")
     split_seed: int = Field(0, description="Seed of the patient-grouped split (stable across dataset edits).")
@@ -241,6 +247,12 @@ class TrainingSection(_Section):
         description="Data-loading worker processes. Default: 0 with cached vision features (batches are "
         "gathered in-process, workers only add copies), else up to 8 for image decoding.",
     )
+    pad_last_batch: bool = Field(
+        True,
+        description="Fill the epoch's last training batch with label-free copies of examples: a short batch is "
+        "a new shape that makes the compiled layers recompile. The copies carry no supervised token, so the "
+        "loss and gradients are those of the short batch.",
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
     report_to: list[str] = Field(
         ["tensorboard"], description="Loggers: any of tensorboard, wandb, mlflow, or none."
@@ -250,6 +262,14 @@ class TrainingSection(_Section):
     cache_vision_features: bool = Field(
         True,
         description="Precompute the frozen vision tower's pooled output once per image and train on it.",
+    )
+    feature_cache_batch_size: int = Field(
+        32, gt=0, description="Images per SigLIP forward while building the vision-feature cache (bf16)."
+    )
+    compile_vision_cache: bool | None = Field(
+        None,
+        description="torch.compile SigLIP's encoder layers for the vision-feature cache build. Default: on "
+        "with CUDA.",
     )
     loss_on_targets_only: bool = Field(
         True, description="Compute the LM head only at supervised positions (chunked cross-entropy)."

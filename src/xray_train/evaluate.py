@@ -35,7 +35,7 @@ import torch
 
 from xray_train.collate import PHASE_TASK, Collator, PromptEncoder, batch_to
 from xray_train.config import RunConfig
-from xray_train.data.images import Geometry, ImageError, read_image_size
+from xray_train.data.images import Geometry, read_image_size
 from xray_train.data.loc import BOX_SEPARATOR, NO_BOX_ANSWER, decode_boxes
 from xray_train.data.records import Box, Example, Finding
 from xray_train.data.registry import read_dataset
@@ -193,8 +193,12 @@ class ModelRun:
 
 @torch.inference_mode()
 def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoader, examples: list[Example],
-                          phase: str, max_length: int, batch_size: int, progress: bool = True) -> tuple[int, int, int]:
-    """(correct, total, examples scored): argmax == label over supervised tokens, batched."""
+                          phase: str, max_length: int, batch_size: int, progress: bool = True,
+                          workers: int = 0) -> tuple[int, int, int]:
+    """(correct, total, examples scored): argmax == label over supervised tokens, batched; images are read
+    by ``workers`` processes ahead of the GPU."""
+    from xray_train.data.loader import prepared_batches
+
     encoded, _ = encode_examples(examples, phase, encoder, max_length)
     collator = Collator(encoder.ids)
     inner = unwrap_gemma3(model)
@@ -202,16 +206,16 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
     correct = total = scored = 0
     with progress_bar(progress and bool(encoded)) as bar:
         handle = bar.add_task("Teacher-forced accuracy", total=len(encoded)) if bar is not None else None
-        for start in range(0, len(encoded), batch_size):
+        images = prepared_batches([it.example.image_path for it in encoded], pixel_loader.prepare, batch_size, workers)
+        for start, prepared in zip(range(0, len(encoded), batch_size), images):
             chunk = encoded[start : start + batch_size]
+            for err in prepared.failed.values():
+                logger.warning("%s", err)
             items = []
-            for it in chunk:
-                try:
-                    pixels = pixel_loader(it.example.image_path)
-                except ImageError as exc:
-                    logger.warning("%s", exc)
-                    continue
-                items.append({"input_ids": it.input_ids, "labels": it.labels, "pixel_values": pixels})
+            if prepared.pixels is not None:
+                for i, pixels in zip(prepared.indices, pixel_loader.normalize(prepared.pixels)):
+                    it = chunk[i]
+                    items.append({"input_ids": it.input_ids, "labels": it.labels, "pixel_values": pixels})
             if items:
                 batch = batch_to(collator(items), inner.device)
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -227,8 +231,11 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
 def run_model(model, generator: Generator, encoder: PromptEncoder, pixel_loader: PixelLoader,
               examples: list[Example], cfg: RunConfig, batch_size: int, label: str, progress: bool) -> ModelRun:
     task = PHASE_TASK[cfg.phase]
+    from xray_train.data.loader import decode_workers
+
     correct, total, scored = teacher_forced_counts(
-        model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size, progress
+        model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size, progress,
+        decode_workers(cfg.data.decode_workers),
     )
     generations = generator([Request(ex.image_path, task) for ex in examples], progress=progress,
                             description=f"Generating ({label})")
@@ -380,7 +387,8 @@ def evaluate(
     batch_size = batch_size or cfg.training.per_device_eval_batch_size
     encoder = PromptEncoder(processor, cfg.system_prompt)
     pixel_loader = PixelLoader(processor, cfg.data.image_size)
-    generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, batch_size)
+    generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, batch_size,
+                          cfg.data.decode_workers)
 
     started = time.time()
     runs = {"adapter": run_model(model, generator, encoder, pixel_loader, examples, cfg, batch_size, "adapter", progress)}

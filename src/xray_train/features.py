@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,90 +141,199 @@ class VisionFeatureCache:
         image_paths: list[Path],
         pixel_loader,
         preprocessing: dict,
-        batch_size: int = 8,
+        batch_size: int = 32,
+        workers: int = 0,
+        compile_vision: bool = False,
         progress: bool = True,
     ) -> "VisionFeatureCache":
-        """Load the cache for exactly these images and weights, or compute it (then rename into place)."""
+        """Load the cache for exactly these images and weights, or compute it (then rename into place).
+
+        The build writes into ``.{key}.partial`` and records after every batch how far it got, so a build
+        that is killed loses at most the batch in flight and the next call continues it. A lock on the
+        partial folder keeps two processes from writing the same cache at once.
+        """
         unique = sorted({Path(p) for p in image_paths}, key=str)
         key = cache_key(vision_fingerprint(gemma3_model), preprocessing, unique)
-        folder = Path(root) / key
-        if (folder / "meta.json").is_file():
-            try:
-                cache = cls(folder)
-                logger.info("Using cached vision features in %s", folder)
-                return cache
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                # Damaged after it was written (disk trouble, a partial copy): rebuild it.
-                logger.warning("vision-feature cache %s is damaged (%s); rebuilding it", folder, exc)
-                shutil.rmtree(folder, ignore_errors=True)
-        tmp = None
+        root = Path(root)
+        folder = root / key
+        cache = cls._load_existing(folder)
+        if cache is not None:
+            return cache
+        partial = root / f".{key}.partial"
         try:
-            Path(root).mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-            cls._compute(tmp, gemma3_model, unique, pixel_loader, batch_size, progress)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process finished first
-                if not (folder / "meta.json").is_file():
-                    raise
+            root.mkdir(parents=True, exist_ok=True)
+            partial.mkdir(exist_ok=True)
+            with open(partial / "lock", "a") as lock:
+                _lock(lock)
+                cache = cls._load_existing(folder)  # another process may have finished it meanwhile
+                if cache is not None:
+                    shutil.rmtree(partial, ignore_errors=True)
+                    return cache
+                done = _read_progress(partial).get("done", 0)
+                check_free_space(root, len(unique) - done, feature_row_bytes(gemma3_model))
+                build_features(partial, gemma3_model, unique, pixel_loader, batch_size, workers, compile_vision, progress)
+                os.replace(partial, folder)
         except OSError as exc:
+            if not _read_progress(partial).get("done"):
+                shutil.rmtree(partial, ignore_errors=True)  # nothing worth continuing
+
             raise XrayTrainError(
                 f"cannot write the vision-feature cache in {root}: {exc.strerror or exc}; free space there, point "
                 "XRAY_TRAIN_FEATURE_CACHE at a larger disk, or set training.cache_vision_features=false"
             ) from None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
         return cls(folder)
 
-    @staticmethod
-    def _compute(folder: Path, gemma3_model, paths: list[Path], pixel_loader, batch_size: int, progress: bool):
-        from rich.progress import Progress
+    @classmethod
+    def _load_existing(cls, folder: Path) -> "VisionFeatureCache | None":
+        if not (folder / "meta.json").is_file():
+            return None
+        try:
+            cache = cls(folder)
+            logger.info("Using cached vision features in %s", folder)
+            return cache
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Damaged after it was written (disk trouble, a partial copy): rebuild it.
+            logger.warning("vision-feature cache %s is damaged (%s); rebuilding it", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
 
-        from xray_train.data.images import ImageError
 
-        device = next(gemma3_model.vision_tower.parameters()).device
-        array = None
-        index: dict[str, int] = {}
-        failed: dict[str, str] = {}
-        dtype_name = None
-        row = 0
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("Caching vision features", total=len(paths))
-            for start in range(0, len(paths), batch_size):
-                chunk, tensors = [], []
-                for path in paths[start : start + batch_size]:
-                    try:
-                        tensors.append(pixel_loader(path))
-                        chunk.append(path)
-                    except ImageError as exc:
-                        failed[str(path)] = str(exc)
-                        logger.warning("skipping unreadable image: %s", exc)
-                if tensors:
-                    feats = pooled_vision_features(gemma3_model, torch.stack(tensors).to(device)).cpu()
-                    if array is None:
-                        dtype_name = str(feats.dtype).removeprefix("torch.")
-                        storage = np.uint16 if feats.dtype == torch.bfloat16 else np.float32
-                        shape = (len(paths), *feats.shape[1:])
-                        array = _reserved_memmap(folder / "features.bin", storage, shape)
-                    raw = feats.view(torch.uint16) if feats.dtype == torch.bfloat16 else feats.float()
-                    array[row : row + len(chunk)] = raw.numpy()
-                    for path in chunk:
-                        index[str(path)] = row
-                        row += 1
-                bar.advance(task, len(paths[start : start + batch_size]))
-        if array is None:
-            raise XrayTrainError("no readable image to cache vision features for")
-        shape = (row, *array.shape[1:])
-        array.flush()
-        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
-        del array
-        # Rows were filled in order, so dropping the unreadable images' rows is a truncation.
-        os.truncate(folder / "features.bin", row * row_bytes)
-        if dtype_name != "bfloat16":
-            dtype_name = "float32"
-        meta = {"shape": list(shape), "dtype": dtype_name, "index": index, "failed": failed}
-        (folder / "meta.json").write_text(json.dumps(meta))
+def _lock(fh) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per cache is then the user's business
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def _read_progress(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / PROGRESS_FILE).read_text())
+        return state if isinstance(state, dict) and isinstance(state.get("done"), int) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_progress(folder: Path, state: dict) -> None:
+    tmp = folder / f"{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, folder / PROGRESS_FILE)
+
+
+def feature_row_shape(gemma3_model) -> tuple[int, int]:
+    """(pooled tokens, vision width) of one cached image: 256 x 1152 for MedGemma-4B."""
+    return int(gemma3_model.config.mm_tokens_per_image), int(gemma3_model.config.vision_config.hidden_size)
+
+
+def _storage(gemma3_model) -> tuple[str, type]:
+    dtype = next(gemma3_model.vision_tower.parameters()).dtype
+    return ("bfloat16", np.uint16) if dtype == torch.bfloat16 else ("float32", np.float32)
+
+
+def feature_row_bytes(gemma3_model) -> int:
+    tokens, width = feature_row_shape(gemma3_model)
+    return tokens * width * np.dtype(_storage(gemma3_model)[1]).itemsize
+
+
+def check_free_space(root: Path, films: int, row_bytes: int) -> None:
+    """Refuse to start a build that cannot fit (a full disk halfway through a multi-hour build is worse)."""
+    need = films * row_bytes
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise XrayTrainError(
+            f"the vision-feature cache needs {need / 1e9:.1f} GB for {films} images ({row_bytes / 1e6:.2f} MB each) "
+            f"but {root} has {free / 1e9:.1f} GB free; point XRAY_TRAIN_FEATURE_CACHE at a larger disk or set "
+            "training.cache_vision_features=false"
+        )
+
+
+def _vision_forward(gemma3_model, compile_vision: bool):
+    """Pixel values -> pooled features; with ``compile_vision`` each SigLIP encoder layer is compiled
+    (fused layer norms, GELU and residual adds around the SDPA attention)."""
+    if compile_vision:
+        for layer in gemma3_model.vision_tower.vision_model.encoder.layers:
+            layer.compile()
+    return lambda pixel_values: pooled_vision_features(gemma3_model, pixel_values)
+
+
+@torch.no_grad()
+def build_features(  # noqa: PLR0913
+    folder: Path, gemma3_model, paths: list[Path], pixel_loader, batch_size: int, workers: int,
+    compile_vision: bool = False, progress: bool = True,
+) -> None:
+    """Fill ``folder`` with one feature row per path (row i = paths[i]), continuing a killed build.
+
+    Images are read by ``workers`` processes ahead of the GPU; each batch goes to the GPU as uint8 and is
+    normalised there. Every batch has ``batch_size`` rows (the last one is padded) so a compiled tower
+    never sees a new shape. After each batch the rows are flushed and then ``progress.json`` records them.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from xray_train.data.loader import prepared_batches
+
+    device = next(gemma3_model.vision_tower.parameters()).device
+    dtype = next(gemma3_model.vision_tower.parameters()).dtype
+    dtype_name, storage = _storage(gemma3_model)
+    shape = (len(paths), *feature_row_shape(gemma3_model))
+    state = _read_progress(folder)
+    done, failed = state.get("done", 0), dict(state.get("failed", {}))
+    bin_path = folder / "features.bin"
+    expected = int(np.prod(shape)) * np.dtype(storage).itemsize
+    if done and bin_path.is_file() and bin_path.stat().st_size == expected:
+        array = np.memmap(bin_path, dtype=storage, mode="r+", shape=shape)
+        logger.info("continuing the vision-feature cache build at image %d of %d", done, len(paths))
+    else:
+        done, failed = 0, {}
+        array = _reserved_memmap(bin_path, storage, shape)
+    forward = _vision_forward(gemma3_model, compile_vision)
+    started, films = time.perf_counter(), 0
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("Caching vision features", total=len(paths), completed=done, rate="")
+        offset = done  # batch indices count from here
+        batches = prepared_batches(
+            paths[offset:], pixel_loader.prepare, batch_size, workers, pin_memory=device.type == "cuda"
+        )
+        for batch in batches:
+            for i, err in batch.failed.items():
+                failed[str(paths[offset + i])] = err
+                logger.warning("skipping unreadable image: %s", err)
+            if batch.pixels is not None:
+                n = len(batch.indices)
+                pixels = batch.pixels.to(device, non_blocking=True)
+                if n < batch_size:
+                    pixels = torch.cat([pixels, pixels[-1:].expand(batch_size - n, *pixels.shape[1:])])
+                feats = forward(pixel_loader.normalize(pixels, dtype))[:n].cpu()
+                raw = feats.view(torch.uint16) if dtype_name == "bfloat16" else feats.float()
+                rows = np.asarray(batch.indices) + offset
+                if rows[-1] - rows[0] + 1 == n:
+                    array[rows[0] : rows[-1] + 1] = raw.numpy()
+                else:
+                    array[rows] = raw.numpy()
+            step = len(batch.indices) + len(batch.failed)
+            done += step
+            films += step
+            array.flush()
+            _write_progress(folder, {"done": done, "failed": failed})
+            rate = films / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=step, rate=f"{rate:.1f} films/s")
+    elapsed = time.perf_counter() - started
+    if films:
+        logger.info("vision features: %d images in %.1f s (%.1f images/s)", films, elapsed, films / max(elapsed, 1e-9))
+    del array
+    failed_paths = set(failed)
+    index = {str(p): i for i, p in enumerate(paths) if str(p) not in failed_paths}
+    if not index:
+        raise XrayTrainError("no readable image to cache vision features for")
+    # Unreadable images keep an unused row: rows stay at their path's position, which a resumed build needs.
+    meta = {"shape": list(shape), "dtype": dtype_name, "index": index, "failed": failed}
+    (folder / "meta.json").write_text(json.dumps(meta))
 
 
 def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
@@ -241,3 +350,54 @@ def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
         else:
             fh.truncate(nbytes)
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+
+
+def feature_cache_root() -> Path:
+    """Where vision-feature caches live: ``XRAY_TRAIN_FEATURE_CACHE``, else the user cache folder."""
+    from xray_train.tiny import cache_root
+
+    return Path(os.environ.get("XRAY_TRAIN_FEATURE_CACHE", cache_root() / "vision-features"))
+
+
+def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path], progress: bool = True):
+    """The run's vision-feature cache, built (or continued) with the config's reading and batching settings."""
+    from xray_train.data.loader import decode_workers
+
+    compile_vision = cfg.training.compile_vision_cache
+    if compile_vision is None:
+        compile_vision = torch.cuda.is_available()
+    return VisionFeatureCache.build_or_load(
+        feature_cache_root(),
+        gemma3_model,
+        image_paths,
+        pixel_loader,
+        pixel_loader.preprocessing(),
+        batch_size=cfg.training.feature_cache_batch_size,
+        workers=decode_workers(cfg.data.decode_workers),
+        compile_vision=compile_vision,
+        progress=progress,
+    )
+
+
+def cache_features(cfg, echo=print) -> VisionFeatureCache:
+    """``xray-train cache-features``: build (or continue) the cache a training run of ``cfg`` will use.
+
+    The model is loaded exactly as training loads it (the cache key covers the vision weights and dtype),
+    the data is read and split as training reads it, and the cache covers its training and validation images.
+    """
+    from transformers import set_seed
+
+    from xray_train.collate import PromptEncoder
+    from xray_train.inputs import PixelLoader
+    from xray_train.loss import unwrap_gemma3
+    from xray_train.model import build_training_model
+    from xray_train.train import prepare_data
+
+    set_seed(cfg.training.seed)
+    model, processor = build_training_model(cfg)
+    data = prepare_data(cfg, PromptEncoder(processor, cfg.system_prompt))
+    paths = [it.example.image_path for it in data.train + data.validation]
+    echo(f"{cfg.phase}: caching vision features of {len(set(paths))} images in {feature_cache_root()}")
+    cache = open_feature_cache(cfg, unwrap_gemma3(model).model, PixelLoader(processor, cfg.data.image_size), paths)
+    echo(f"{len(cache.index)} images cached, {len(cache.failed)} unreadable: {cache.folder}")
+    return cache

@@ -91,9 +91,13 @@ class Generator:
         image_size: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        decode_workers: int | None = None,
     ):
+        from xray_train.data.loader import decode_workers as default_workers
+
         if max_new_tokens <= 0 or batch_size <= 0:
             raise ValueError("max_new_tokens and batch_size must be positive")
+        self.workers = default_workers(decode_workers)
         self.model = model
         self.encoder = PromptEncoder(processor, system_prompt)
         self.pixels = PixelLoader(processor, image_size)
@@ -117,14 +121,27 @@ class Generator:
         results: list[Generation] = []
         with progress_bar(progress and bool(requests), console) as bar:
             handle = bar.add_task(description, total=len(requests)) if bar is not None else None
-            for start in range(0, len(requests), self.batch_size):
+            from xray_train.data.loader import prepared_batches
+
+            # Images are read by worker processes while the GPU generates for the batch before.
+            images = prepared_batches([r.image for r in requests], self.pixels.prepare, self.batch_size, self.workers)
+            for start, prepared in zip(range(0, len(requests), self.batch_size), images):
                 chunk = requests[start : start + self.batch_size]
-                results += self.generate_batch(chunk)
+                results += self.generate_batch(chunk, prepared)
                 if bar is not None:
                     bar.advance(handle, len(chunk))
         return results
 
-    def _pixels(self, requests: Sequence[Request]) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    def _pixels(self, requests: Sequence[Request], prepared=None) -> tuple[list[torch.Tensor | None], list[str | None]]:
+        if prepared is not None:  # read ahead by data.loader.prepared_batches
+            pixels: list = [None] * len(requests)
+            errors: list = [prepared.failed.get(i) for i in range(len(requests))]
+            if prepared.pixels is not None:
+                for i, values in zip(prepared.indices, self.pixels.normalize(prepared.pixels)):
+                    pixels[i] = values
+            for err in prepared.failed.values():
+                logger.warning("%s", err)
+            return pixels, errors
         pixels, errors = [], []
         for req in requests:
             try:
@@ -155,9 +172,10 @@ class Generator:
         }
 
     @torch.inference_mode()
-    def generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
-        """One ``generate`` call for up to ``batch_size`` requests (unreadable images are left out)."""
-        pixels, errors = self._pixels(requests)
+    def generate_batch(self, requests: Sequence[Request], prepared=None) -> list[Generation]:
+        """One ``generate`` call for up to ``batch_size`` requests (unreadable images are left out);
+        ``prepared``: their images already read (a ``data.loader.PreparedBatch``)."""
+        pixels, errors = self._pixels(requests, prepared)
         ok = [i for i, p in enumerate(pixels) if p is not None]
         out: list[Generation] = [Generation(None, 0, err) for err in errors]
         if not ok:

@@ -232,13 +232,13 @@ def prepare_data(cfg: RunConfig, encoder: PromptEncoder) -> PreparedData:
 
 
 def feature_cache_root(cfg: RunConfig) -> Path:
-    from xray_train.tiny import cache_root
+    from xray_train.features import feature_cache_root as root
 
-    return Path(os.environ.get("XRAY_TRAIN_FEATURE_CACHE", cache_root() / "vision-features"))
+    return root()
 
 
 def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
-    from xray_train.features import VisionFeatureCache
+    from xray_train.features import open_feature_cache
     from xray_train.loss import unwrap_gemma3
 
     pixel_loader = PixelLoader(processor, cfg.data.image_size)
@@ -248,15 +248,7 @@ def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
         state = distributed_state()
         # Rank 0 computes the cache; the other ranks then find it complete and memory-map it.
         with state.main_process_first():
-            cache = VisionFeatureCache.build_or_load(
-                feature_cache_root(cfg),
-                unwrap_gemma3(model).model,
-                paths,
-                pixel_loader,
-                pixel_loader.preprocessing(),
-                batch_size=cfg.training.per_device_eval_batch_size,
-                progress=state.is_main_process,
-            )
+            cache = open_feature_cache(cfg, unwrap_gemma3(model).model, pixel_loader, paths, state.is_main_process)
         if cache.failed:
             data.counts["unreadable_images"] = len(cache.failed)
     train = TrainingDataset(data.train, pixel_loader, cache)
@@ -555,6 +547,8 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         bf16=bf16,
         fp16=fp16,
         dataloader_num_workers=loader_workers(cfg),
+        # Read ahead so decoding full-size films in the workers overlaps with the GPU's steps.
+        dataloader_prefetch_factor=4 if loader_workers(cfg) else None,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Pinned batches copied without blocking: a blocking copy would make the host wait, every step,
         # for the GPU to finish the previous step before it could queue the next.
@@ -576,11 +570,13 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
 
 def loader_workers(cfg: RunConfig) -> int:
     """Cached features are gathered per batch in the collator, in-process: worker processes would only
-    add inter-process copies (measured: +30 % step time at MedGemma scale). Pixels need workers."""
+    add inter-process copies (measured: +30 % step time at MedGemma scale). Pixels need workers: one per CPU."""
+    from xray_train.data.loader import available_cpus
+
     t = cfg.training
     if t.dataloader_num_workers is not None:
         return t.dataloader_num_workers
-    return 0 if t.cache_vision_features else min(8, os.cpu_count() or 1)
+    return 0 if t.cache_vision_features else available_cpus()
 
 
 def _optimizer_groups(cfg: RunConfig, model):
@@ -626,7 +622,9 @@ def run(
     encoder = PromptEncoder(processor, cfg.system_prompt)
     data = prepare_data(cfg, encoder)
     train_set, val_set = build_datasets(cfg, model, processor, data)
-    echo(f"{cfg.phase}: {len(train_set)} training / {len(val_set) if val_set else 0} validation examples")
+    if cfg.training.pad_last_batch:
+        train_set.pad_to_multiple(cfg.training.per_device_train_batch_size * distributed_state().num_processes)
+    echo(f"{cfg.phase}: {len(train_set.items)} training / {len(val_set) if val_set else 0} validation examples")
 
     trainer = _trainer_class()(
         model=model,
@@ -646,17 +644,27 @@ def run(
         resumed_step = checkpoint_step(checkpoint)
         echo(f"Resuming from {checkpoint.name}")
     started = time.time()
+    compiles_before = compile_count()
     with disk_full_as_error(cfg.output_dir, advice="free space and rerun the same command to resume"):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         elapsed = time.time() - started
         metrics = dict(result.metrics)
         if val_set is not None and len(val_set):
             metrics.update(trainer.evaluate())
+    metrics["torch_compiles"] = compile_count() - compiles_before
+    logger.info("torch.compile compiled %d graphs in this run (training and evaluation)", metrics["torch_compiles"])
     if trainer.is_world_process_zero():
         advice = "training finished and its checkpoints are kept: free space and rerun the same command"
         with disk_full_as_error(cfg.output_dir, advice=advice):
             save_outputs(cfg, trainer, processor, data, metrics, elapsed, train_set, resumed_step)
     return cfg.output_dir
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has made in this process (each compile or recompile of a frame counts once)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
 
 
 def _train_loss(log_history: list[dict]) -> float | None:

@@ -71,7 +71,11 @@ class ImageError(XrayTrainError):
     """An image file that cannot be read; the message names the path and the cause."""
 
 
-_PIL_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+_UINT16_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+_PIL_WIDE_MODES = {*_UINT16_MODES, "I", "F"}
+# Integer images are windowed through a table of every possible value: one gather instead of a
+# chain of float passes over ~5 M pixels, and the same arithmetic, so the same bytes.
+_LUT_DTYPES = (np.uint8, np.uint16)
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 # Percentiles are estimated on a strided subsample above this many pixels: a 4k x 4k radiograph then
 # costs ~1 M samples instead of 17 M, and the stride is fixed so the result stays deterministic.
@@ -144,22 +148,22 @@ def _load_dicom(path: Path) -> np.ndarray:
 
 
 def _load_pil(path: Path) -> np.ndarray:
+    """uint8 or uint16 for 8/16-bit grey files (windowed through a lookup table), float32 otherwise."""
     with Image.open(path) as img:
         img.load()  # decode now so truncated files fail here, not later
-        if img.mode in _PIL_WIDE_MODES:
+        if img.mode in _UINT16_MODES:
             # Never convert("RGB"/"L") a 16-bit image: PIL clips it to 8 bits instead of scaling.
+            return np.asarray(img).astype(np.uint16, copy=False)  # big-endian files -> native order
+        if img.mode in _PIL_WIDE_MODES:
             return np.asarray(img, dtype=np.float32)
         if img.mode != "L":
             img = img.convert("L")  # RGB(A), P, 1, LA, CMYK -> luminance
-        return np.asarray(img, dtype=np.float32)
+        return np.asarray(img)
 
 
-def load_grayscale(path: Path | str) -> np.ndarray:
-    """Decode an image to a float32 HxW array of raw intensities (no windowing).
-
-    8/16-bit PNG and JPEG through PIL, colour converted to luminance; DICOM through pydicom with the
-    modality LUT (rescale slope/intercept) applied and MONOCHROME1 inverted.
-    """
+def load_raw(path: Path | str) -> np.ndarray:
+    """Decode an image to a 2-D array of raw intensities, in the file's own integer type where it has one
+    (uint8, uint16) so windowing can use a lookup table, else float32. No windowing."""
     path = Path(path)
     _check_file(path)
     try:
@@ -172,22 +176,34 @@ def load_grayscale(path: Path | str) -> np.ndarray:
         arr = arr[..., 0] if arr.shape[-1] == 1 else _rgb_to_luminance(arr)
     if arr.ndim != 2 or arr.size == 0:
         raise _fail(path, f"expected a 2-D image, got shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def load_grayscale(path: Path | str) -> np.ndarray:
+    """Decode an image to a float32 HxW array of raw intensities (no windowing).
+
+    8/16-bit PNG and JPEG through PIL, colour converted to luminance; DICOM through pydicom with the
+    modality LUT (rescale slope/intercept) applied and MONOCHROME1 inverted.
+    """
+    return load_raw(path).astype(np.float32, copy=False)
 
 
 def window_to_uint8(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
     """Map the [low_pct, high_pct] percentile range linearly onto 0..255.
 
     Robust to a few saturated pixels (burned-in labels, collimator edges). NaN/inf pixels become 0
-    and are ignored for the percentiles; a constant image gives all zeros.
+    and are ignored for the percentiles; a constant image gives all zeros. uint8/uint16 input is mapped
+    through a lookup table built with the float path's own arithmetic, so both give the same bytes.
     """
-    arr = np.asarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr)
+    arr = np.asarray(arr)
+    integer = arr.dtype in _LUT_DTYPES
+    if not integer:
+        arr = arr.astype(np.float32, copy=False)
     sample = arr
     if arr.size > _MAX_WINDOW_SAMPLES:
         stride = int(np.ceil(np.sqrt(arr.size / _MAX_WINDOW_SAMPLES)))
         sample = arr[::stride, ::stride] if arr.ndim == 2 else arr.ravel()[:: stride * stride]
-    sample = sample[np.isfinite(sample)]
+    sample = sample.astype(np.float32).ravel() if integer else sample[np.isfinite(sample)]
     if sample.size == 0:
         return np.zeros(arr.shape, dtype=np.uint8)
     lo, hi = np.percentile(sample, [low_pct, high_pct])
@@ -196,6 +212,15 @@ def window_to_uint8(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.
         lo, hi = float(sample.min()), float(sample.max())
         if not hi > lo:
             return np.zeros(arr.shape, dtype=np.uint8)
+    if integer:
+        table = _window_map(np.arange(np.iinfo(arr.dtype).max + 1, dtype=np.float32), lo, hi)
+        return np.take(table, arr)
+    return _window_map(arr, lo, hi)
+
+
+def _window_map(arr: np.ndarray, lo, hi) -> np.ndarray:
+    """The windowing arithmetic, shared by the float path and the integer lookup table."""
+    finite = np.isfinite(arr)
     scaled = (np.where(finite, arr, lo) - lo) * np.float32(255.0 / (hi - lo))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
@@ -215,7 +240,7 @@ def _as_gray_array(source: np.ndarray) -> np.ndarray:
         arr = arr[..., 0] if arr.shape[-1] == 1 else _rgb_to_luminance(arr)
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"expected a 2-D (or HxWxC) image array, got shape {arr.shape}")
-    return arr.astype(np.float32, copy=False)
+    return arr if arr.dtype in _LUT_DTYPES else arr.astype(np.float32, copy=False)
 
 
 def prepare_image(source: Path | str | np.ndarray, size: int) -> PreparedImage:
@@ -227,7 +252,7 @@ def prepare_image(source: Path | str | np.ndarray, size: int) -> PreparedImage:
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    arr = _as_gray_array(source) if isinstance(source, np.ndarray) else load_grayscale(source)
+    arr = _as_gray_array(source) if isinstance(source, np.ndarray) else load_raw(source)
     height, width = arr.shape
     geometry = Geometry(orig_width=width, orig_height=height, size=size)
     gray = window_to_uint8(arr)
