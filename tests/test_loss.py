@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xray_train.collate import Collator, PromptEncoder
+from xray_train.collate import IGNORE_INDEX, Collator, PromptEncoder
 from xray_train.config import RunConfig
 from xray_train.features import pool_vision_outputs, pooled_vision_features
 from xray_train.inputs import PixelLoader
@@ -187,3 +187,25 @@ def test_head_gradient_in_forward_keeps_the_recomputing_path_for_a_trainable_hea
     assert any("trainable_tokens_delta" in n for n in asked)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(asked[name], grad, msg=name)
+
+
+def test_label_free_padding_rows_change_neither_loss_nor_gradients(tiny_model_dir, processor):
+    # training.pad_last_batch fills a short batch with copies whose labels are all ignored.
+    model, proc = build_training_model(_config(tiny_model_dir, "phase1"))
+    _perturb_lora(model)
+    _, short = _batch(model, proc, "report")
+    encoder = PromptEncoder(proc, "sys")
+    rows = [{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in
+            zip(short["input_ids"], short["labels"])]
+    padding = [{**rows[0], "labels": [IGNORE_INDEX] * len(rows[0]["labels"])}] * 2
+    padded = Collator(encoder.ids)(rows + padding)
+    padded["image_features"] = torch.cat([short["image_features"], short["image_features"][:1].repeat(2, 1, 1)])
+    reference = targets_only_loss(model, short)
+    reference_grads = _grads(model, reference)
+    out = targets_only_loss(model, padded)
+    assert int(out.n_tokens) == int(reference.n_tokens) and int(out.n_correct) == int(reference.n_correct)
+    torch.testing.assert_close(out.loss_sum, reference.loss_sum, rtol=1e-5, atol=1e-5)
+    grads = _grads(model, out)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -51,6 +51,7 @@ def test_each_phase_writes_the_documented_outputs(two_phase_run):
         summary = json.loads((out / SUMMARY).read_text())
         assert summary["global_steps"] == 4 and summary["train_samples_per_s"] > 0
         assert "eval_token_accuracy" in summary["metrics"]
+        assert summary["metrics"]["torch_compiles"] == 0  # CPU: the decoder layers are not compiled
         assert read_yaml(out / RESOLVED_CONFIG)["phase"] == cfg.phase
 
 
@@ -163,3 +164,15 @@ def test_loss_guard_defers_gpu_reads_until_the_copy_is_done_or_a_save_needs_it()
     with pytest.raises(XrayTrainError, match="loss became nan at step 8"):
         guard.check(wait=True)  # before a checkpoint: wait for it
     assert second.waited and not guard._pending
+
+
+def test_compile_count_counts_each_compile_and_recompile():
+    from xray_train.train import compile_count
+
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    before = compile_count()
+    fn(torch.ones(3))
+    fn(torch.ones(3))  # same shape: no new graph
+    assert compile_count() == before + 1
+    fn(torch.ones(5))  # a new shape recompiles
+    assert compile_count() == before + 2

@@ -162,6 +162,8 @@ class VisionFeatureCache:
         partial = root / f".{key}.partial"
         try:
             root.mkdir(parents=True, exist_ok=True)
+            done = _read_progress(partial).get("done", 0)
+            check_free_space(root, len(unique) - done, feature_row_bytes(gemma3_model))
             partial.mkdir(exist_ok=True)
             with open(partial / "lock", "a") as lock:
                 _lock(lock)
@@ -169,8 +171,6 @@ class VisionFeatureCache:
                 if cache is not None:
                     shutil.rmtree(partial, ignore_errors=True)
                     return cache
-                done = _read_progress(partial).get("done", 0)
-                check_free_space(root, len(unique) - done, feature_row_bytes(gemma3_model))
                 build_features(partial, gemma3_model, unique, pixel_loader, batch_size, workers, compile_vision, progress)
                 os.replace(partial, folder)
         except OSError as exc:

@@ -296,3 +296,42 @@ def test_to_rgb_replicates_gray():
 def test_prepared_image_dataclass():
     p = prepare_image(np.zeros((3, 5), np.uint8), 8)
     assert isinstance(p, PreparedImage) and not p.pixels.any()
+
+
+# --- the integer fast path -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "high", "shape"),
+    [
+        (np.uint16, 4096, (1100, 1000)),  # above the percentile-sampling threshold: strided sample
+        (np.uint16, 65536, (64, 48)),
+        (np.uint8, 256, (1030, 1100)),
+        (np.uint16, 3, (40, 30)),  # percentiles equal: the min/max fallback
+        (np.uint16, 1, (20, 20)),  # constant
+    ],
+)
+def test_integer_windowing_table_gives_the_float_paths_bytes(dtype, high, shape):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, high, shape).astype(dtype)
+    fast = window_to_uint8(arr)
+    assert fast.dtype == np.uint8 and fast.shape == shape
+    np.testing.assert_array_equal(fast, window_to_uint8(arr.astype(np.float32)))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_prepare_image_from_a_file_equals_the_float_reference_path(tmp_path, png, bits):
+    # A noisy film larger than the percentile-sampling threshold, not square, shrunk by a non-integer ratio.
+    rng = np.random.default_rng(bits)
+    y, x = np.mgrid[0:1200, 0:1000]
+    top = 4095 if bits == 16 else 255
+    film = top * (0.3 + 0.4 * np.sin(x / 150.0) * np.cos(y / 200.0)) + rng.normal(0, top / 60, (1200, 1000))
+    arr = np.clip(film, 0, top).astype(np.uint16 if bits == 16 else np.uint8)
+    path = png(tmp_path / "film.png", arr)
+    from xray_train.data.images import load_raw
+
+    assert load_raw(path).dtype == arr.dtype  # decoded as integers: windowed through the table
+    fast = prepare_image(path, 224)
+    reference = prepare_image(load_grayscale(path), 224)  # float32 array: the arithmetic path
+    np.testing.assert_array_equal(fast.pixels, reference.pixels)
+    assert fast.geometry == reference.geometry

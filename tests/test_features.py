@@ -1,0 +1,154 @@
+"""The vision-feature cache build: parallel reading, unreadable files, a killed build, the disk check."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xray_train import features
+from xray_train.errors import XrayTrainError
+from xray_train.inputs import PixelLoader
+
+from .conftest import REPO, padchest_overrides
+
+
+def _fake_model():
+    config = SimpleNamespace(mm_tokens_per_image=4, vision_config=SimpleNamespace(hidden_size=6))
+    return SimpleNamespace(vision_tower=torch.nn.Linear(2, 2), config=config)
+
+
+def _features_of(model, pixel_values):
+    """A stand-in tower whose output depends on every image's own pixels (so a row mix-up shows)."""
+    b = pixel_values.shape[0]
+    cells = torch.nn.functional.adaptive_avg_pool2d(pixel_values.float().mean(1, keepdim=True), (4, 6))
+    return cells.reshape(b, 4, 6) * torch.arange(1, 7.0)
+
+
+def _films(tmp_path, n=9):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 4096 if i % 2 else 256, (int(rng.integers(30, 60)), 40))
+        path = tmp_path / "films" / f"{i:02d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(arr.astype(np.uint16 if i % 2 else np.uint8)).save(path)
+        paths.append(path)
+    (tmp_path / "films" / "03.png").write_bytes(b"not a png")
+    (tmp_path / "films" / "07.png").write_bytes(paths[1].read_bytes()[:100])
+    return paths
+
+
+@pytest.fixture
+def fake_tower(monkeypatch):
+    monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
+    monkeypatch.setattr(features, "pooled_vision_features", _features_of)
+
+
+def test_parallel_build_skips_unreadable_files_and_equals_a_serial_build(tmp_path, processor, fake_tower):
+    paths = _films(tmp_path)
+    loader = PixelLoader(processor)
+    build = features.VisionFeatureCache.build_or_load
+    serial = build(tmp_path / "serial", _fake_model(), paths, loader, {}, batch_size=4, workers=0, progress=False)
+    parallel = build(tmp_path / "parallel", _fake_model(), paths, loader, {}, batch_size=4, workers=2, progress=False)
+
+    assert sorted(Path(p).name for p in parallel.failed) == ["03.png", "07.png"]
+    assert "cannot read image" in parallel.failed[str(paths[3])]
+    assert parallel.failed.keys() == serial.failed.keys() and parallel.index == serial.index
+    assert str(paths[3]) not in parallel and str(paths[7]) not in parallel
+    assert (parallel.folder / "features.bin").read_bytes() == (serial.folder / "features.bin").read_bytes()
+    for path in paths:
+        if str(path) in parallel:
+            expected = _features_of(None, loader(path)[None])[0]
+            torch.testing.assert_close(parallel[path], expected, rtol=0, atol=0)
+
+
+def test_build_refuses_to_start_without_room_on_the_disk(tmp_path, processor, fake_tower, monkeypatch):
+    paths = _films(tmp_path, n=4)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 50, free=50))
+    root = tmp_path / "cache"
+    with pytest.raises(XrayTrainError) as info:
+        features.VisionFeatureCache.build_or_load(root, _fake_model(), paths, PixelLoader(processor), {}, progress=False)
+    msg = str(info.value)
+    # 4 images x 4 x 6 float32 = 384 bytes needed, 50 free.
+    assert "needs 0.0 GB for 4 images" in msg and f"{root} has 0.0 GB free" in msg
+    assert "XRAY_TRAIN_FEATURE_CACHE" in msg and "\n" not in msg
+    assert list(root.iterdir()) == []  # nothing half-built is left behind
+
+
+def test_row_size_is_the_pooled_tokens_times_the_vision_width():
+    model = _fake_model()
+    assert features.feature_row_bytes(model) == 4 * 6 * 4  # float32 tower
+    model.vision_tower = model.vision_tower.to(torch.bfloat16)
+    assert features.feature_row_bytes(model) == 4 * 6 * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# `xray-train cache-features`, killed with SIGKILL halfway and run again
+
+_KILL_AFTER = """
+import os, signal, sys
+import xray_train.features as features
+real = features.pooled_vision_features
+calls = [0]
+def counted(model, pixel_values):
+    calls[0] += 1
+    if calls[0] > {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, pixel_values)
+features.pooled_vision_features = counted
+from xray_train.cli import main
+sys.argv = ["xray-train", *sys.argv[1:]]
+main()
+"""
+
+
+def _cache_features(cache_root: Path, config_args: list[str], kill_after: int | None = None):
+    env = dict(os.environ, XRAY_TRAIN_FEATURE_CACHE=str(cache_root), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO / "src"))
+    if kill_after is None:
+        cmd = [sys.executable, "-m", "xray_train.cli", "cache-features", *config_args]
+    else:
+        cmd = [sys.executable, "-c", _KILL_AFTER.format(kill_after=kill_after), "cache-features", *config_args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _only_cache(root: Path) -> Path:
+    built = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert len(built) == 1, list(root.iterdir())
+    return built[0]
+
+
+def test_cache_features_killed_midway_continues_and_gives_the_same_cache(tiny_model_dir, tmp_path):
+    args = ["--config", str(REPO / "configs" / "demo" / "phase1.yaml")]
+    for override in [f"model.base={tiny_model_dir}", *padchest_overrides(),
+                     "training.feature_cache_batch_size=4", "data.decode_workers=2"]:
+        args += ["--set", override]
+
+    killed = _cache_features(tmp_path / "resumed", args, kill_after=3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partial = [p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".partial")]
+    assert len(partial) == 1
+    done = json.loads((partial[0] / "progress.json").read_text())["done"]
+    assert done == 12  # three whole batches of 4 were recorded; the one in flight was lost
+
+    again = _cache_features(tmp_path / "resumed", args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "continuing the vision-feature cache build at image 12" in again.stderr
+    fresh = _cache_features(tmp_path / "fresh", args)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+    resumed, clean = _only_cache(tmp_path / "resumed"), _only_cache(tmp_path / "fresh")
+    assert resumed.name == clean.name
+    assert (resumed / "features.bin").read_bytes() == (clean / "features.bin").read_bytes()
+    meta = json.loads((resumed / "meta.json").read_text())
+    assert meta == json.loads((clean / "meta.json").read_text()) and len(meta["index"]) > done
