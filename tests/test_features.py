@@ -152,3 +152,16 @@ def test_cache_features_killed_midway_continues_and_gives_the_same_cache(tiny_mo
     assert (resumed / "features.bin").read_bytes() == (clean / "features.bin").read_bytes()
     meta = json.loads((resumed / "meta.json").read_text())
     assert meta == json.loads((clean / "meta.json").read_text()) and len(meta["index"]) > done
+
+
+def test_compiled_vision_layers_give_transformers_features(tiny_model_dir):
+    # training.compile_vision_cache: SigLIP's encoder layers compiled for the cache build (CPU, float32).
+    from transformers import Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).model.eval()
+    size = model.config.vision_config.image_size
+    pixels = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = features.pooled_vision_features(model, pixels)
+    compiled = features._vision_forward(model, compile_vision=True)
+    torch.testing.assert_close(compiled(pixels), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(pixels[:1]), reference[:1], rtol=1e-5, atol=1e-5)

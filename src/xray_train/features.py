@@ -254,7 +254,8 @@ def _vision_forward(gemma3_model, compile_vision: bool):
     """Pixel values -> pooled features; with ``compile_vision`` each SigLIP encoder layer is compiled
     (fused layer norms, GELU and residual adds around the SDPA attention)."""
     if compile_vision:
-        for layer in gemma3_model.vision_tower.vision_model.encoder.layers:
+        tower = gemma3_model.vision_tower
+        for layer in getattr(tower, "vision_model", tower).encoder.layers:  # transformers 5 drops vision_model
             layer.compile()
     return lambda pixel_values: pooled_vision_features(gemma3_model, pixel_values)
 

@@ -1,0 +1,643 @@
+"""End-to-end speed on full-size films: what a user's first epoch costs, with each trainer's own data loading.
+
+    python benchmarks/bench_e2e.py --out benchmarks/results/e2e_speed.json            # one GPU host
+    python benchmarks/bench_e2e.py --tiny --out /tmp/e2e.json --workdir /tmp/e2e      # CPU shake-out
+
+Films: PadChest's layout (its real CSV columns, nested ``ImageDir`` folders) with 16-bit PNGs of 2000-3000
+px a side and detector noise (5-8 MB each, like the real ones), and Indiana's layout with 8-bit PNGs of the
+same size; drawn from ``xray_train.data.synthetic`` and enlarged. Model: the full MedGemma-4B
+architecture with random weights, saved once as ``<workdir>/model.base`` (``--tiny``: the tiny test model
+and small films).
+
+Rows, in one invocation, on the same films, each in its own process:
+
+- ``xray-train phase1`` through the real command line with ``configs/phase1_padchest.yaml`` and an empty
+  vision-feature cache (a user's first run), then the same command again with the cache built (a rerun,
+  and what every later epoch costs), then ``xray-train phase2 --resume`` on the Indiana films with
+  ``configs/phase2_indiana.yaml``. Each command's wall time is split into start-up (imports, load and
+  quantise), data read (CSV, split, tokenise), cache build, compile (the extra time of steps that
+  compiled), train, eval and save, from timers put around those functions in the command's process.
+- The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
+  (imported before transformers), each reading the films the way it naturally does: a DataLoader over
+  the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
+
+``samples_per_s_end_to_end`` is training samples over the whole command's wall time. The 100k-film
+projection keeps start-up and compile fixed and scales the per-film stages (cache build, training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PADCHEST_CONFIG = REPO / "configs" / "phase1_padchest.yaml"
+INDIANA_CONFIG = REPO / "configs" / "phase2_indiana.yaml"
+PROJECTION_FILMS = 100_000
+#: Batch per peer: the largest that stays within 24 GB at MedGemma scale (bench_train.py's peaks: the seed
+#: recipe 22.9 GB at 8; TRL 9.9 GB at 8, so 16; Unsloth's offloaded checkpointing ~ TRL's).
+PEER_BATCH = {"seed": 8, "trl": 16, "unsloth": 16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Films
+
+
+def _enlarge(args):
+    """One synthetic film enlarged to full size with detector noise, written over the small one."""
+    path, width, height, seed = args
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        small = np.asarray(img)
+    top = 4095.0 if small.dtype == np.uint16 else 255.0
+    rng = np.random.default_rng(seed)
+    big = np.asarray(Image.fromarray(small.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+    # Quantum noise plus a fixed-pattern row/column component, roughly a detector's.
+    noisy = big + rng.normal(0, top / 100, big.shape).astype(np.float32)
+    noisy += rng.normal(0, top / 400, (height, 1)).astype(np.float32)
+    out = np.clip(np.rint(noisy), 0, top).astype(small.dtype)
+    Image.fromarray(out).save(path, compress_level=1)
+    return path.stat().st_size
+
+
+def make_films(workdir: Path, n_padchest: int, n_indiana: int, size_range: tuple[int, int], workers: int) -> dict:
+    """Both layouts under ``workdir`` (reused when complete); returns their paths and the film sizes."""
+    from multiprocessing import Pool
+
+    import numpy as np
+
+    from xray_train.data.synthetic import write_indiana, write_padchest
+
+    done = workdir / "films.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rng = np.random.default_rng(0)
+    padchest_csv = write_padchest(workdir / "padchest", n=n_padchest, seed=0)
+    indiana = write_indiana(workdir / "indiana", n=n_indiana, seed=0)
+    jobs = []
+    lo, hi = size_range
+    for i, path in enumerate(sorted((workdir / "padchest" / "images").rglob("*.png")) + sorted(
+        Path(indiana["image_root"]).rglob("*.png")
+    )):
+        width = int(rng.integers(lo, hi - (hi - lo) // 5))  # films are taller than wide
+        height = int(rng.integers(lo + (hi - lo) // 5, hi))
+        jobs.append((path, width, height, i))
+    with Pool(workers) as pool:
+        sizes = pool.map(_enlarge, jobs, chunksize=1)
+    info = {
+        "padchest_csv": str(padchest_csv),
+        "padchest_images": str(workdir / "padchest" / "images"),
+        "indiana": {k: str(v) for k, v in indiana.items()},
+        "film_px": f"{int(statistics.median(j[1] for j in jobs))}x{int(statistics.median(j[2] for j in jobs))}",
+        "film_px_range": f"{lo}-{hi}",
+        "film_mb_median": round(statistics.median(sizes) / 1e6, 2),
+        "films": len(jobs),
+    }
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def make_model(workdir: Path, tiny: bool) -> Path:
+    out = workdir / "model.base"
+    if (out / "config.json").is_file():
+        return out
+    if tiny:
+        from xray_train.tiny import make_tiny_model
+
+        return make_tiny_model(out)
+    from medgemma_arch import build_random_medgemma
+
+    return build_random_medgemma(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The xray-train command, timed from inside its own process
+
+
+class _Stages:
+    """Wall-clock spans of named stages, written as JSON when the command ends."""
+
+    def __init__(self, out: Path, t0: float):
+        self.out, self.t0 = out, t0
+        self.spans: dict[str, float] = {}
+        self.marks: dict[str, float] = {}
+        self.steps: list[dict] = []
+
+    def wrap(self, owner, name: str, stage: str, mark_end: str | None = None):
+        real = getattr(owner, name)
+        stages = self
+
+        def timed(*args, **kwargs):
+            started = time.time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                stages.spans[stage] = stages.spans.get(stage, 0.0) + time.time() - started
+                if mark_end:
+                    stages.marks.setdefault(mark_end, time.time() - stages.t0)
+
+        setattr(owner, name, timed)
+
+    def write(self) -> None:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+        self.out.write_text(json.dumps({
+            "spans": self.spans, "marks": self.marks, "steps": self.steps, "peak_mem_gb": peak,
+            "ended": time.time() - self.t0,
+        }))
+
+
+def run_cli_with_stages(stages_out: Path, argv: list[str]) -> None:
+    """``xray-train <argv>`` in this process, with timers around the functions each stage runs in."""
+    import atexit
+
+    t0 = float(os.environ.get("BENCH_T0", time.time()))
+    stages = _Stages(stages_out, t0)
+    atexit.register(stages.write)
+
+    import transformers
+    from transformers import TrainerCallback
+
+    import xray_train.features as features
+    import xray_train.model as model
+    import xray_train.train as train
+    from xray_train.train import compile_count
+
+    stages.wrap(model, "build_training_model", "load_model", mark_end="model_ready")
+    stages.wrap(train, "prepare_data", "data_read")
+    stages.wrap(features, "open_feature_cache", "cache_build")
+    stages.wrap(transformers.Trainer, "train", "trainer_train")
+    stages.wrap(transformers.Trainer, "evaluate", "eval")
+    stages.wrap(train, "save_outputs", "save")
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self._begin, self._compiles = time.time(), compile_count()
+
+        def on_step_end(self, args, state, control, **kw):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stages.steps.append({
+                "step": state.global_step, "epoch": state.epoch, "s": time.time() - self._begin,
+                "compiles": compile_count() - self._compiles,
+            })
+
+    real_run = train.run
+    train.run = lambda cfg, *a, **kw: real_run(cfg, *a, **{**kw, "callbacks": [Steps(), *(kw.get("callbacks") or [])]})
+
+    from xray_train.cli import main
+
+    sys.argv = ["xray-train", *argv]
+    main()
+
+
+def split_stages(stages: dict, wall: float) -> dict:
+    """Start-up, data read, cache build, compile, train, eval, save and the rest, in seconds."""
+    spans, steps = stages["spans"], stages["steps"]
+    compiled = [s["s"] for s in steps if s["compiles"]]
+    plain = [s["s"] for s in steps if not s["compiles"]]
+    typical = statistics.median(plain) if plain else 0.0
+    compile_s = sum(max(0.0, s - typical) for s in compiled)
+    in_train_eval = 0.0  # evaluations inside trainer.train are counted as eval, not train
+    train_s = spans.get("trainer_train", 0.0) - compile_s - in_train_eval
+    out = {
+        "start_up": stages["marks"].get("model_ready", 0.0),
+        "data_read": spans.get("data_read", 0.0),
+        "cache_build": spans.get("cache_build", 0.0),
+        "compile": compile_s,
+        "train": train_s,
+        "eval": spans.get("eval", 0.0),
+        "save": spans.get("save", 0.0),
+    }
+    out["other"] = wall - sum(out.values())
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: dict) -> dict:
+    stages_out = workdir / f"stages-{name.replace(' ', '_')}.json"
+    stages_out.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), BENCH_T0=str(time.time()), **env_extra)
+    started = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env=env,
+                          capture_output=True, text=True)
+    wall = time.time() - started
+    row = {"name": name, "phase": phase, "wall_s": round(wall, 2)}
+    (workdir / f"log-{name.replace(' ', '_')}.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not stages_out.is_file():
+        return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
+    stages = json.loads(stages_out.read_text())
+    out_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
+    from xray_train.outputs import SUMMARY
+
+    summary = json.loads((out_dir / SUMMARY).read_text())
+    steps = stages["steps"]
+    batch = _batch_of(argv)
+    films = summary["data"]["train_examples_used"]
+    cached = films + summary["data"]["validation_examples_used"]
+    epochs = _epochs_of(argv, phase)
+    samples = films * epochs
+    split = split_stages(stages, wall)
+    steady = [s["s"] for s in steps if not s["compiles"]][1:]  # the step after a compile also warms up
+    row.update(
+        films=films,
+        epochs=epochs,
+        batch=batch,
+        stages=split,
+        samples_per_s_end_to_end=round(samples / wall, 3),
+        samples_per_s_training_steps=round(batch / statistics.median(steady), 3) if steady else None,
+        cache_films_per_s=round(cached / split["cache_build"], 1)
+        if split["cache_build"] > 1 else None,
+        compiles=sum(s["compiles"] for s in steps),
+        compiles_after_step_3=sum(s["compiles"] for s in steps if s["step"] > 3),
+        compile_steps=[s["step"] for s in steps if s["compiles"]],
+        torch_compiles_in_summary=summary["metrics"].get("torch_compiles"),
+        peak_mem_gb=round(stages["peak_mem_gb"], 2) if stages["peak_mem_gb"] else None,
+    )
+    return row
+
+
+def _batch_of(argv: list[str]) -> int:
+    import yaml
+
+    for a in argv:
+        if a.startswith("training.per_device_train_batch_size="):
+            return int(a.split("=", 1)[1])
+    config = Path(argv[argv.index("--config") + 1])
+    return int(yaml.safe_load(config.read_text())["training"]["per_device_train_batch_size"])
+
+
+def _epochs_of(argv: list[str], phase: str) -> float:
+    import yaml
+
+    for a in argv:
+        if a.startswith("training.num_train_epochs="):
+            return float(a.split("=", 1)[1])
+    config = Path(argv[argv.index("--config") + 1])
+    return float(yaml.safe_load(config.read_text())["training"].get("num_train_epochs", 1))
+
+
+def xray_argv(phase: str, films: dict, base: Path, out: Path, tiny: bool, extra: list[str]) -> list[str]:
+    config = PADCHEST_CONFIG if phase == "phase1" else INDIANA_CONFIG
+    sets = [f"model.base={base}", f"output_dir={out}", "training.report_to=[none]", "training.save_steps=100000"]
+    if phase == "phase1":
+        sets += [f"data.csv={films['padchest_csv']}", f"data.image_root={films['padchest_images']}"]
+    else:
+        ind = films["indiana"]
+        sets += [f"data.reports_csv={ind['reports_csv']}", f"data.projections_csv={ind['projections_csv']}",
+                 f"data.image_root={ind['image_root']}", "training.num_train_epochs=1"]
+    if tiny:
+        sets += ["model.compute_dtype=float32", "training.per_device_train_batch_size=4",
+                 "training.per_device_eval_batch_size=4", "training.max_eval_samples=8",
+                 "data.val_fraction=0.1", "data.test_fraction=0.1"]
+    argv = [phase, "--config", str(config), "--overwrite"]
+    for s in sets + extra:
+        argv += ["--set", s]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers, each in its own process
+
+
+def peer_items(films: dict, base: Path, tiny: bool):
+    """The training films of the phase-1 split, tokenised exactly as xray-train does (same examples)."""
+    from transformers import AutoProcessor
+
+    from xray_train.collate import PromptEncoder
+    from xray_train.config import load_config
+    from xray_train.train import prepare_data
+
+    argv = xray_argv("phase1", films, base, Path("unused"), tiny, [])
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(PADCHEST_CONFIG, sets)
+    processor = AutoProcessor.from_pretrained(base)
+    encoder = PromptEncoder(processor, cfg.system_prompt)
+    return processor, encoder, prepare_data(cfg, encoder).train
+
+
+def run_peer(name: str, films: dict, base: Path, batch: int, out_dir: Path, tiny: bool) -> dict:
+    """One epoch over the training films; returns the row (timings from process start)."""
+    t0 = float(os.environ.get("BENCH_T0", time.time()))
+    if name == "unsloth":
+        import unsloth  # noqa: F401 - must precede transformers so its patches apply
+    import torch
+    from transformers import TrainerCallback
+
+    from xray_train.collate import Collator
+    from xray_train.inputs import PixelLoader, TrainingDataset
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.begin = self.end = None
+            self.steps = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.begin = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps = state.global_step
+
+        def on_train_end(self, args, state, control, **kw):
+            self.end = time.time()
+
+    processor, encoder, items = peer_items(films, base, tiny)
+    dataset = TrainingDataset(items, PixelLoader(processor), None)  # decoded per item in the workers
+    collate = Collator(encoder.ids)
+    timer = Timer()
+    common = dict(output_dir=str(out_dir), per_device_train_batch_size=batch, num_train_epochs=1,
+                  learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none",
+                  remove_unused_columns=False, dataloader_num_workers=2, disable_tqdm=True, seed=0,
+                  bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
+    if tiny:
+        common["max_steps"] = 3
+    loaded_at = None
+    if name == "seed":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import Trainer, TrainingArguments
+
+        model = _load_4bit(base)
+        loaded_at = time.time()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05,
+                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        trainer = Trainer(model=model, args=TrainingArguments(gradient_checkpointing=True, **common),
+                          train_dataset=dataset, data_collator=collate, callbacks=[timer])
+    elif name in ("trl", "unsloth"):
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        from xray_train.model import target_modules_regex
+
+        if name == "trl":
+            from peft import LoraConfig
+
+            model = _load_4bit(base, quant_storage=True)
+            loaded_at = time.time()
+            peft_config = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05,
+                                     target_modules=target_modules_regex(["q_proj", "v_proj"]), task_type="CAUSAL_LM")
+        else:
+            from unsloth import FastVisionModel
+
+            model, _ = FastVisionModel.from_pretrained(str(base), load_in_4bit=True, use_gradient_checkpointing="unsloth")
+            loaded_at = time.time()
+            model = FastVisionModel.get_peft_model(
+                model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+                finetune_mlp_modules=False, r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+            )
+            FastVisionModel.for_training(model)
+            peft_config = None
+        args = SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, gradient_checkpointing=name == "trl",
+                         max_length=None, **common)
+        # As in their VLM examples the collator builds each batch; here from the same prepared films.
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"index": list(range(len(dataset)))}),
+                             data_collator=lambda rows: collate([dataset[r["index"]] for r in rows]),
+                             peft_config=peft_config, processing_class=processor, callbacks=[timer])
+    else:
+        raise ValueError(name)
+    trainer.train()
+    save_started = time.time()
+    trainer.save_model(str(out_dir / "adapter"))
+    ended = time.time()
+    wall = ended - t0
+    samples = (timer.steps * batch) if tiny else len(dataset)
+    stages = {"start_up": loaded_at - t0, "train": timer.end - timer.begin, "save": ended - save_started}
+    stages["other"] = wall - sum(stages.values())
+    return {
+        "name": name, "phase": "phase1", "films": len(dataset), "batch": batch, "wall_s": round(wall, 2),
+        "stages": {k: round(v, 2) for k, v in stages.items()},
+        "samples_per_s_end_to_end": round(samples / wall, 3),
+        "samples_per_s_training_steps": round(samples / stages["train"], 3),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
+        "data_loading": "DataLoader over the PNG files, 2 decoding workers",
+    }
+
+
+def _load_4bit(base: Path, quant_storage: bool = False):
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    extra = {"bnb_4bit_quant_storage": dtype} if quant_storage else {}
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype, **extra)
+    return AutoModelForImageTextToText.from_pretrained(base, quantization_config=bnb, dtype=dtype,
+                                                       device_map={"": 0} if cuda else None, attn_implementation="sdpa")
+
+
+def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool) -> dict:
+    row_out = workdir / f"peer-{name}.json"
+    row_out.unlink(missing_ok=True)
+    batch = 2 if tiny else PEER_BATCH[name]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), BENCH_T0=str(time.time()))
+    cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
+           "--model", str(base), "--workdir", str(workdir), "--batch", str(batch)] + (["--tiny"] if tiny else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (workdir / f"log-peer-{name}.txt").write_text(proc.stdout + proc.stderr)
+    if row_out.is_file():
+        return json.loads(row_out.read_text())
+    return {"name": name, "phase": "phase1", "batch": batch, "error": (proc.stderr or proc.stdout)[-1500:]}
+
+
+def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
+    """SigLIP forward + pooling in films/s, transformers' eager layers against compiled ones, same inputs."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    from xray_train.features import _vision_forward, pooled_vision_features
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = Gemma3ForConditionalGeneration.from_pretrained(base, dtype=dtype, attn_implementation="sdpa").model
+    model.vision_tower.to("cuda" if cuda else "cpu")
+    model.multi_modal_projector.to("cuda" if cuda else "cpu")
+    size = model.config.vision_config.image_size
+    torch.manual_seed(0)
+    pixels = torch.rand(batch, 3, size, size, device="cuda" if cuda else "cpu", dtype=dtype) * 2 - 1
+
+    def rate(fn):
+        fn(pixels)
+        fn(pixels)
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(pixels)
+        if cuda:
+            torch.cuda.synchronize()
+        return batch * repeats / (time.perf_counter() - started), out
+
+    eager_rate, eager = rate(lambda px: pooled_vision_features(model, px))
+    compile_started = time.perf_counter()
+    compiled_fn = _vision_forward(model, compile_vision=True)
+    compiled_fn(pixels)
+    compile_s = time.perf_counter() - compile_started
+    compiled_rate, compiled = rate(compiled_fn)
+    diff = (compiled.float() - eager.float()).abs()
+    return {"name": "siglip forward (cache build, GPU only)", "batch": batch, "eager_films_per_s": round(eager_rate, 1),
+            "compiled_films_per_s": round(compiled_rate, 1), "compile_s": round(compile_s, 1),
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "mean_abs_value": float(eager.float().abs().mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def projection(rows: list[dict]) -> dict:
+    """100k films: start-up and compile stay, cache build and training scale with the films."""
+    out = {"films": PROJECTION_FILMS, "method": "start_up + compile + films / cache_films_per_s + films / "
+           "samples_per_s_training_steps (xray-train); films / samples_per_s_end_to_end (peers)"}
+    for row in rows:
+        if row.get("error") or row.get("phase") != "phase1" or "stages" not in row:
+            continue
+        if row["name"].startswith("xray-train"):
+            st = row["stages"]
+            hours = st["start_up"] + st["compile"]
+            if row.get("cache_films_per_s"):
+                hours += PROJECTION_FILMS / row["cache_films_per_s"]
+            if row.get("samples_per_s_training_steps"):
+                hours += PROJECTION_FILMS / row["samples_per_s_training_steps"]
+        else:
+            hours = PROJECTION_FILMS / row["samples_per_s_end_to_end"]
+        out[row["name"]] = {"first_epoch_h": round(hours / 3600, 2)}
+    return out
+
+
+def ratios(rows: list[dict]) -> dict:
+    by = {r["name"]: r for r in rows if not r.get("error")}
+    seed = by.get("seed", {}).get("samples_per_s_end_to_end")
+    peers = [by[n]["samples_per_s_end_to_end"] for n in ("trl", "unsloth") if n in by]
+    out = {}
+    for name in ("xray-train phase1 first run", "xray-train phase1 rerun (cache built)"):
+        if name in by:
+            sps = by[name]["samples_per_s_end_to_end"]
+            out[name] = {"x_seed": round(sps / seed, 2) if seed else None,
+                         "x_best_peer": round(sps / max(peers), 2) if peers else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "e2e_speed.json")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/xray-e2e"))
+    ap.add_argument("--padchest-films", type=int, default=320)
+    ap.add_argument("--indiana-films", type=int, default=200)
+    ap.add_argument("--rows", default="vision,xray,seed,trl,unsloth", help="comma list of vision, xray, seed, trl, unsloth")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
+    # Internal: one row in this process.
+    ap.add_argument("--cli-stages", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--films-json", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--vision-out", type=Path, help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+
+    if args.vision_out:
+        args.vision_out.write_text(json.dumps(vision_rates(args.model, batch=2 if args.tiny else 32)))
+        return
+    if args.cli_stages:
+        run_cli_with_stages(args.cli_stages, [a for a in rest if a != "--"])
+        return
+    if args.peer:
+        try:
+            row = run_peer(args.peer, json.loads(args.films_json.read_text()), args.model, args.batch,
+                           args.workdir / f"peer-{args.peer}", args.tiny)
+        except Exception as exc:  # a failing peer must not lose the other rows
+            traceback.print_exc()
+            row = {"name": args.peer, "phase": "phase1", "batch": args.batch,
+                   "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+        args.peer_out.write_text(json.dumps(row))
+        return
+
+    import torch
+
+    from xray_train.data.loader import available_cpus
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    size_range = (300, 500) if args.tiny else (2000, 3000)
+    films = make_films(work / "films", args.padchest_films, args.indiana_films, size_range, available_cpus())
+    films_json = work / "films" / "films.json"
+    print(f"films ready in {time.time() - started:.0f} s: {films}", flush=True)
+    base = make_model(work, args.tiny)
+    print(f"model ready in {time.time() - started:.0f} s", flush=True)
+
+    rows: list[dict] = []
+    for earlier in args.merge:
+        rows += json.loads(earlier.read_text())["rows"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def record(row: dict) -> None:
+        rows[:] = [r for r in rows if r["name"] != row["name"]] + [row]
+        print(json.dumps(row), flush=True)
+        write()
+
+    def write() -> None:
+        report = {
+            "device": device, "cpus": available_cpus(), "film_px": films["film_px"],
+            "film_px_range": films["film_px_range"], "film_mb_median": films["film_mb_median"],
+            "padchest_films": args.padchest_films, "indiana_films": args.indiana_films,
+            "tiny": args.tiny, "rows": rows, "x": ratios(rows), "projection": projection(rows),
+            "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "bitsandbytes", "trl", "unsloth")},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    wanted = args.rows.split(",")
+    if "vision" in wanted:
+        vision_out = work / "vision.json"
+        cmd = [sys.executable, __file__, "--vision-out", str(vision_out), "--model", str(base)] + (["--tiny"] if args.tiny else [])
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True)
+        record(json.loads(vision_out.read_text()) if proc.returncode == 0 else
+               {"name": "siglip forward (cache build, GPU only)", "error": proc.stderr[-1500:]})
+    if "xray" in wanted:
+        cache = {"XRAY_TRAIN_FEATURE_CACHE": str(work / "feature-cache")}
+        import shutil
+
+        shutil.rmtree(work / "feature-cache", ignore_errors=True)
+        p1 = work / "out-phase1"
+        record(xray_row("xray-train phase1 first run", "phase1",
+                        xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
+        record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
+                        xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
+        record(xray_row("xray-train phase2 --resume", "phase2",
+                        xray_argv("phase2", films, base, work / "out-phase2", args.tiny, []) + ["--resume", str(p1)],
+                        work, cache))
+    for peer in ("seed", "trl", "unsloth"):
+        if peer in wanted:
+            record(peer_row(peer, films_json, base, work, args.tiny))
+    write()
+    print(f"wrote {args.out} in {time.time() - started:.0f} s")
+
+
+def _version(module: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
