@@ -134,17 +134,22 @@ class _Stages:
         self.spans: dict[str, float] = {}
         self.marks: dict[str, float] = {}
         self.steps: list[dict] = []
+        self.active: set[str] = set()
 
     def wrap(self, owner, name: str, stage: str, mark_end: str | None = None):
         real = getattr(owner, name)
         stages = self
 
         def timed(*args, **kwargs):
+            # An evaluation inside trainer.train is counted once, as eval (see split_stages).
+            key = f"{stage}_in_train" if "trainer_train" in stages.active and stage != "trainer_train" else stage
             started = time.time()
+            stages.active.add(stage)
             try:
                 return real(*args, **kwargs)
             finally:
-                stages.spans[stage] = stages.spans.get(stage, 0.0) + time.time() - started
+                stages.active.discard(stage)
+                stages.spans[key] = stages.spans.get(key, 0.0) + time.time() - started
                 if mark_end:
                     stages.marks.setdefault(mark_end, time.time() - stages.t0)
 
@@ -213,7 +218,7 @@ def split_stages(stages: dict, wall: float) -> dict:
     plain = [s["s"] for s in steps if not s["compiles"]]
     typical = statistics.median(plain) if plain else 0.0
     compile_s = sum(max(0.0, s - typical) for s in compiled)
-    in_train_eval = 0.0  # evaluations inside trainer.train are counted as eval, not train
+    in_train_eval = spans.get("eval_in_train", 0.0)  # counted as eval, not train
     train_s = spans.get("trainer_train", 0.0) - compile_s - in_train_eval
     out = {
         "start_up": stages["marks"].get("model_ready", 0.0),
@@ -221,7 +226,7 @@ def split_stages(stages: dict, wall: float) -> dict:
         "cache_build": spans.get("cache_build", 0.0),
         "compile": compile_s,
         "train": train_s,
-        "eval": spans.get("eval", 0.0),
+        "eval": spans.get("eval", 0.0) + in_train_eval,
         "save": spans.get("save", 0.0),
     }
     out["other"] = wall - sum(out.values())
@@ -231,7 +236,7 @@ def split_stages(stages: dict, wall: float) -> dict:
 def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: dict) -> dict:
     stages_out = workdir / f"stages-{name.replace(' ', '_')}.json"
     stages_out.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), BENCH_T0=str(time.time()), **env_extra)
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), **env_extra)
     started = time.time()
     proc = subprocess.run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env=env,
                           capture_output=True, text=True)
@@ -395,17 +400,25 @@ def run_peer(name: str, films: dict, base: Path, batch: int, out_dir: Path, tiny
 
             model, _ = FastVisionModel.from_pretrained(str(base), load_in_4bit=True, use_gradient_checkpointing="unsloth")
             loaded_at = time.time()
+            # Its VLM recipe: LoRA on the language model's attention projections (q, k, v, o), vision frozen.
             model = FastVisionModel.get_peft_model(
                 model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
-                finetune_mlp_modules=False, r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                finetune_mlp_modules=False, r=32, lora_alpha=64, lora_dropout=0.0,
             )
             FastVisionModel.for_training(model)
             peft_config = None
         args = SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, gradient_checkpointing=name == "trl",
                          max_length=None, **common)
-        # As in their VLM examples the collator builds each batch; here from the same prepared films.
+        # As in their VLM examples the collator builds each batch; here from the same prepared films, with
+        # only the inputs a transformers forward takes.
+        keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values")
+
+        def hf_collate(rows):
+            batch = collate([dataset[r["index"]] for r in rows])
+            return {k: v for k, v in batch.items() if k in keep}
+
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"index": list(range(len(dataset)))}),
-                             data_collator=lambda rows: collate([dataset[r["index"]] for r in rows]),
+                             data_collator=hf_collate,
                              peft_config=peft_config, processing_class=processor, callbacks=[timer])
     else:
         raise ValueError(name)
@@ -444,7 +457,7 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool)
     row_out = workdir / f"peer-{name}.json"
     row_out.unlink(missing_ok=True)
     batch = 2 if tiny else PEER_BATCH[name]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), BENCH_T0=str(time.time()))
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()))
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
            "--model", str(base), "--workdir", str(workdir), "--batch", str(batch)] + (["--tiny"] if tiny else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -538,7 +551,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/xray-e2e"))
     ap.add_argument("--padchest-films", type=int, default=320)
     ap.add_argument("--indiana-films", type=int, default=200)
-    ap.add_argument("--rows", default="vision,xray,seed,trl,unsloth", help="comma list of vision, xray, seed, trl, unsloth")
+    ap.add_argument("--rows", default="vision,xray1,seed,xray-rerun,xray2,trl,unsloth",
+                    help="rows to run, in this order: vision, xray1 (first run), xray-rerun, xray2, seed, trl, unsloth")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     # Internal: one row in this process.
@@ -572,6 +586,16 @@ def main() -> None:
 
     from xray_train.data.loader import available_cpus
 
+    if not args.rows:  # only combine earlier outputs (runs split over several GPU sessions)
+        merged = [json.loads(p.read_text()) for p in args.merge]
+        report = {**merged[0], "rows": []}
+        for part in merged:
+            names = {r["name"] for r in part["rows"]}
+            report["rows"] = [r for r in report["rows"] if r["name"] not in names] + part["rows"]
+        report["x"], report["projection"] = ratios(report["rows"]), projection(report["rows"])
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
+
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -603,31 +627,39 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    wanted = args.rows.split(",")
-    if "vision" in wanted:
-        vision_out = work / "vision.json"
-        cmd = [sys.executable, __file__, "--vision-out", str(vision_out), "--model", str(base)] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True)
-        record(json.loads(vision_out.read_text()) if proc.returncode == 0 else
-               {"name": "siglip forward (cache build, GPU only)", "error": proc.stderr[-1500:]})
-    if "xray" in wanted:
-        cache = {"XRAY_TRAIN_FEATURE_CACHE": str(work / "feature-cache")}
-        import shutil
+    cache = {"XRAY_TRAIN_FEATURE_CACHE": str(work / "feature-cache")}
+    p1, p2 = work / "out-phase1", work / "out-phase2"
+    for what in args.rows.split(","):
+        if what == "vision":
+            vision_out = work / "vision.json"
+            cmd = [sys.executable, __file__, "--vision-out", str(vision_out), "--model", str(base)]
+            proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=dict(os.environ, PYTHONPATH=_pythonpath()),
+                                  capture_output=True, text=True)
+            record(json.loads(vision_out.read_text()) if proc.returncode == 0 else
+                   {"name": "siglip forward (cache build, GPU only)", "error": proc.stderr[-1500:]})
+        elif what == "xray1":
+            import shutil
 
-        shutil.rmtree(work / "feature-cache", ignore_errors=True)
-        p1 = work / "out-phase1"
-        record(xray_row("xray-train phase1 first run", "phase1",
-                        xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
-        record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
-                        xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
-        record(xray_row("xray-train phase2 --resume", "phase2",
-                        xray_argv("phase2", films, base, work / "out-phase2", args.tiny, []) + ["--resume", str(p1)],
-                        work, cache))
-    for peer in ("seed", "trl", "unsloth"):
-        if peer in wanted:
-            record(peer_row(peer, films_json, base, work, args.tiny))
+            shutil.rmtree(work / "feature-cache", ignore_errors=True)  # a user's first run: nothing cached
+            record(xray_row("xray-train phase1 first run", "phase1",
+                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
+        elif what == "xray-rerun":
+            record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
+                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
+        elif what == "xray2":
+            record(xray_row("xray-train phase2 --resume", "phase2",
+                            xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache))
+        elif what in ("seed", "trl", "unsloth"):
+            record(peer_row(what, films_json, base, work, args.tiny))
+        else:
+            raise SystemExit(f"--rows: unknown row {what!r}")
     write()
     print(f"wrote {args.out} in {time.time() - started:.0f} s")
+
+
+def _pythonpath() -> str:
+    """The project's sources first, then whatever the caller put on the path (wheels carried to a GPU host)."""
+    return os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _version(module: str) -> str | None:

@@ -269,7 +269,7 @@ class TrainingSection(_Section):
     compile_vision_cache: bool | None = Field(
         None,
         description="torch.compile SigLIP's encoder layers for the vision-feature cache build. Default: on "
-        "with CUDA.",
+        "with CUDA when there are at least 8000 images to cache (below that the compile costs more than it saves).",
     )
     loss_on_targets_only: bool = Field(
         True, description="Compute the LM head only at supervised positions (chunked cross-entropy)."

@@ -207,6 +207,9 @@ def _lock(fh) -> None:
 
 
 PROGRESS_FILE = "progress.json"
+#: Fewer images than this are cached with transformers' eager SigLIP: compiling it takes longer than it saves
+#: (H200, MedGemma-4B, batch 32: 61.5 films/s eager, 70.7 compiled, 16 s to compile; even at ~7500 films).
+COMPILE_VISION_MIN_IMAGES = 8000
 
 
 def _read_progress(folder: Path) -> dict:
@@ -366,7 +369,7 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
 
     compile_vision = cfg.training.compile_vision_cache
     if compile_vision is None:
-        compile_vision = torch.cuda.is_available()
+        compile_vision = torch.cuda.is_available() and len(set(image_paths)) >= COMPILE_VISION_MIN_IMAGES
     return VisionFeatureCache.build_or_load(
         feature_cache_root(),
         gemma3_model,

@@ -44,7 +44,6 @@ class PreparedBatch:
     failed: dict[int, str] = field(default_factory=dict)
 
     def pin_memory(self) -> "PreparedBatch":
-        # Called by the DataLoader's pinning thread: pinned memory makes the copy to the GPU asynchronous.
         if self.pixels is not None:
             self.pixels = self.pixels.pin_memory()
         return self
@@ -80,24 +79,36 @@ def prepared_batches(
     batch_size: int,
     workers: int = 0,
     pin_memory: bool = False,
-    prefetch_batches: int = 4,
+    prefetch_per_worker: int = 4,
 ) -> Iterator[PreparedBatch]:
     """``prepare`` every path, ``batch_size`` at a time, in order, by ``workers`` processes (0: this one).
 
     Indices are positions in ``paths``. Unreadable files (``ImageError``) come back in ``failed`` instead
-    of stopping the iteration. ``prefetch_batches`` per worker are read ahead, so decoding overlaps with
-    whatever the caller does with a batch (the GPU forward).
+    of stopping the iteration. Workers take one film at a time and keep ``prefetch_per_worker`` ready, so
+    all of them are busy from the first batch on (a worker per batch would leave the GPU waiting for a whole
+    batch's decoding at the start) and decoding overlaps with what the caller does with a batch.
     """
     if not paths:
-        return iter(())
+        return
     workers = min(workers, len(paths))
     loader = torch.utils.data.DataLoader(
         _Files(paths, prepare),
-        batch_size=batch_size,
+        batch_size=None,  # one film per item; batches are assembled here, in order
         shuffle=False,
         num_workers=workers,
-        collate_fn=_stack,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_batches if workers else None,
+        prefetch_factor=prefetch_per_worker if workers else None,
     )
-    return iter(loader)
+    pending: list = []
+    for item in loader:
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield _batch(pending, pin_memory)
+            pending = []
+    if pending:
+        yield _batch(pending, pin_memory)
+
+
+def _batch(items, pin_memory: bool) -> PreparedBatch:
+    batch = _stack(items)
+    # Pinned memory makes the copy to the GPU asynchronous.
+    return batch.pin_memory() if pin_memory else batch
