@@ -245,7 +245,7 @@ class TrainingSection(_Section):
         None,
         ge=0,
         description="Data-loading worker processes. Default: 0 with cached vision features (batches are "
-        "gathered in-process, workers only add copies), else up to 8 for image decoding.",
+        "gathered in-process, workers only add copies), else one per CPU for image decoding.",
     )
     pad_last_batch: bool = Field(
         True,
