@@ -97,7 +97,7 @@ def test_set_errors_name_their_keys(tmp_path):
     err = assert_clean_failure(proc, elapsed)
     assert "training.learning_rate: Input should be a valid number" in err and "[from --set]" in err
     assert "lora.r: Input should be greater than 0 (got 0) [from --set]" in err
-    assert "training.warmup: unknown key [from --set]" in err
+    assert "training.warmup: unknown key (did you mean warmup_steps?) [from --set]" in err
     proc, elapsed = xray_train("phase1", "-c", str(path), "--set", "nokey", "--set", "=1", "--set", "phase.x=1")
     err = assert_clean_failure(proc, elapsed)
     assert "'nokey': expected dotted.key=value" in err and "'=1': empty key" in err
@@ -141,11 +141,12 @@ def test_config_problems_in_python_list_every_key(tmp_path):
         load_config(write_config(tmp_path / "c3.yaml", raw))
 
 
-def test_resume_dir_errors_are_clear_and_fast(tmp_path):
+def test_resume_dir_errors_are_clear_and_fast(tmp_path, tiny_model_dir):
+    # A local base: a Hub base that cannot be reached offline would be reported first.
     phase2 = {
         "phase": "phase2",
         "output_dir": str(tmp_path / "p2"),
-        "model": {"base": "google/medgemma-4b-it"},
+        "model": {"base": str(tiny_model_dir)},
         "data": {
             "dataset": "indiana",
             "reports_csv": str(SAMPLES / "indiana" / "indiana_reports.csv"),
@@ -171,8 +172,8 @@ def test_resume_dir_errors_are_clear_and_fast(tmp_path):
     assert "holds a phase2 run, expected a phase1 output dir" in assert_clean_failure(proc, elapsed)
 
 
-def test_config_for_the_other_phase_is_refused(tmp_path):
-    path = write_config(tmp_path / "c.yaml", good_phase1(tmp_path))
+def test_config_for_the_other_phase_is_refused(tmp_path, tiny_model_dir):
+    path = write_config(tmp_path / "c.yaml", good_phase1(tmp_path, tiny_model_dir))
     proc, elapsed = xray_train("phase2", "-c", str(path))
     assert "phase is phase1; run `xray-train phase1`" in assert_clean_failure(proc, elapsed)
 

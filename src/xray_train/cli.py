@@ -139,7 +139,9 @@ def data_check(
     config: Path = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail on the first unreadable or malformed row (filters such as lateral views still only count)."
+    ),
     no_images: bool = typer.Option(False, "--no-images", help="Skip opening every image (faster)."),
 ):
     """Read the configured dataset, open every image, and summarise what is usable and why not."""
@@ -155,6 +157,10 @@ def data_check(
 
         atomic_write_json(json_out, summary)
         console.print(f"Summary written to {json_out}")
+    if not summary["examples"]:
+        from xray_train.errors import DataError
+
+        raise DataError(f"no usable examples in {summary['rows_total']} rows of {summary['dataset']} (see above)")
 
 
 def _print_data_summary(summary: dict) -> None:
@@ -169,6 +175,8 @@ def _print_data_summary(summary: dict) -> None:
         for reason, n in sorted(summary["skipped"].items(), key=lambda kv: -kv[1]):
             table.add_row(reason, str(n))
         console.print(table)
+    for reason, where in summary.get("looked_for", {}).items():
+        _plain(f"first {reason}: {where}")
     labels = summary.get("labels") or {}
     if labels:
         top = sorted(labels.items(), key=lambda kv: -kv[1])[:10]
@@ -187,16 +195,18 @@ def config_validate(
         True, "--example/--no-example", help="Also tokenise one example and highlight what is supervised."
     ),
 ):
-    """Check a config (every problem at once) without loading weights; show one collated example."""
+    """Check a config (every problem at once) and read its data without loading weights; show one collated example."""
     from xray_train.config import dump_config
+    from xray_train.data.check import read_for_training
 
     cfg = _load(config, set_)
+    read = read_for_training(cfg.data)
     console.print(f"[green]{config}: valid[/green] ({cfg.phase}, {cfg.data.dataset}, base {cfg.model.base})")
     console.print(dump_config(cfg), markup=False, highlight=False)
     if show_example:
         from xray_train.validate import show_collated_example
 
-        show_collated_example(cfg, console)
+        show_collated_example(cfg, console, read)
 
 
 @app.command("make-tiny-model")

@@ -8,11 +8,12 @@ file) is collected and reported together, each naming its dotted key, before any
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xray_train.errors import XrayTrainError
 
@@ -25,6 +26,13 @@ Phase = Literal["phase1", "phase2"]
 # pydantic from reaching its validator, so one run of the CLI lists every problem.
 
 KNOWN_LOGGERS = {"tensorboard", "wandb", "mlflow", "none"}
+
+
+def as_name_list(value):
+    """``wandb`` or ``wandb,mlflow`` -> a list, as Hugging Face reads ``report_to``; lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def _data_conflicts(val_fraction, test_fraction) -> list[tuple[str, str]]:
@@ -46,6 +54,7 @@ def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> li
         ))
     if bf16 is True and fp16 is True:
         out.append(("fp16", "bf16 and fp16 are mutually exclusive (set one of them to false)"))
+    report_to = as_name_list(report_to)
     if isinstance(report_to, list):
         bad = sorted({str(r) for r in report_to} - KNOWN_LOGGERS)
         if bad:
@@ -132,6 +141,7 @@ class LoraSection(_Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         ["q_proj", "v_proj"],
+        min_length=1,
         description="Projection names inside the *language model's* decoder layers. The vision tower "
         "has modules with the same names; they are never adapted.",
     )
@@ -255,7 +265,9 @@ class TrainingSection(_Section):
     )
     group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
     report_to: list[str] = Field(
-        ["tensorboard"], description="Loggers: any of tensorboard, wandb, mlflow, or none."
+        ["tensorboard"],
+        description="Loggers: any of tensorboard, wandb, mlflow, or none; a list, one name, or names joined by "
+        "commas (wandb,tensorboard). Each must be installed.",
     )
     max_length: int = Field(1024, gt=0, description="Longest tokenised example; longer answers are skipped.")
     # xray-train speed levers (each benchmarked in benchmarks/bench_train.py)
@@ -309,6 +321,8 @@ class TrainingSection(_Section):
         "weights bit for bit. Default: on when the decoder layers are compiled (uncompiled it would keep a "
         "bf16 copy of every weight for backward, so true with torch_compile: false is refused).",
     )
+
+    _report_to_list = field_validator("report_to", mode="before")(as_name_list)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
@@ -365,7 +379,10 @@ class ConfigError(XrayTrainError):
 
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def _dotted(loc: tuple) -> str:
@@ -382,13 +399,31 @@ def _format_validation_error(err: ValidationError, from_set: set[str] = frozense
         key = _dotted(e["loc"]) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(str(e["loc"][-1]), _known_keys(e["loc"]))
         elif e["type"] != "missing" and not isinstance(e.get("input"), (dict, list)):
             msg += f" (got {_short(e.get('input'))})"
             if isinstance(e.get("input"), bool) and e["type"] != "bool_type":
                 msg += " (YAML reads unquoted no/yes/on/off as booleans: quote the value)"
         problems.append(_mark_set(f"{key}: {msg}", from_set))
     return problems
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean learning_rate?)`` for a near miss among ``known``, else ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed beside the unknown one at ``loc``: the fields of the section it sits in."""
+    section: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return list(section.model_fields)
 
 
 def _short(value) -> str:
@@ -399,7 +434,10 @@ def _short(value) -> str:
 def _mark_set(problem: str, from_set: set[str]) -> str:
     """Say which problems came from ``--set`` (their key is not in the YAML the user is looking at)."""
     key = problem.split(":", 1)[0]
-    return f"{problem} [from --set]" if key in from_set else problem
+    # A misspelt section (``--set trainig.lr=1``) is reported at the section's key.
+    if key in from_set or any(k.startswith(key + ".") for k in from_set):
+        return f"{problem} [from --set]"
+    return problem
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -544,7 +582,8 @@ def load_config(
 ) -> RunConfig:
     """Read, override and validate a run config; raise ``ConfigError`` listing every problem (schema,
     conflicting options and missing paths together), each naming its dotted key. ``check_model=False``
-    skips the base-model check for commands that only read data (``data check``)."""
+    skips what only training needs (the base model, transformers' names, installed loggers) for commands
+    that only read data (``data check``)."""
     path = Path(path)
     overrides = overrides or []
     raw = _resolve_paths(apply_overrides(read_yaml(path), overrides), path.parent.resolve())
@@ -561,6 +600,13 @@ def load_config(
         problems += [_mark_set(p, from_set) for p in _check_paths(raw, check_model)]
     if problems:
         raise ConfigError(str(path), list(dict.fromkeys(problems)))
+    if check_model:
+        # Needs transformers (seconds to import): only once the config itself is clean.
+        from xray_train.preflight import environment_problems
+
+        problems = [_mark_set(p, from_set) for p in environment_problems(cfg, check_base=check_paths)]
+        if problems:
+            raise ConfigError(str(path), problems)
     return cfg
 
 

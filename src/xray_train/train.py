@@ -20,7 +20,8 @@ import torch
 
 from xray_train.collate import Collator, PromptEncoder
 from xray_train.config import RunConfig, dump_config
-from xray_train.data.records import Example
+from xray_train.data.check import read_for_training
+from xray_train.data.records import Example, ReadResult
 from xray_train.data.registry import read_dataset
 from xray_train.data.splits import split_examples
 from xray_train.distributed import call_through_ddp, use_cpu
@@ -206,8 +207,9 @@ def cap_examples(examples: list[Example], limit: int | None, seed: int) -> list[
     return [examples[i] for i in order]
 
 
-def prepare_data(cfg: RunConfig, encoder: PromptEncoder) -> PreparedData:
-    read = read_dataset(cfg.data)
+def prepare_data(cfg: RunConfig, encoder: PromptEncoder, read: ReadResult | None = None) -> PreparedData:
+    """Split and encode the examples of ``read`` (by default, the dataset read now)."""
+    read = read if read is not None else read_dataset(cfg.data)
     splits = split_examples(read.examples, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     train_examples = cap_examples(splits["train"], cfg.data.max_examples, cfg.training.seed)
     val_examples = cap_examples(splits["validation"], cfg.training.max_eval_samples, cfg.training.seed)
@@ -611,6 +613,7 @@ def run(
         echo("Phase 2 without --resume: training a fresh adapter (no Phase-1 report knowledge).")
     if resume_from is not None:
         check_resume_dir(resume_from, cfg)
+    read = read_for_training(cfg.data)
     checkpoint = prepare_output_dir(cfg, overwrite)
 
     from transformers import set_seed
@@ -620,7 +623,7 @@ def run(
     set_seed(cfg.training.seed)
     model, processor = build_training_model(cfg, resume_from=resume_from)
     encoder = PromptEncoder(processor, cfg.system_prompt)
-    data = prepare_data(cfg, encoder)
+    data = prepare_data(cfg, encoder, read)
     train_set, val_set = build_datasets(cfg, model, processor, data)
     if cfg.training.pad_last_batch:
         train_set.pad_to_multiple(cfg.training.per_device_train_batch_size * distributed_state().num_processes)

@@ -7,6 +7,7 @@ from rich.text import Text
 
 from xray_train.collate import PHASE_TASK, PromptEncoder, describe_supervision
 from xray_train.config import RunConfig
+from xray_train.data.records import ReadResult
 from xray_train.data.registry import read_dataset
 from xray_train.errors import XrayTrainError
 from xray_train.inputs import build_target
@@ -27,15 +28,17 @@ def load_processor_for(cfg: RunConfig):
     return processor
 
 
-def show_collated_example(cfg: RunConfig, console: Console) -> None:
-    read = read_dataset(cfg.data.model_copy(update={"strict": False}))
+def show_collated_example(cfg: RunConfig, console: Console, read: ReadResult | None = None) -> None:
+    """Tokenise the first example of ``read`` (by default, the dataset read now) and show what is supervised."""
+    read = read if read is not None else read_dataset(cfg.data.model_copy(update={"strict": False}))
     if not read.examples:
         console.print("[yellow]no usable example to show (see `xray-train data check`)[/yellow]")
         return
     try:
         processor = load_processor_for(cfg)
     except XrayTrainError as exc:
-        console.print(f"[yellow]example not shown: {exc}[/yellow]", markup=False)
+        # The message quotes paths and hub ids verbatim: styled, never parsed as markup.
+        console.print(Text(f"example not shown: {exc}", style="yellow"))
         return
     encoder = PromptEncoder(processor, cfg.system_prompt)
     example = read.examples[0]

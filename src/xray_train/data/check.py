@@ -11,12 +11,54 @@ from concurrent.futures import ThreadPoolExecutor
 
 from xray_train.config import DataConfig
 from xray_train.data.images import ImageError, load_grayscale
-from xray_train.data.records import Example, SkipCounter
+from xray_train.data.records import Example, ReadResult, SkipCounter
 from xray_train.data.registry import read_dataset
 from xray_train.data.splits import split_examples
+from xray_train.errors import DataError
 
 #: How many unreadable images are named in the summary (the count is always complete).
 MAX_LISTED_UNREADABLE = 20
+#: Skip reasons whose first row is shown with its detail: the path that was looked for. Other details can
+#: hold study ids, which never reach an output.
+PATH_REASONS = ("missing_image", "path_escape")
+
+
+def _source(cfg: DataConfig):
+    return cfg.csv or cfg.reports_csv or cfg.image_root
+
+
+def looked_for(result: ReadResult) -> dict[str, str]:
+    """``{"missing_image": "row 2: /data/images/0001.png"}``: where the first skipped image was looked for."""
+    return {
+        reason: f"row {row}: {detail}" for reason, (row, detail) in result.first_skipped.items()
+        if reason in PATH_REASONS and detail
+    }
+
+
+def why_unusable(result: ReadResult) -> str:
+    """Why a read gave no example, in one line: the skip counts and where missing images were looked for."""
+    if not result.rows_total:
+        return "it has no data rows"
+    counts = ", ".join(f"{reason}={n}" for reason, n in result.skipped.most_common())
+    where = "; ".join(f"first {reason} at {detail}" for reason, detail in looked_for(result).items())
+    return f"all {result.rows_total} rows skipped ({counts}){'; ' + where if where else ''}"
+
+
+def read_for_training(cfg: DataConfig) -> ReadResult:
+    """Read the dataset, before any weight is loaded: a ``DataError`` naming the source when no example is
+    usable, or none is left for training after the patient split."""
+    result = read_dataset(cfg)
+    source = _source(cfg)
+    if not result.examples:
+        raise DataError(f"{source}: no usable examples: {why_unusable(result)}; see `xray-train data check`")
+    splits = split_examples(result.examples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    if not splits["train"]:
+        raise DataError(
+            f"{source}: none of the {len(result.examples)} usable examples is left for training after the "
+            f"patient split (data.val_fraction={cfg.val_fraction}, data.test_fraction={cfg.test_fraction}); "
+            "add data or lower the fractions"
+        )
+    return result
 
 
 def _try_open(example: Example) -> str | None:
@@ -61,7 +103,7 @@ def check_dataset(
     if open_images and examples:
         workers = workers or min(8, os.cpu_count() or 1)
         errors = _open_all(examples, progress, workers)
-        skip = SkipCounter(cfg.csv or cfg.reports_csv or cfg.image_root, strict=cfg.strict)
+        skip = SkipCounter(_source(cfg), strict=cfg.strict)
         kept = []
         for example, error in zip(examples, errors):
             if error is None:
@@ -96,6 +138,8 @@ def check_dataset(
         "images_opened": bool(open_images),
         "notes": {k: v for k, v in result.notes.items()},
     }
+    if looked_for(result):
+        summary["looked_for"] = looked_for(result)
     if unreadable:
         summary["unreadable_images"] = unreadable
     box_examples = [ex for ex in examples if ex.boxes is not None]

@@ -131,4 +131,6 @@ def read(cfg: DataConfig) -> ReadResult:
         notes["box_file_rows"] = box_file.rows_total
         notes["boxes_skipped"] = dict(box_skip.counts + box_file.skipped)
         notes["box_keys_unmatched"] = len(set(box_file.by_key) - used_keys)
-    return ReadResult(examples=examples, rows_total=len(projections), skipped=skipped, notes=notes)
+    return ReadResult(
+        examples=examples, rows_total=len(projections), skipped=skipped, notes=notes, first_skipped=skip.first
+    )

@@ -298,4 +298,6 @@ def read(cfg: DataConfig, require_images: bool = True) -> ReadResult:
             Example(image_path=path, image_id=image_id, group_id=group, findings=list(findings), source_row=row)
         )
 
-    return ReadResult(examples=examples, rows_total=rows_total, skipped=skip.counts, notes=notes)
+    return ReadResult(
+        examples=examples, rows_total=rows_total, skipped=skip.counts, notes=notes, first_skipped=skip.first
+    )

@@ -63,23 +63,42 @@ class ReadResult:
     skipped: Counter = field(default_factory=Counter)
     #: Reader-specific notes for ``data check`` (e.g. which image layout was detected).
     notes: dict = field(default_factory=dict)
+    #: reason -> (row, detail) of its first skipped row, e.g. the path a missing image was looked for at.
+    first_skipped: dict = field(default_factory=dict)
+
+
+#: Skip reasons that are the configured selection or the documented target policy, not faults in the data:
+#: every real PadChest CSV has lateral views, so ``--strict`` must not fail on them.
+FILTER_REASONS = frozenset({
+    "filtered_projection",  # data.projections
+    "filtered_method",  # data.method_labels
+    "pediatric",  # data.include_pediatric
+    "dropped_label",  # data.drop_labels
+    "only_unchanged",  # a comparison with a prior film: nothing to learn from this image alone
+    "no_mesh",  # Indiana marks unindexed studies "No Indexing": their findings are unknown
+    "abnormal_without_box",  # the box source has no box for this finding
+})
 
 
 class SkipCounter:
-    """Counts unusable rows by reason; under ``strict`` the first one is an error naming file and row."""
+    """Counts unusable rows by reason and keeps the first row of each. Under ``strict`` a row that is
+    unreadable or malformed is an error naming file and row; intended filters (``FILTER_REASONS``) are
+    only counted."""
 
     def __init__(self, source: Path | str, strict: bool = False):
         self.source = str(source)
         self.strict = strict
         self.counts: Counter = Counter()
+        self.first: dict[str, tuple[int, str]] = {}
 
     def __call__(self, reason: str, row: int, detail: str = "") -> None:
-        if self.strict:
+        if self.strict and reason not in FILTER_REASONS:
             from xray_train.errors import DataError
 
             extra = f" ({detail})" if detail else ""
             raise DataError(f"{self.source} row {row}: {reason}{extra} [--strict]")
         self.counts[reason] += 1
+        self.first.setdefault(reason, (row, detail))
 
 
 def resolve_under(root: Path, relative: str) -> Path | None:

@@ -93,6 +93,7 @@ def read(cfg: DataConfig) -> ReadResult:
         examples=examples,
         rows_total=len(by_image),
         skipped=skip.counts,
+        first_skipped=skip.first,
         notes={
             "csv_rows": len(rows),
             "boxes_skipped": dict(box_skip.counts),
