@@ -197,7 +197,11 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of patients held out for testing.")
     split_seed: int = Field(0, description="Seed of the patient-grouped split (stable across dataset edits).")
     max_examples: int | None = Field(None, gt=0, description="Use at most this many training examples.")
-    strict: bool = Field(False, description="Fail on the first unusable row instead of skipping it.")
+    strict: bool = Field(
+        False,
+        description="Fail on the first unreadable or malformed row instead of skipping it (rows left out by the "
+        "filters above, e.g. lateral views, are still only counted).",
+    )
 
     @model_validator(mode="after")
     def _check_fractions(self) -> "DataConfig":

@@ -96,3 +96,67 @@ def test_box_datasets_report_box_counts(tmp_path, monkeypatch, png):
     assert summary["boxes_total"] == 3
     assert summary["box_labels"] == {"nodule": 2, "mass": 1}
     assert summary["examples_without_boxes"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# `xray-train data check` on the command line
+
+
+@pytest.fixture
+def data_check(tmp_path, monkeypatch, capsys):
+    """``data_check(*sets, strict=False)`` -> (exit code, stdout, stderr) of the installed entry point."""
+    import sys
+    from pathlib import Path
+
+    from xray_train import cli
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo" / "phase1.yaml"
+
+    def run(*sets: str, strict: bool = False):
+        args = ["xray-train", "data", "check", "--config", str(config), "--json", str(tmp_path / "summary.json")]
+        for text in sets:
+            args += ["--set", text]
+        monkeypatch.setattr(sys, "argv", args + (["--strict"] if strict else []))
+        monkeypatch.setenv("COLUMNS", "300")
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        out = capsys.readouterr()
+        return exc.value.code or 0, out.out, " ".join(out.err.split())
+
+    return run
+
+
+def test_data_check_fails_when_nothing_is_usable_and_shows_where_it_looked(tmp_path, data_check):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    code, out, err = data_check(f"data.image_root={empty}")
+    assert code == 2 and "error: no usable examples in 48 rows of padchest" in err
+    # Where the first missing image was looked for, so a wrong image_root or layout is obvious.
+    assert f"first missing_image: row 1: {empty}/" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["examples"] == 0 and summary["looked_for"]["missing_image"].startswith(f"row 1: {empty}/")
+
+
+def test_data_check_fails_on_a_header_only_csv(tmp_path, padchest, data_check):
+    csv = padchest.write_csv(tmp_path / "header.csv", [])
+    code, _, err = data_check(f"data.csv={csv}")
+    assert code == 2 and "no usable examples in 0 rows" in err
+
+
+def test_strict_passes_intended_filters_and_fails_on_malformed_rows(tmp_path, padchest, data_check):
+    # The bundled sample has lateral views (filtered_projection), as every real PadChest CSV does.
+    code, out, err = data_check(strict=True)
+    assert code == 0, (out, err)
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped"] == {"filtered_projection": 11}
+
+    rows = [padchest.row(0), padchest.row(1, Projection="L"), padchest.row(2, Labels="['a', 'b'"),
+            padchest.row(3, Labels="['exclude']"), padchest.row(4, Labels="['unchanged']")]  # fmt: skip
+    cfg = padchest.build(rows)
+    data = [f"data.csv={cfg.csv}", f"data.image_root={cfg.image_root}"]
+    code, _, err = data_check(*data, strict=True)
+    assert code == 2 and "padchest.csv row 3: unparsable_labels" in err and "Traceback" not in err
+    code, _, _ = data_check(*data)
+    assert code == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped"] == {
+        "filtered_projection": 1, "unparsable_labels": 1, "dropped_label": 1, "only_unchanged": 1,
+    }  # fmt: skip
