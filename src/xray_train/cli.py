@@ -140,7 +140,8 @@ def data_check(
     set_: Optional[list[str]] = SetOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
     strict: bool = typer.Option(
-        False, "--strict", help="Fail on the first unreadable or malformed row (filters such as lateral views still only count)."
+        False, "--strict",
+        help="Fail on the first unreadable or malformed row (filters such as lateral views still only count).",
     ),
     no_images: bool = typer.Option(False, "--no-images", help="Skip opening every image (faster)."),
 ):

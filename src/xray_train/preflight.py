@@ -14,6 +14,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+from xray_train.config import TrainingSection, did_you_mean, looks_like_local_path
 from xray_train.errors import XrayTrainError
 
 #: Seconds to wait for the Hub before calling it unreachable (transformers would retry for minutes).
@@ -21,12 +22,6 @@ HUB_TIMEOUT_S = 10
 
 #: report_to name -> the module its Hugging Face callback imports.
 LOGGER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
-
-
-def _did_you_mean(name: str, known) -> str:
-    from xray_train.config import did_you_mean
-
-    return did_you_mean(name, known)
 
 
 def transformers_names() -> tuple[list[str], list[str]]:
@@ -39,24 +34,23 @@ def transformers_names() -> tuple[list[str], list[str]]:
 
 def training_problems(training) -> list[str]:
     """Scheduler and optimiser names transformers does not know, and loggers that are not installed."""
-    from xray_train.config import TrainingSection
-
     problems = []
     defaults = TrainingSection.model_fields
-    if (training.lr_scheduler_type, training.optim) == (defaults["lr_scheduler_type"].default, defaults["optim"].default):
+    chosen = (training.lr_scheduler_type, training.optim)
+    if chosen == (defaults["lr_scheduler_type"].default, defaults["optim"].default):
         schedulers, optimisers = [training.lr_scheduler_type], [training.optim]  # no import for the defaults
     else:
         schedulers, optimisers = transformers_names()
     if training.lr_scheduler_type not in schedulers:
         name = training.lr_scheduler_type
         problems.append(
-            f"training.lr_scheduler_type: unknown scheduler {name!r}{_did_you_mean(name, schedulers)} "
+            f"training.lr_scheduler_type: unknown scheduler {name!r}{did_you_mean(name, schedulers)} "
             f"(transformers has: {', '.join(schedulers)})"
         )
     if training.optim not in optimisers:
         name = training.optim
         problems.append(
-            f"training.optim: unknown optimizer {name!r}{_did_you_mean(name, optimisers)} "
+            f"training.optim: unknown optimizer {name!r}{did_you_mean(name, optimisers)} "
             "(transformers' OptimizerNames, e.g. adamw_torch, adamw_torch_fused, adafactor, sgd)"
         )
     for name in training.report_to:
@@ -109,7 +103,9 @@ def hub_config_file(repo_id: str, revision: str | None) -> Path:
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision), timeout=HUB_TIMEOUT_S)
     except errors.GatedRepoError:
-        raise XrayTrainError(f"model.base: {repo_id} is gated and this machine has no access. {_hint(repo_id)}") from None
+        raise XrayTrainError(
+            f"model.base: {repo_id} is gated and this machine has no access. {_hint(repo_id)}"
+        ) from None
     except errors.RevisionNotFoundError:
         raise XrayTrainError(f"model.revision: {revision!r} is not a branch, tag or commit of {repo_id}") from None
     except errors.RepositoryNotFoundError:
@@ -133,8 +129,6 @@ def hub_config_file(repo_id: str, revision: str | None) -> Path:
 
 
 def base_config_file(base: str, revision: str | None) -> Path:
-    from xray_train.config import looks_like_local_path
-
     if looks_like_local_path(base):
         path = Path(base).expanduser() / "config.json"
         if not path.is_file():
@@ -186,7 +180,7 @@ def target_module_problems(target_modules: list[str], modules: dict) -> list[str
         if not matched:
             problems.append(
                 f"lora.target_modules: {name!r} matches no layer of the base's language model"
-                f"{_did_you_mean(name, candidates)} (its layers: {', '.join(candidates)})"
+                f"{did_you_mean(name, candidates)} (its layers: {', '.join(candidates)})"
             )
         elif not all(_adaptable(m) for m in matched):
             kinds = sorted({type(m).__name__ for m in matched if not _adaptable(m)})
