@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from xray_train.outputs import ADAPTER_WEIGHTS, DONE_MARKER
+from xray_train.run_guard import LOCK
 from xray_train.train import CHECKPOINT_COMPLETE, checkpoint_problem, find_resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,9 +100,23 @@ def test_kill_and_resume_phase1_then_phase2(tiny_model_dir, tmp_path, feature_ca
     victim = start(train_args("phase1", tiny_model_dir, run1), env)
     kill_after_checkpoint(victim, run1)
     assert not (run1 / DONE_MARKER).exists()
+    assert (run1 / LOCK).is_file()  # a SIGKILLed run leaves its lock behind
     finish(reference)
+    # A rerun that would build another adapter than the checkpoints hold stops and changes nothing (but the
+    # dead run's lock, which it takes over and releases).
+    def contents():
+        return {p: p.read_bytes() for p in run1.rglob("*") if p.is_file() and p.name != LOCK}
+
+    before = contents()
+    changed = subprocess.run(train_args("phase1", tiny_model_dir, run1, "--set", "lora.r=8"), env=env,
+                             capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "lora.r 32 -> 8" in changed.stderr and "--overwrite" in changed.stderr
+    assert contents() == before
+    # The same command takes the killed run's lock over and resumes.
     resumed_out, _ = finish(start(train_args("phase1", tiny_model_dir, run1), env))
     assert_resumed_like_uninterrupted(ref1, run1, resumed_out)
+    assert not (run1 / LOCK).exists()
 
     # Phase 2 continues the finished Phase-1 adapter, and is itself killed and resumed.
     ref2, run2 = tmp_path / "p2-ref", tmp_path / "p2"

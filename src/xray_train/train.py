@@ -29,6 +29,7 @@ from xray_train.distributed import state as distributed_state
 from xray_train.errors import XrayTrainError
 from xray_train.inputs import EncodedExample, PixelLoader, TrainingDataset, encode_examples
 from xray_train.loss import full_logits_loss, targets_only_loss
+from xray_train.run_guard import LOCK, OutputDirLock, adapter_setting_changes
 from xray_train.outputs import (
     ADAPTER_WEIGHTS,
     DONE_MARKER,
@@ -176,16 +177,56 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
         raise XrayTrainError(
             f"{out} holds a finished {cfg.phase} run; pass --overwrite to replace it or choose another output_dir"
         )
+    if not overwrite:
+        check_rerun_settings(cfg)
     state = distributed_state()
     with state.main_process_first():
         if state.is_main_process:
             if overwrite and out.exists():
-                shutil.rmtree(out)
+                # Everything but the lock this run holds (deleting it would let a second run in).
+                for item in out.iterdir():
+                    if item.name != LOCK:
+                        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
             with disk_full_as_error(out):
                 out.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(out / RESOLVED_CONFIG, dump_config(cfg))
         checkpoint = find_resumable_checkpoint(out)
     return checkpoint
+
+
+def _adapter_view(raw: dict) -> dict:
+    """A saved or current config as a dict, with the phase defaults of the adapter switches filled in."""
+    from pydantic import ValidationError
+
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError:
+        return raw
+    view = cfg.model_dump(mode="json")
+    view["model"].update(add_loc_tokens=cfg.add_loc_tokens, train_projector=cfg.train_projector)
+    return view
+
+
+def check_rerun_settings(cfg: RunConfig) -> None:
+    """A rerun resumes the newest intact checkpoint, which holds the adapter the run's saved config
+    describes: a rerun that would build another one (other rank, targets, base, ...) stops here, naming the
+    changed settings, before anything on disk changes."""
+    from xray_train.config import read_yaml
+
+    out = cfg.output_dir
+    checkpoints = sorted(
+        (p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step, reverse=True
+    )
+    newest = next((c for c in checkpoints if checkpoint_problem(c) is None), None)
+    if newest is None or not (out / RESOLVED_CONFIG).is_file():
+        return
+    saved = _adapter_view(read_yaml(out / RESOLVED_CONFIG))
+    changes = adapter_setting_changes(saved, _adapter_view(cfg.model_dump(mode="json")))
+    if changes:
+        raise XrayTrainError(
+            f"output_dir: {out} holds {newest.name}, made with other adapter settings ({'; '.join(changes)}); "
+            f"pass --overwrite to start this run over, or restore these settings to resume from {newest.name}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,6 +655,16 @@ def run(
     if resume_from is not None:
         check_resume_dir(resume_from, cfg)
     read = read_for_training(cfg.data)
+    # One writer per output_dir, from before it is created, overwritten or resumed until the run ends.
+    lock = OutputDirLock(cfg.output_dir).acquire() if distributed_state().is_main_process else None
+    try:
+        return _train(cfg, read, resume_from, overwrite, echo, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, read: ReadResult, resume_from, overwrite: bool, echo, callbacks) -> Path:
     checkpoint = prepare_output_dir(cfg, overwrite)
 
     from transformers import set_seed

@@ -1,4 +1,5 @@
-"""One writer per output_dir: a lock file held for the whole run."""
+"""What keeps a run directory's contents true: one writer at a time (a lock file held for the whole run),
+and a rerun resumes only checkpoints of the adapter it would build itself."""
 
 from __future__ import annotations
 
@@ -173,3 +174,31 @@ class OutputDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# A rerun resumes only what it would build itself
+
+#: Settings that decide what adapter a checkpoint holds. Resumed under other values, the checkpoint fails to
+#: load (rank, targets, loc rows, projector) or quietly trains on as something else (scale, dropout, base).
+ADAPTER_SETTINGS = (
+    "phase", "model.base", "model.revision", "model.load_in_4bit", "model.quant_type", "model.double_quant",
+    "model.add_loc_tokens", "model.train_projector", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
+)  # fmt: skip
+
+
+def _setting(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return sorted(set(node)) if key == "lora.target_modules" and isinstance(node, list) else node
+
+
+def adapter_setting_changes(saved: dict, current: dict) -> list[str]:
+    """``["lora.r 32 -> 8"]``: each adapter setting that ``current`` changes from ``saved`` (resolved config
+    dicts, as ``dump_config`` writes them)."""
+    return [
+        f"{key} {_setting(saved, key)!r} -> {_setting(current, key)!r}"
+        for key in ADAPTER_SETTINGS
+        if _setting(saved, key) != _setting(current, key)
+    ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,14 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from xray_train import run_lock
+from tests.test_preflight import no_weights, run_main  # noqa: F401 (fixture)
+from xray_train import run_guard
 from xray_train.errors import XrayTrainError
-from xray_train.run_lock import LOCK, OutputDirLock
+from xray_train.outputs import DONE_MARKER
+from xray_train.run_guard import LOCK, OutputDirLock
+
+REPO = Path(__file__).resolve().parents[1]
 
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from xray_train.run_lock import OutputDirLock
+    from xray_train.run_guard import OutputDirLock
     OutputDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(600)
@@ -119,6 +125,73 @@ def test_without_flock_a_live_holder_is_refused_and_a_dead_one_taken_over(tmp_pa
 
 
 def test_process_start_distinguishes_a_reused_pid():
-    assert run_lock._process_start(1) is not None
-    assert run_lock._alive({"pid": 1, "pid_start": run_lock._process_start(1)})
-    assert not run_lock._alive({"pid": 1, "pid_start": "not-its-start"})
+    assert run_guard._process_start(1) is not None
+    assert run_guard._alive({"pid": 1, "pid_start": run_guard._process_start(1)})
+    assert not run_guard._alive({"pid": 1, "pid_start": "not-its-start"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI
+
+
+def phase1_args(tiny: Path, out: Path, *sets: str) -> list[str]:
+    args = ["phase1", "--config", str(REPO / "configs" / "demo" / "phase1.yaml")]
+    for text in (f"model.base={tiny}", f"output_dir={out}", "training.report_to=[none]", *sets):
+        args += ["--set", text]
+    return args
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_phase1_into_a_busy_output_dir_is_refused_before_loading(tiny_model_dir, tmp_path, holder, monkeypatch,
+                                                                 capsys, no_weights):
+    out = tmp_path / "run"
+    proc = holder(out)
+    before = snapshot(out)
+    code, _, err = run_main(monkeypatch, capsys, *phase1_args(tiny_model_dir, out))
+    assert code == 2 and "Traceback" not in err
+    assert f"output_dir: {out} is in use by another run (pid {proc.pid}" in " ".join(err.split())
+    assert snapshot(out) == before  # no config written over the running one's
+
+
+@pytest.fixture
+def interrupted_run(make_config, tmp_path_factory, tmp_path) -> Path:
+    """A copy of a 4-step Phase-1 run (lora.r=32, alpha=64) with its checkpoints, as if killed before the end."""
+    from tests.test_evaluate import trained_adapters
+
+    out = tmp_path / "interrupted"
+    shutil.copytree(trained_adapters(make_config, tmp_path_factory)["phase1"], out)
+    (out / DONE_MARKER).unlink()
+    assert (out / "checkpoint-4").is_dir()
+    return out
+
+
+def test_rerun_with_other_adapter_settings_stops_and_changes_nothing(interrupted_run, tiny_model_dir, monkeypatch,
+                                                                     capsys, no_weights):
+    before = snapshot(interrupted_run)
+    code, out, err = run_main(monkeypatch, capsys, *phase1_args(tiny_model_dir, interrupted_run, "lora.r=8",
+                                                                "lora.alpha=16"))
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err and "Resuming" not in out
+    assert f"output_dir: {interrupted_run} holds checkpoint-4, made with other adapter settings" in err
+    assert "lora.r 32 -> 8; lora.alpha 64 -> 16" in err
+    assert "pass --overwrite to start this run over, or restore these settings" in err
+    assert snapshot(interrupted_run) == before  # the saved config still describes the checkpoints
+
+
+def test_rerun_settings_only_adapter_shaping_ones_stop_a_resume(interrupted_run, make_config):
+    from xray_train.train import check_rerun_settings
+
+    # Training longer or at another learning rate is a resume, not another adapter.
+    check_rerun_settings(make_config("phase1", "training.max_steps=8", "training.learning_rate=1e-3",
+                                     output_dir=interrupted_run))
+    for setting, change in [("lora.dropout=0.2", "lora.dropout 0.05 -> 0.2"),
+                            ("lora.target_modules=[q_proj, k_proj, v_proj]", "lora.target_modules"),
+                            ("model.add_loc_tokens=true", "model.add_loc_tokens False -> True")]:  # fmt: skip
+        with pytest.raises(XrayTrainError, match=re.escape(change)):
+            check_rerun_settings(make_config("phase1", setting, output_dir=interrupted_run))
+    # The targets are a set: the same names in another order are the same adapter.
+    check_rerun_settings(make_config("phase1", "lora.target_modules=[v_proj, q_proj]", output_dir=interrupted_run))
