@@ -49,10 +49,11 @@ def finished_dir(out: Path) -> Path:
     return out
 
 
-def test_finished_dir_is_not_overwritten_without_overwrite(tmp_path):
+def test_finished_dir_is_not_overwritten_without_overwrite(tmp_path, tiny_model_dir):
     out = finished_dir(tmp_path / "out")
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(phase1_raw(out)))
+    # A local base: a Hub base that cannot be reached offline would be reported first.
+    config.write_text(yaml.safe_dump(phase1_raw(out) | {"model": {"base": str(tiny_model_dir)}}))
     proc = subprocess.run(
         [sys.executable, "-m", "xray_train.cli", "phase1", "-c", str(config)],
         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="300"),
