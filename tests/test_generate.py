@@ -69,6 +69,20 @@ def test_batch_answers_equal_one_by_one_answers(peft_model):
     assert [g.n_new_tokens for g in batch] == [g.n_new_tokens for g in single]
 
 
+def test_more_requests_than_one_batch_keep_their_order(peft_model):
+    """Images are read ahead batch by batch; every batch after the first must get its own pixels."""
+    model, processor = peft_model
+    images = _images()
+    generator = Generator(model, processor, "sys", max_new_tokens=4, batch_size=2)
+    requests = [Request(images[i % 3], "report" if i % 2 else "detect") for i in range(5)]
+
+    batched = generator(requests, progress=False)
+    single = [generator.generate_batch([r])[0] for r in requests]
+
+    assert [g.error for g in batched] == [None] * 5
+    assert [g.text for g in batched] == [g.text for g in single]
+
+
 def test_batch_is_left_padded_with_image_token_types(peft_model):
     model, processor = peft_model
     generator = Generator(model, processor, "sys", max_new_tokens=2)

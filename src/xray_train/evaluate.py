@@ -209,6 +209,7 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
         images = prepared_batches([it.example.image_path for it in encoded], pixel_loader.prepare, batch_size, workers)
         for start, prepared in zip(range(0, len(encoded), batch_size), images):
             chunk = encoded[start : start + batch_size]
+            prepared = prepared.relative_to(start)
             for err in prepared.failed.values():
                 logger.warning("%s", err)
             items = []

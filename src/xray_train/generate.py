@@ -127,13 +127,13 @@ class Generator:
             images = prepared_batches([r.image for r in requests], self.pixels.prepare, self.batch_size, self.workers)
             for start, prepared in zip(range(0, len(requests), self.batch_size), images):
                 chunk = requests[start : start + self.batch_size]
-                results += self.generate_batch(chunk, prepared)
+                results += self.generate_batch(chunk, prepared.relative_to(start))
                 if bar is not None:
                     bar.advance(handle, len(chunk))
         return results
 
     def _pixels(self, requests: Sequence[Request], prepared=None) -> tuple[list[torch.Tensor | None], list[str | None]]:
-        if prepared is not None:  # read ahead by data.loader.prepared_batches
+        if prepared is not None:  # read ahead by data.loader.prepared_batches, indices within ``requests``
             pixels: list = [None] * len(requests)
             errors: list = [prepared.failed.get(i) for i in range(len(requests))]
             if prepared.pixels is not None:

@@ -43,6 +43,15 @@ class PreparedBatch:
     pixels: torch.Tensor | None  # uint8 [len(indices), S, S]
     failed: dict[int, str] = field(default_factory=dict)
 
+    def relative_to(self, start: int) -> "PreparedBatch":
+        """The same batch with indices counted from ``start`` (the batch's first position in ``paths``),
+        for callers that index their own slice of the requests."""
+        return PreparedBatch(
+            indices=[i - start for i in self.indices],
+            pixels=self.pixels,
+            failed={i - start: err for i, err in self.failed.items()},
+        )
+
     def pin_memory(self) -> "PreparedBatch":
         if self.pixels is not None:
             self.pixels = self.pixels.pin_memory()
