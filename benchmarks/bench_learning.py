@@ -164,8 +164,9 @@ def _row(results: dict, seconds: float | None = None) -> dict:
     }
 
 
-def held_out_config(phase2_yaml: Path, data: dict):
-    """The Phase-2 config pointed at the held-out films; val/test fractions 0 put all of them in ``train``."""
+def held_out_config(phase2_yaml: Path, data: dict, check_model: bool = True):
+    """The Phase-2 config pointed at the held-out films; val/test fractions 0 put all of them in ``train``.
+    ``check_model=False`` for callers that only read the data (no base model needed)."""
     from xray_train.config import load_config
 
     d = data["test"]
@@ -173,7 +174,7 @@ def held_out_config(phase2_yaml: Path, data: dict):
         f"data.reports_csv={d['reports_csv']}", f"data.projections_csv={d['projections_csv']}",
         f"data.image_root={d['image_root']}", f"data.box_file={d['box_file']}",
         "data.val_fraction=0", "data.test_fraction=0",
-    ])
+    ], check_model=check_model)
 
 
 def _cached(path: Path, settings: dict, build):
@@ -218,7 +219,8 @@ def mean_box_baseline(data: dict, phase2_yaml: Path) -> dict:
     from xray_train.data.registry import read_dataset
     from xray_train.metrics import box_scores
 
-    train = read_dataset(load_config(phase2_yaml).data).examples
+    # Only the data is read: the baseline needs no base model.
+    train = read_dataset(load_config(phase2_yaml, check_model=False).data).examples
     sums: dict[str, list[float]] = {}
     for ex in train:
         for b in ex.boxes or []:
@@ -226,7 +228,7 @@ def mean_box_baseline(data: dict, phase2_yaml: Path) -> dict:
             for i, v in enumerate((b.x_min, b.y_min, b.x_max, b.y_max, 1.0)):
                 s[i] += v
     mean = {label: Box(label, *(v / s[4] for v in s[:4])) for label, s in sums.items()}
-    test = read_dataset(held_out_config(phase2_yaml, data).data).examples
+    test = read_dataset(held_out_config(phase2_yaml, data, check_model=False).data).examples
     refs = [list(ex.boxes or []) for ex in test]
     preds = [[mean[label] for label in dict.fromkeys(b.label for b in r) if label in mean] for r in refs]
     s = box_scores(preds, refs)
