@@ -116,3 +116,103 @@ def test_data_check_on_the_bundled_samples_needs_no_model(tmp_path, name, boxes)
     assert summary["examples"] > 0
     assert summary["examples"] + sum(summary["skipped"].values()) == summary["rows_total"]
     assert ("boxes_total" in summary and summary["boxes_total"] > 0) == boxes
+
+
+# ---------------------------------------------------------------------------------------------
+# Conventions: --version, -h, --config everywhere, flags, --set help, Ctrl-C, --num-gpus
+
+
+def test_version_names_xray_train_and_the_libraries_bug_reports_need():
+    import torch
+
+    import xray_train
+
+    result = runner.invoke(cli.app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"xray-train {xray_train.__version__} (Python ")
+    assert f"torch {torch.__version__}" in result.output and "transformers " in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_short_help_everywhere_and_flags_take_no_value(command):
+    result = runner.invoke(cli.app, [*command, "-h"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and "-h, --help" in result.output
+    assert "<bool>" not in result.output  # a flag is --overwrite, never --overwrite true
+
+
+def test_set_help_fits_the_command_and_says_how_to_write_a_list():
+    helps = {name: runner.invoke(cli.app, [*name.split(), "-h"], terminal_width=200).output
+             for name in ("phase1", "evaluate", "data check", "config validate")}
+    for name, text in helps.items():
+        assert "--set KEY=VALUE" in text and "[a,b]" in text, name
+    assert "training.learning_rate" in helps["phase1"] and "training.learning_rate" in helps["config validate"]
+    for name in ("evaluate", "data check"):  # commands that never train
+        assert "training.learning_rate" not in helps[name] and "data.image_root=" in helps[name], name
+    for name in ("predict", "merge", "push-to-hub", "demo", "make-tiny-model"):
+        assert "--set" not in runner.invoke(cli.app, [*name.split(), "-h"]).output, name
+
+
+def test_config_validate_takes_config_like_every_command(tiny_model_dir):
+    base = ["--set", f"model.base={tiny_model_dir}", "--no-example"]
+    for args in (["--config", str(DEMO / "phase1.yaml")], ["-c", str(DEMO / "phase1.yaml")], [str(DEMO / "phase1.yaml")]):
+        result = runner.invoke(cli.app, ["config", "validate", *args, *base])
+        assert result.exit_code == 0 and "valid" in result.output, (args, result.output)
+    result = runner.invoke(cli.app, ["config", "validate", *base])
+    assert result.exit_code == 2 and "--config" in result.output
+
+
+def test_a_flag_given_a_value_is_refused():
+    result = runner.invoke(cli.app, ["phase1", "--config", str(DEMO / "phase1.yaml"), "--overwrite", "true"])
+    assert result.exit_code == 2 and "unexpected extra argument" in result.output
+
+
+def _interrupt_training(monkeypatch):
+    import xray_train.train
+
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xray_train.train, "run", interrupted)
+
+
+def test_ctrl_c_before_any_checkpoint_says_a_rerun_starts_over(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    _interrupt_training(monkeypatch)
+    code, out, err = run_main(monkeypatch, capsys, "phase1", "--config", str(DEMO / "phase1.yaml"),
+                              "--set", f"model.base={tiny_model_dir}", "--set", f"output_dir={tmp_path / 'run'}")
+    assert code == 130
+    assert "interrupted before the first checkpoint" in err and "starts from the beginning" in err
+    assert "Traceback" not in out + err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from xray_train.train import CHECKPOINT_COMPLETE
+
+    run_dir = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6 was being written
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (run_dir / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text(str(step))
+    _interrupt_training(monkeypatch)
+    code, _, err = run_main(monkeypatch, capsys, "phase2", "--config", str(DEMO / "phase2.yaml"),
+                            "--set", f"model.base={tiny_model_dir}", "--set", f"output_dir={run_dir}")
+    assert code == 130
+    assert "rerun the same command to resume from checkpoint-4" in err
+
+
+def test_num_gpus_without_gpus_is_a_one_line_error(monkeypatch, capsys):
+    import os
+
+    import torch
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(os, "execvp", lambda *a: pytest.fail("must not launch CPU ranks"))
+    code, out, err = run_main(monkeypatch, capsys, "phase1", "--num-gpus", "2", "--config", str(DEMO / "phase1.yaml"))
+    assert code == 2 and "Traceback" not in out + err
+    assert err.startswith("error: --num-gpus 2: this machine has no CUDA GPU") and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run_main(monkeypatch, capsys, "phase1", "--num-gpus", "2", "--config", str(DEMO / "phase1.yaml"))
+    assert code == 2 and "only 1 CUDA GPU" in err

@@ -81,9 +81,16 @@ def test_launch_execs_accelerate_with_the_shipped_ddp_config(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(os, "execvp", lambda file, args: seen.update(file=file, args=args))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     launch.launch(2, CLI_ARGS)
     assert seen["file"] == sys.executable
     assert seen["args"] == launch.build_command(2, CLI_ARGS, DDP_YAML)
+
+
+def test_the_shipped_ddp_config_is_found_outside_a_checkout(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the copy installed with xray-train is used
+    found = launch.default_config_file()
+    assert found is not None and found.read_text() == DDP_YAML.read_text()
 
 
 def test_launch_refuses_to_nest_inside_a_launcher(monkeypatch):

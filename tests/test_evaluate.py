@@ -183,8 +183,12 @@ def test_evaluate_phase2_writes_results_plots_and_baseline(adapters, make_config
     table = (adapter / "eval_results.md").read_text()
     assert "| mean IoU per reference box (`iou`) |" in table and "base model" in table
     assert results["written"]["json"] == adapter / EVAL_RESULTS
-    # The adapter dir's own results are refreshed on a rerun (push-to-hub reads the latest).
-    evaluate(adapter, cfg, max_new_tokens=2, baseline=False, model=model, processor=processor,
+    # The adapter dir's results are what push-to-hub publishes: a rerun replaces them only on request.
+    with pytest.raises(XrayTrainError, match="push-to-hub publishes it.*--overwrite"):
+        evaluate(adapter, cfg, max_new_tokens=2, baseline=False, model=model, processor=processor,
+                 progress=False, echo=lambda *a: None)
+    assert json.loads((adapter / EVAL_RESULTS).read_text())["baseline"] is not None
+    evaluate(adapter, cfg, max_new_tokens=2, baseline=False, overwrite=True, model=model, processor=processor,
              progress=False, echo=lambda *a: None)
     assert json.loads((adapter / EVAL_RESULTS).read_text())["baseline"] is None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -111,7 +113,7 @@ def test_cached_pooling_equals_the_projector(tiny_model_dir, processor):
 
 @pytest.mark.parametrize("checkpoint_layers", [None, 1])
 def test_checkpointing_all_or_some_layers_matches_no_checkpointing(tiny_model_dir, processor, checkpoint_layers):
-    from xray_train.model import keep_activations_except
+    from xray_train.model import enable_checkpointing, keep_activations_except
 
     model, proc = build_training_model(_config(tiny_model_dir, "phase1"))
     _perturb_lora(model)
@@ -120,7 +122,9 @@ def test_checkpointing_all_or_some_layers_matches_no_checkpointing(tiny_model_di
     plain = targets_only_loss(model, cached)
     plain_grads = _grads(model, plain)
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated transformers name on the way
+        enable_checkpointing(model)
     layers = unwrap_gemma3(model).model.language_model.layers
     chosen = list(range(len(layers)))
     if checkpoint_layers is not None:

@@ -324,6 +324,23 @@ def test_plots_written(tmp_path):
     _assert_png(plot_loss_curve(history, tmp_path / "sub" / "loss.png"))
 
 
+def _figure_texts(fig) -> str:
+    return " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_f1_bars_without_a_correct_finding_say_why_instead_of_drawing_empty_bars():
+    from xray_train.report_plots import f1_bars_figure
+
+    refs = [[F("cardiomegaly")], [F("scoliosis")]]
+    unparsed = f1_bars_figure(finding_scores([None, None], refs)["per_finding"])
+    assert "no findings predicted" in _figure_texts(unparsed)
+    wrong = f1_bars_figure(finding_scores([[F("scoliosis")], [F("cardiomegaly")]], refs)["per_finding"])
+    assert "no predicted finding matched" in _figure_texts(wrong)
+    per_finding = finding_scores([[F("cardiomegaly")], []], refs)["per_finding"]
+    some = f1_bars_figure(per_finding)
+    assert not _figure_texts(some) and len(some.axes[0].patches) == len(per_finding)  # a bar per finding
+
+
 def test_plots_empty_input_gives_placeholder(tmp_path):
     from xray_train.report_plots import plot_f1_bars, plot_iou_histogram, plot_loss_curve
 

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from xray_train.errors import XrayTrainError
+from xray_train.errors import Interrupted, XrayTrainError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,17 +23,57 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: typer's rich panels print flags as "--overwrite <bool>", which reads as if
+    # "--overwrite true" were the way to pass them.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
-config_app = typer.Typer(help="Check configs.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_markup_mode=None)
+config_app = typer.Typer(help="Check configs.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run config YAML (see configs/).", show_default=False)
-SetOpt = typer.Option(
-    None, "--set", "-s", help="Override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)."
-)
+
+
+def set_option(example: str):
+    """``--set KEY=VALUE`` with an example that fits the command it is on."""
+    return typer.Option(
+        None, "--set", "-s", metavar="KEY=VALUE",
+        help=f"Override a config key, e.g. --set {example} (repeatable; a list is written [a,b]).",
+    )
+
+
+TrainSetOpt = set_option("training.learning_rate=1e-4")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished output_dir instead of refusing.")
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from xray_train import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "bitsandbytes"))
+    console.print(f"xray-train {__version__} (Python {sys.version.split()[0]}, {deps})", highlight=False, soft_wrap=True)
+    raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version (and torch, transformers, "
+        "peft, bitsandbytes versions) and exit."
+    ),
+) -> None:
+    pass
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -47,6 +87,20 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _silence_what_users_cannot_act_on()
+
+
+def _silence_what_users_cannot_act_on() -> None:
+    """Third-party messages printed on every run that name nothing a user of xray-train can change."""
+    import warnings
+
+    # bitsandbytes' CPU backend asks for the optional `kernels` package, which would fetch a kernel
+    # from the Hub at import; the built-in CPU path is used without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # "Matplotlib is building the font cache; this may take a moment." (once per machine).
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    # peft reads `model.is_gradient_checkpointing`, which newer transformers renamed.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _load(config: Path, overrides: Optional[list[str]], phase: str | None = None):
@@ -79,21 +133,37 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _train(cfg, **kwargs) -> Path:
+    """``train.run``, with Ctrl-C answered by what a rerun of the same command will do."""
+    from xray_train.train import find_last_good, run
+
+    try:
+        return run(cfg, echo=console.print, **kwargs)
+    except KeyboardInterrupt:
+        if not _is_main_rank():
+            raise Interrupted("") from None
+        last = find_last_good(cfg.output_dir)
+        if last is not None:
+            raise Interrupted(f"interrupted: rerun the same command to resume from {last.name} in {cfg.output_dir}") from None
+        raise Interrupted(
+            f"interrupted before the first checkpoint (one is saved every {cfg.training.save_steps} steps): "
+            "rerunning the same command starts from the beginning"
+        ) from None
+
+
 @app.command()
 def phase1(
     config: Path = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: Optional[list[str]] = TrainSetOpt,
     overwrite: bool = OverwriteOpt,
     num_gpus: Optional[int] = NumGpusOpt,
     accelerate_config: Optional[Path] = AccelConfigOpt,
 ):
     """Phase 1: report SFT on PadChest. Rerunning the same command resumes from the latest checkpoint."""
-    from xray_train.train import run
-
     _maybe_relaunch(num_gpus, accelerate_config)
     _setup_logging()
     cfg = _load(config, set_, "phase1")
-    out = run(cfg, overwrite=overwrite, echo=console.print)
+    out = _train(cfg, overwrite=overwrite)
     if _is_main_rank():
         console.print(f"[green]Phase 1 done.[/green] Adapter and processor in {out}")
 
@@ -104,20 +174,18 @@ def phase2(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Phase-1 output dir whose adapter Phase 2 continues (strongly recommended)."
     ),
-    set_: Optional[list[str]] = SetOpt,
+    set_: Optional[list[str]] = TrainSetOpt,
     overwrite: bool = OverwriteOpt,
     num_gpus: Optional[int] = NumGpusOpt,
     accelerate_config: Optional[Path] = AccelConfigOpt,
 ):
     """Phase 2: <loc> box SFT (Indiana CXR or another box source), continuing the Phase-1 adapter."""
-    from xray_train.train import run
-
     _maybe_relaunch(num_gpus, accelerate_config)
     _setup_logging()
     cfg = _load(config, set_, "phase2")
     if resume is not None and not resume.is_dir():
         raise XrayTrainError(f"--resume: directory not found: {resume}")
-    out = run(cfg, resume_from=resume, overwrite=overwrite, echo=console.print)
+    out = _train(cfg, resume_from=resume, overwrite=overwrite)
     if _is_main_rank():
         console.print(f"[green]Phase 2 done.[/green] Adapter and processor in {out}")
 
@@ -137,7 +205,7 @@ def cache_features_cmd(config: Path = ConfigOpt, set_: Optional[list[str]] = Set
 @data_app.command("check")
 def data_check(
     config: Path = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: Optional[list[str]] = set_option("data.image_root=/data/padchest"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
     strict: bool = typer.Option(
         False, "--strict",
@@ -190,8 +258,13 @@ def _print_data_summary(summary: dict) -> None:
 
 @config_app.command("validate")
 def config_validate(
-    config: Path = typer.Argument(..., help="Run config YAML."),
-    set_: Optional[list[str]] = SetOpt,
+    config_arg: Optional[Path] = typer.Argument(
+        None, metavar="CONFIG", help="Same as --config.", show_default=False
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Run config YAML (see configs/).", show_default=False
+    ),
+    set_: Optional[list[str]] = TrainSetOpt,
     show_example: bool = typer.Option(
         True, "--example/--no-example", help="Also tokenise one example and highlight what is supervised."
     ),
@@ -200,6 +273,9 @@ def config_validate(
     from xray_train.config import dump_config
     from xray_train.data.check import read_for_training
 
+    if (config is None) == (config_arg is None):
+        raise typer.BadParameter("give the config once: --config CFG", param_hint="--config")
+    config = config or config_arg
     cfg = _load(config, set_)
     read = read_for_training(cfg.data)
     console.print(f"[green]{config}: valid[/green] ({cfg.phase}, {cfg.data.dataset}, base {cfg.model.base})")
@@ -271,7 +347,7 @@ def evaluate(
         help="Run config naming the dataset to score on. Default: the config saved in ADAPTER_DIR.",
         show_default=False,
     ),
-    set_: Optional[list[str]] = SetOpt,
+    set_: Optional[list[str]] = set_option("data.image_root=/data/iu/images"),
     split: HeldOut = typer.Option(HeldOut.test, "--split", help="Held-out split (patients unseen in training)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results JSON to this file."),
     max_samples: Optional[int] = typer.Option(
@@ -283,7 +359,9 @@ def evaluate(
     out: Optional[Path] = typer.Option(
         None, "--out", help="Folder for eval_results.json/.md and plots. Default: ADAPTER_DIR (push-to-hub uses them)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results in an --out folder that has some."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace existing eval_results.* (in ADAPTER_DIR: the ones push-to-hub publishes)."
+    ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", min=1, help="Images per batch. Default: training.per_device_eval_batch_size."
     ),
@@ -410,8 +488,13 @@ def push_to_hub_cmd(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _silence_what_users_cannot_act_on()
     try:
         app()
+    except Interrupted as exc:
+        if str(exc):
+            err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except XrayTrainError as exc:
         from rich.text import Text
 

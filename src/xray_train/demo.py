@@ -7,19 +7,30 @@ from pathlib import Path
 
 from rich.console import Console
 
+from xray_train.bundled import CONFIGS
 from xray_train.errors import XrayTrainError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
+DEMO_CONFIGS = CONFIGS / "demo"
 #: A demo report is ~40 tokens; an undertrained tiny model that never stops would otherwise spend
 #: 256 steps of a 262k-row LM head per answer on CPU.
 DEMO_MAX_NEW_TOKENS = 128
+#: What the demo's model is, said before anything runs so that its answers are read for what they are.
+DEMO_MODEL = (
+    "The demo model is tiny and random: MedGemma's structure and real tokenizer at toy width, trained "
+    "for a few CPU steps per phase on the bundled synthetic films."
+)
+#: What the demo can show whatever its model, and what it cannot.
+CAN_SHOW = (
+    "every step of the chain runs on this machine (data checks, 4-bit QLoRA training of both phases, "
+    "evaluation next to the base model, predictions drawn on X-rays) and what each output looks like"
+)
+CANNOT_SHOW = "how well a trained MedGemma reports or localises findings: train on the real datasets for that (README)"
 
 
 def demo_config(name: str) -> Path:
     path = DEMO_CONFIGS / f"{name}.yaml"
     if not path.is_file():
-        raise XrayTrainError(f"demo config not found: {path} (the demo runs from a source checkout: pip install -e .)")
+        raise XrayTrainError(f"demo config not found: {path} (a broken install? reinstall xray-train)")
     return path
 
 
@@ -31,6 +42,7 @@ def run_demo(workdir: Path, overwrite: bool = True, console: Console | None = No
 
     console = console or Console()
     workdir = Path(workdir)
+    console.print(f"{DEMO_MODEL}\nIt shows {CAN_SHOW}.\nIt cannot show {CANNOT_SHOW}.", highlight=False)
     tiny = workdir / "tiny-medgemma"
     if not (tiny / "config.json").is_file():
         console.rule("Building the tiny MedGemma-shaped model (real Gemma 3 tokenizer)")
@@ -51,27 +63,49 @@ def run_demo(workdir: Path, overwrite: bool = True, console: Console | None = No
     console.rule("Phase 2: <loc> box SFT (Indiana sample), continuing Phase 1")
     run(cfg2, resume_from=paths["phase1"], overwrite=overwrite, echo=console.print)
 
-    evaluation, predictions = evaluate_and_predict(cfg1, cfg2, paths, workdir, overwrite, console)
+    evaluation, predictions, records = evaluate_and_predict(cfg1, cfg2, paths, workdir, overwrite, console)
     paths.update(predictions=predictions)
 
     console.rule("Done")
     for name, path in paths.items():
         console.print(f"{name:>11}: {path}", highlight=False)
-    for name, results in evaluation.items():
-        console.print(
-            f"{name} ({results['dataset']} {results['split']}, {results['n_examples']} images): "
-            f"F1 {_num(results['f1'])} (base {_num((results['baseline'] or {}).get('f1'))}), "
-            f"token accuracy {_num(results['token_accuracy'])}"
-            + (f", mean IoU {_num(results['iou'])}" if results.get("iou") is not None else "")
-            + f"; table in {results['written']['markdown']}",
-            highlight=False,
-        )
+    for line in outcome_lines(evaluation, records):
+        console.print(line, highlight=False)
     console.print(
-        "A tiny random model trained for a few CPU steps: the numbers show the pipeline works, not that "
-        f"the model does. Next: `xray-train push-to-hub {paths['phase2']} --repo-id ORG/NAME --dry-run staged/`.",
+        f"Next: `xray-train push-to-hub {paths['phase2']} --repo-id ORG/NAME --dry-run staged/` shows what "
+        "would be published.",
         highlight=False,
     )
     return paths
+
+
+def outcome_lines(evaluation: dict[str, dict], records: list[dict]) -> list[str]:
+    """What the demo's model actually did, in words, and what that does and does not mean."""
+    lines = []
+    for name, r in evaluation.items():
+        n = r["n_examples"]
+        readable = n - (r.get("n_unparsed") or 0)
+        kind = "box answers" if r["phase"] == "phase2" else "reports"
+        base = r.get("baseline") or {}
+        lines.append(
+            f"{name}: {readable} of {n} {r['split']} {kind} readable; F1 {_num(r['f1'])} (base "
+            f"{_num(base.get('f1'))}), token accuracy {_num(r['token_accuracy'])}"
+            + (f", mean IoU {_num(r['iou'])}" if r.get("iou") is not None else "")
+            + f"; table in {r['written']['markdown']}"
+        )
+    boxes = sum(len(rec.get("boxes") or []) for rec in records)
+    drawn = sum("error" not in rec for rec in records)
+    lines.append(
+        f"predictions: {boxes} box{'es' if boxes != 1 else ''} on {drawn} image{'s' if drawn != 1 else ''}"
+        + ("; each picture says why it has none" if boxes == 0 else "")
+    )
+    if all(r["n_examples"] and r.get("n_unparsed") == r["n_examples"] for r in evaluation.values()):
+        lines.append(
+            "No answer was in the trained format, so the scores are 0: expected for a model this small and "
+            "this briefly trained, not a fault of the pipeline."
+        )
+    lines.append(f"The demo shows {CAN_SHOW}. It cannot show {CANNOT_SHOW}.")
+    return lines
 
 
 def _num(value) -> str:
@@ -89,15 +123,17 @@ def evaluate_and_predict(cfg1, cfg2, paths: dict, workdir: Path, overwrite: bool
 
     evaluation = {}
     console.rule("Evaluate: Phase-1 adapter on the PadChest test split (adapter vs base)")
-    evaluation["phase1"] = evaluate(paths["phase1"], cfg1, split="test", max_new_tokens=DEMO_MAX_NEW_TOKENS, echo=echo)
+    evaluation["phase1"] = evaluate(
+        paths["phase1"], cfg1, split="test", max_new_tokens=DEMO_MAX_NEW_TOKENS, overwrite=overwrite, echo=echo
+    )
     for line in summary_lines(evaluation["phase1"]):
         echo(line)
 
     console.rule("Evaluate: Phase-2 adapter on the Indiana test split (adapter vs base)")
     model, processor = load_adapter(paths["phase2"])
     evaluation["phase2"] = evaluate(
-        paths["phase2"], cfg2, split="test", max_new_tokens=DEMO_MAX_NEW_TOKENS, model=model, processor=processor,
-        echo=echo,
+        paths["phase2"], cfg2, split="test", max_new_tokens=DEMO_MAX_NEW_TOKENS, overwrite=overwrite, model=model,
+        processor=processor, echo=echo,
     )
     for line in summary_lines(evaluation["phase2"]):
         echo(line)
@@ -105,8 +141,8 @@ def evaluate_and_predict(cfg1, cfg2, paths: dict, workdir: Path, overwrite: bool
     console.rule("Predict: report + boxes drawn on 3 held-out Indiana images")
     samples, _ = select_examples(cfg2, "test")
     predictions = workdir / "predictions"
-    predict(
+    records = predict(
         paths["phase2"], [ex.image_path for ex in samples[:3]], predictions, task="both",
         overwrite=overwrite, max_new_tokens=DEMO_MAX_NEW_TOKENS, model=model, processor=processor, echo=echo,
     )
-    return evaluation, predictions
+    return evaluation, predictions, records

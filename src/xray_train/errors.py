@@ -13,3 +13,9 @@ class XrayTrainError(Exception):
 
 class DataError(XrayTrainError):
     """Unusable dataset input: missing file, missing column, or a bad row under ``--strict``."""
+
+
+class Interrupted(XrayTrainError):
+    """Ctrl-C: the message says what rerunning the same command will do (empty on non-main ranks)."""
+
+    exit_code = 130

@@ -252,17 +252,21 @@ def _is_adapter_dir(path: Path) -> bool:
 
 
 def check_output_targets(adapter_dir: Path, out_dir: Path, json_out: Path | None, overwrite: bool) -> None:
-    """Before any loading: an adapter dir's own results are refreshed; anything else is not clobbered."""
-    targets = []
-    if not _is_adapter_dir(out_dir) and Path(out_dir).resolve() != Path(adapter_dir).resolve():
-        targets.append(Path(out_dir) / EVAL_RESULTS)
-    if json_out is not None and not _is_adapter_dir(Path(json_out).parent):
-        targets.append(Path(json_out))
-    for target in targets:
-        if target.exists() and not overwrite:
-            raise XrayTrainError(f"{target} exists; pass --overwrite to replace it or choose another --out/--json")
+    """Before any loading: existing results are replaced only with ``overwrite``. In the adapter dir they
+    are what ``push-to-hub`` publishes, so a second evaluation must not swap them silently."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise XrayTrainError(f"--out: {out_dir} exists and is not a directory")
+    if overwrite:
+        return
+    for target in [Path(out_dir) / EVAL_RESULTS] + ([Path(json_out)] if json_out is not None else []):
+        if not target.exists():
+            continue
+        if target.parent.resolve() == Path(adapter_dir).resolve():
+            raise XrayTrainError(
+                f"{target} exists (push-to-hub publishes it with the adapter); pass --overwrite to replace "
+                "it, or --out DIR to write these results elsewhere"
+            )
+        raise XrayTrainError(f"{target} exists; pass --overwrite to replace it or choose another --out/--json")
 
 
 def _fmt(value) -> str:
@@ -314,6 +318,7 @@ def markdown_report(results: dict) -> str:
         for name, v in sorted(labels.items(), key=lambda kv: (-kv[1]["n_reference"], kv[0])):
             lines.append(f"| {name} | {v['n_reference']} | {v['n_predicted']} | {_fmt(v['ap50'])} | "
                          f"{_fmt(v['mean_iou'])} | {_fmt((base_labels.get(name) or {}).get('ap50'))} |")
+    lines += [f"\n{note}" for note in unparsed_notes(results)]
     lines += ["", "Metric definitions: `xray_train.metrics` and `xray_train.evaluate`. "
               "Generation is greedy; `n/a` means undefined (nothing to score), never zero."]
     return "\n".join(lines) + "\n"
@@ -454,4 +459,19 @@ def summary_lines(results: dict) -> list[str]:
             continue
         extra = f"  (base {_fmt(base.get(key))})" if base else ""
         lines.append(f"{text:>42}: {_fmt(results.get(key))}{extra}")
-    return lines
+    return lines + unparsed_notes(results)
+
+
+def unparsed_notes(results: dict) -> list[str]:
+    """Why a column of scores is all zero when no answer could be read: an unparsed answer is scored as
+    missing every reference finding and box, so 0.000 there is a fact about the answers, not a bug."""
+    n = results.get("n_examples") or 0
+    who = [name for name, block in (("the adapter", results), ("the base model", results.get("baseline")))
+           if block and n and block.get("n_unparsed") == n]
+    if not who:
+        return []
+    return [
+        f"Note: none of the {n} answers of {' or '.join(who)} could be parsed into findings or boxes, so "
+        f"{'its' if len(who) == 1 else 'their'} finding and box scores are 0: the model has not learnt the "
+        "answer format (see the answers with `xray-train predict`)."
+    ]

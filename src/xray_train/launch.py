@@ -17,10 +17,9 @@ from pathlib import Path
 
 from xray_train.errors import XrayTrainError
 
-#: Shipped accelerate configs (configs/accelerate/); found relative to the checkout or the working dir.
+#: Shipped accelerate configs (configs/accelerate/); the working dir's copy wins over the installed one.
 DDP_CONFIG = Path("configs") / "accelerate" / "ddp.yaml"
 ZERO2_CONFIG = Path("configs") / "accelerate" / "zero2.yaml"
-_REPO = Path(__file__).resolve().parents[2]
 
 #: Set in every rank by torchrun / accelerate launch: a rank must never launch again.
 _RANK_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE")
@@ -31,8 +30,10 @@ def inside_launcher() -> bool:
 
 
 def default_config_file() -> Path | None:
-    """The shipped DDP config where it exists (a source checkout or the repo as working dir)."""
-    for root in (Path.cwd(), _REPO):
+    """The DDP config in the working dir's configs/ if there is one, else the one installed with xray-train."""
+    from xray_train.bundled import ROOT
+
+    for root in (Path.cwd(), ROOT):
         if (root / DDP_CONFIG).is_file():
             return root / DDP_CONFIG
     return None
@@ -99,6 +100,22 @@ def strip_launch_options(argv: list[str]) -> tuple[int | None, str | None, list[
     return num_gpus, config, rest
 
 
+def check_gpus(num_gpus: int) -> None:
+    """Refuse more processes than visible GPUs: accelerate would start them anyway, as CPU ranks that
+    each train the whole model. ``ACCELERATE_USE_CPU=true`` asks for CPU ranks on purpose (tests)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < num_gpus:
+        seen = "no CUDA GPU" if found == 0 else f"only {found} CUDA GPU{'s' if found > 1 else ''}"
+        raise XrayTrainError(
+            f"--num-gpus {num_gpus}: this machine has {seen} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); drop --num-gpus or lower it"
+        )
+
+
 def launch(num_gpus: int, cli_args: list[str], config_file: Path | str | None = None) -> None:
     """Replace this process with ``accelerate launch ...`` (never returns)."""
     if inside_launcher():
@@ -106,6 +123,7 @@ def launch(num_gpus: int, cli_args: list[str], config_file: Path | str | None = 
             "--num-gpus: already running under a distributed launcher (torchrun / accelerate launch); "
             "drop --num-gpus or the outer launcher"
         )
+    check_gpus(num_gpus)
     if config_file is None:
         config_file = default_config_file()
     cmd = build_command(num_gpus, cli_args, config_file)

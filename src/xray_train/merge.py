@@ -22,13 +22,12 @@ import gc
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import ADAPTER_CONFIG, RESOLVED_CONFIG, atomic_write_json
+from xray_train.outputs import ADAPTER_CONFIG, RESOLVED_CONFIG, atomic_write_json, share_like_umask, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +237,7 @@ def merge(
     model, processor = load_adapter(adapter_dir, base=base, load_in_4bit=False, device_map=device_map)
     dtype = next(model.get_base_model().parameters()).dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging = staging_dir(out_dir.parent, f".{out_dir.name}.staging-")
     try:
         samples = check_samples(
             processor, settings["system_prompt"], settings["image_size"], adapter_has_loc_rows(adapter_dir), staging
@@ -281,6 +280,7 @@ def merge(
             "passed": passed,
         }
         atomic_write_json(staging / MERGE_CHECK, report)
+        share_like_umask(staging)
         _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -324,11 +324,20 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if checkpointing is None:
         checkpointing = torch.cuda.is_available()
     if checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(peft_model)
         peft_model.enable_input_require_grads()
         if cfg.checkpointed_layer_count != "all":
             keep_activations_except(peft_model, cfg.checkpointed_layer_count)
     return peft_model, processor
+
+
+def enable_checkpointing(model) -> None:
+    """Checkpointing on every decoder layer (``keep_activations_except`` then narrows it), non-reentrant."""
+    # Newer transformers call it activation checkpointing and warn on the old name; 5.17 has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def checkpointed_layer_indices(n_layers: int, n_checkpointed: int) -> list[int]:

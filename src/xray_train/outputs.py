@@ -18,6 +18,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DONE_MARKER = "xray_train_complete.json"  # written last: its presence means the run finished
 LOSS_CURVE = "loss_curve.png"
+PEFT_PLACEHOLDER_CARD = "README.md"  # peft's save_pretrained writes an empty model card under this name
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -27,7 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates 0600; outputs are shared (teammates, a Hub upload job), so use the umask.
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -45,6 +46,41 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+#: What ``open()`` and ``mkdir()`` would give under the user's umask (0644 / 0755 under 022).
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder under ``parent`` to build outputs in before moving them into place.
+
+    ``mkdtemp`` makes it 0700, which a rename of the whole folder would keep: set the umask's mode.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(DIR_MODE)
+    return path
+
+
+def tidy_saved_adapter(folder: Path) -> None:
+    """After peft's ``save_pretrained``: drop its placeholder model card ("Model Card for Model ID ...
+    [More Information Needed]"; ``push-to-hub`` writes the real one) and give the files the umask's modes."""
+    (Path(folder) / PEFT_PLACEHOLDER_CARD).unlink(missing_ok=True)
+    share_like_umask(folder)
+
+
+def share_like_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the umask's modes.
+
+    safetensors writes through a private temp file, so every ``*.safetensors`` that transformers or
+    peft save is 0600; outputs are shared (teammates, a Hub upload job, a serving user).
+    """
+    root = Path(root)
+    root.chmod(DIR_MODE if root.is_dir() else FILE_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), DIR_MODE)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), FILE_MODE)
 
 #: errno values that mean "the disk (or the user's quota) is full".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

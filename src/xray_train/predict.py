@@ -114,8 +114,20 @@ def line_width(width: int, height: int) -> int:
     return max(2, round(min(width, height) / 150))
 
 
-def render(image_path: Path, boxes: list[dict]):
-    """The windowed original as RGB with each box (original-image pixels) outlined and labelled."""
+def image_note(record: dict) -> str | None:
+    """What a picture without boxes should say about why it has none (None when boxes are drawn)."""
+    if record.get("boxes") is None:
+        return "report only: no boxes were asked for"
+    if record["boxes"]:
+        return None
+    if record.get("detect_well_formed"):
+        return "no box: the model found no localisable finding"
+    return "no box: the answer was not in the box format (unparsed)"
+
+
+def render(image_path: Path, boxes: list[dict], note: str | None = None):
+    """The windowed original as RGB with each box (original-image pixels) outlined and labelled, and
+    ``note`` written across the top (a picture with no box must not look like a bare input image)."""
     from PIL import Image, ImageDraw, ImageFont
 
     gray = window_to_uint8(load_grayscale(image_path))
@@ -124,6 +136,8 @@ def render(image_path: Path, boxes: list[dict]):
     draw = ImageDraw.Draw(image)
     stroke = line_width(width, height)
     font = ImageFont.load_default(size=max(10, min(width, height) // 24))
+    if note:
+        _draw_note(draw, note, width, ImageFont.load_default(size=max(9, min(width, height) // 28)))
     for box in boxes:
         colour = label_colour(box["label"])
         x0, y0 = (min(max(0, round(box[k])), lim - 1) for k, lim in (("x_min", width), ("y_min", height)))
@@ -140,6 +154,24 @@ def render(image_path: Path, boxes: list[dict]):
             draw.rectangle([tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad], fill=colour)
             draw.text((tx + pad - left, ty + pad - top), box["label"], fill=(0, 0, 0), font=font)
     return image
+
+
+def _draw_note(draw, note: str, width: int, font) -> None:
+    """``note`` in white on a black band along the top edge, wrapped to the image width."""
+    pad = 3
+    lines, line = [], ""
+    for word in note.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width - 2 * pad:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    lines.append(line)
+    text = "\n".join(lines)
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
+    draw.rectangle([0, 0, width, bottom - top + 2 * pad], fill=(0, 0, 0))
+    draw.multiline_text((pad - left, pad - top), text, fill=(255, 255, 255), font=font)
 
 
 def write_png(image, path: Path) -> None:
@@ -242,7 +274,7 @@ def predict(
         try:
             record = build_record(image, name, {t: g.text for t, g in answers.items()}, errors)
             if "error" not in record:
-                write_png(render(image, record["boxes"] or []), out_dir / name)
+                write_png(render(image, record["boxes"] or [], image_note(record)), out_dir / name)
         except ImageError as exc:  # the file changed or broke between generation and drawing
             record = {"image": str(image), "error": str(exc)}
         records.append(record)
@@ -259,12 +291,28 @@ def echo_record(record: dict, echo=print) -> None:
         echo(f"   unreadable: {record['error']}")
         return
     if record.get("report") is not None:
-        flag = "" if record["report_well_formed"] else "   (not in the trained report format)\n"
-        echo(flag + record["report"])
+        if record["report_well_formed"]:
+            echo(record["report"])
+        else:
+            echo(f"report: not in the trained format: {preview(record['report'])}")
     if record.get("boxes") is not None:
         if not record["boxes"]:
-            echo("boxes: none" + ("" if record["detect_well_formed"] else f" (raw answer: {record['raw']['detect']!r})"))
+            echo("boxes: none" + (" (no localisable finding)" if record["detect_well_formed"]
+                                  else f" (answer not in the box format: {preview(record['raw']['detect'])})"))
         for b in record["boxes"]:
             echo(f"box: {b['label'] or '(no label)'}  x {b['x_min']:.0f}-{b['x_max']:.0f}, "
                  f"y {b['y_min']:.0f}-{b['y_max']:.0f} px")
     echo(f"   -> {record['annotated']}")
+
+
+#: Characters of an answer in an unexpected format shown on the console; the whole text is in the JSONL.
+PREVIEW_CHARS = 80
+
+
+def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """An answer on one line, cut at ``limit`` characters: an untrained model can write pages of
+    tokens from every script, which would bury the rest of the output."""
+    flat = " ".join((text or "").split())
+    if len(flat) <= limit:
+        return f'"{flat}"'
+    return f'"{flat[:limit]}..." ({len(flat)} characters; the full answer is in {PREDICTIONS_FILE})'

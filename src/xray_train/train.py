@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,8 @@ from xray_train.outputs import (
     atomic_write_json,
     atomic_write_text,
     disk_full_as_error,
+    staging_dir,
+    tidy_saved_adapter,
 )
 
 logger = logging.getLogger("xray_train")
@@ -407,6 +408,7 @@ def _trainer_class():
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
+                    tidy_saved_adapter(ckpt)
                     atomic_write_text(ckpt / CHECKPOINT_COMPLETE, str(state.global_step))
             return control
 
@@ -599,8 +601,8 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to=report_to,
         remove_unused_columns=False,
-        # Gradient checkpointing is applied in model.py to decoder layers only.
-        gradient_checkpointing=False,
+        # Gradient checkpointing is applied in model.py to decoder layers only: the Trainer's own switch
+        # stays at its default (off). Not passed, since transformers renamed it and warns on the old name.
         ddp_find_unused_parameters=False,
         # DDP would otherwise re-broadcast every buffer before each forward; ours never change (rotary
         # tables, the 4-bit quantisation state of dequantize_in_graph: ~50 MB at MedGemma-4B scale).
@@ -736,10 +738,11 @@ def save_outputs(
     from xray_train.report_plots import plot_loss_curve
 
     out = cfg.output_dir
-    staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    staging = staging_dir(out, ".final-")
     try:
         trainer.model.save_pretrained(staging, save_embedding_layers=False)
         processor.save_pretrained(staging)
+        tidy_saved_adapter(staging)
         for item in staging.iterdir():
             target = out / item.name
             if target.is_dir():
