@@ -28,6 +28,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: Fixtures that build or train a model: a test using one (directly or through another fixture) is slow.
+MODEL_FIXTURES = {"tiny_model_dir", "learned"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that builds, trains or runs a model is ``slow``: ``pytest -m "not slow"`` is the quick
+    subset (configs, data readers, metrics, plots, CLI parsing), with nothing to mark by hand."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Gemma3ForConditionalGeneration with MedGemma's structure and the real tokenizer."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -216,3 +217,75 @@ def test_num_gpus_without_gpus_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code, _, err = run_main(monkeypatch, capsys, "phase1", "--num-gpus", "2", "--config", str(DEMO / "phase1.yaml"))
     assert code == 2 and "only 1 CUDA GPU" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs on shared machines, and nothing printed that a user cannot act on
+
+
+def _modes(root: Path) -> tuple[set[int], set[int]]:
+    paths = [root, *root.rglob("*")]
+    return ({p.stat().st_mode & 0o777 for p in paths if p.is_dir()},
+            {p.stat().st_mode & 0o777 for p in paths if p.is_file()})
+
+
+@pytest.mark.slow
+def test_a_training_run_is_quiet_and_its_outputs_are_readable_by_others(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+
+    out, cache = tmp_path / "run", tmp_path / "features"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", XRAY_TRAIN_FEATURE_CACHE=str(cache),
+               MPLCONFIGDIR=str(tmp_path / "mpl"))  # an empty matplotlib cache: the font cache is built
+    args = [sys.executable, "-m", "xray_train.cli", "phase1", "--config", str(DEMO / "phase1.yaml"),
+            "--set", f"model.base={tiny_model_dir}", "--set", f"output_dir={out}", "--set", "training.max_steps=2",
+            "--set", "training.save_steps=1", "--set", "training.eval_strategy=no", "--set", "training.report_to=[none]"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path, umask=0o022, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout + proc.stderr
+    for noise in ("pip install kernels", "is deprecated", "font cache"):
+        assert noise not in printed, noise
+    assert (out / "checkpoint-1").is_dir() and (out / "adapter_model.safetensors").is_file()
+    assert not list(out.rglob("README.md"))  # no empty "Model Card for Model ID" from peft
+    for root in (out, cache):
+        assert _modes(root) == ({0o755}, {0o644}), root
+
+
+@pytest.mark.slow  # builds a model
+def test_make_tiny_model_writes_a_folder_others_can_read(tmp_path):
+    from xray_train.outputs import DIR_MODE, FILE_MODE
+
+    result = runner.invoke(cli.app, ["make-tiny-model", str(tmp_path / "tiny"), "--hidden-size", "32", "--layers", "1"])
+    assert result.exit_code == 0, result.output
+    assert _modes(tmp_path / "tiny") == ({DIR_MODE}, {FILE_MODE})
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-")]  # no staging left behind
+
+
+@pytest.mark.slow
+def test_demo_says_what_it_shows_and_prints_no_pages_of_gibberish(tiny_model_dir, tmp_path, monkeypatch):
+    import xray_train.config
+    import xray_train.demo
+
+    real_load_config = xray_train.config.load_config
+
+    def quick(path, overrides=(), **kwargs):  # the demo's chain, at a few steps and tokens
+        return real_load_config(path, [*overrides, "training.max_steps=2", "training.save_steps=2",
+                                       "training.eval_strategy=no", "training.report_to=[none]"], **kwargs)
+
+    monkeypatch.setattr(xray_train.config, "load_config", quick)
+    monkeypatch.setattr(xray_train.demo, "DEMO_MAX_NEW_TOKENS", 8)
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    (workdir / "tiny-medgemma").symlink_to(tiny_model_dir)  # an existing demo model is reused
+    result = runner.invoke(cli.app, ["demo", "--workdir", str(workdir)], terminal_width=120)
+    assert result.exit_code == 0, result.output[-3000:]
+    out = result.output
+    assert out.index("It cannot show") < out.index("Data check")  # said before anything runs
+    assert "phase1:" in out and "phase2:" in out and "readable" in out
+    assert re.search(r"predictions: \d+ box(es)? on 3 images", out)
+    for run in ("phase1", "phase2"):
+        assert (workdir / run / "eval_results.md").is_file() and (workdir / run / "f1_bars.png").is_file()
+    results = [json.loads((workdir / run / "eval_results.json").read_text()) for run in ("phase1", "phase2")]
+    nothing_readable = all(r["n_unparsed"] == r["n_examples"] for r in results)
+    assert ("No answer was in the trained format, so the scores are 0" in out) == nothing_readable
+    assert len(list((workdir / "predictions").glob("*_pred.png"))) == 3

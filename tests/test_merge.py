@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tests.test_evaluate import trained_adapters
 from xray_train.errors import XrayTrainError
 from xray_train.merge import MERGE_CHECK, merge
-from xray_train.outputs import ADAPTER_WEIGHTS
+from xray_train.outputs import ADAPTER_WEIGHTS, DIR_MODE, FILE_MODE
 
 PERTURBED = ("lora_B", "multi_modal_projector", "trainable_tokens_delta")
 
@@ -51,6 +51,9 @@ def test_merge_lands_every_component_and_agrees(perturbed_adapter, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no staging left behind
+    # Shared like anything else written under the umask (mkdtemp and safetensors make 0700 / 0600).
+    assert out.stat().st_mode & 0o777 == DIR_MODE
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {FILE_MODE}
 
     # Independent of merge's own check: read the adapter file and the merged model directly.
     state = load_file(str(perturbed_adapter / ADAPTER_WEIGHTS))

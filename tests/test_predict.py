@@ -139,3 +139,49 @@ def test_detect_needs_a_phase2_adapter(adapters, tmp_path):
 def test_missing_input_is_a_user_error(adapters, tmp_path):
     with pytest.raises(XrayTrainError, match="no such file"):
         predict(adapters["phase1"], [tmp_path / "nope.png"], tmp_path / "out")
+
+
+# What an untrained model's answers look like: pages of tokens from every script.
+GIBBERISH = " ".join(["dejaron", "ாகுாகு", "ruaryruary", "центри", "何况"] * 150)
+
+
+def test_unreadable_answers_are_previewed_and_pictures_say_why_they_have_no_box(adapters, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from xray_train import cli
+    from xray_train.data.loc import NO_BOX_ANSWER
+    from xray_train.predict import render
+
+    answers = {"report": GIBBERISH, "detect": GIBBERISH}
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests: [Generation(answers[r.task], 128) for r in requests])
+    image = INDIANA / "13_IM-4562-2001.dcm.png"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.app, ["predict", str(adapters["phase2"]), str(image), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(GIBBERISH) > 4000 and len(result.output) < 1500  # previews, not pages
+    assert "report: not in the trained format:" in result.output
+    assert "boxes: none (answer not in the box format:" in result.output
+    assert f"({len(GIBBERISH)} characters; the full answer is in {PREDICTIONS_FILE})" in result.output
+    (line,) = [json.loads(x) for x in (out / PREDICTIONS_FILE).read_text().splitlines()]
+    assert line["raw"] == {"report": GIBBERISH, "detect": GIBBERISH}  # the whole answers, as JSON strings
+
+    drawn = np.asarray(Image.open(out / line["annotated"]).convert("RGB"))
+    bare = np.asarray(render(image, []))
+    assert not (bare[1] == 0).all()  # the film's top row is not black by itself
+    assert (drawn[1] == 0).all() and (drawn[:30].min(axis=-1) > 200).any()  # white text on a black band
+    assert (drawn[-5:] == bare[-5:]).all()  # the rest of the film is untouched
+
+    answers["detect"] = NO_BOX_ANSWER
+    result = CliRunner().invoke(cli.app, ["predict", str(adapters["phase2"]), str(image), "--out", str(out),
+                                          "--task", "detect", "--overwrite"])
+    assert result.exit_code == 0 and "boxes: none (no localisable finding)" in result.output
+
+
+def test_image_note_says_why_a_picture_has_no_box():
+    from xray_train.predict import image_note
+
+    box = {"label": "mass", "x_min": 1, "y_min": 1, "x_max": 5, "y_max": 5}
+    assert image_note({"boxes": [box], "detect_well_formed": True}) is None
+    assert image_note({"boxes": [], "detect_well_formed": True}) == "no box: no localisable finding"
+    assert image_note({"boxes": [], "detect_well_formed": False}) == "no box: answer not in the box format"
+    assert "report only" in image_note({"boxes": None, "detect_well_formed": None})

@@ -1,6 +1,7 @@
 """Kill and resume through the real CLI, for both phases; checkpoint validation on damaged saves.
 
-A run is SIGKILLed once a complete checkpoint exists, rerun with the same command, and must say
+A run is SIGKILLed (Phase 2: interrupted with Ctrl-C, which must name the checkpoint a rerun resumes
+from) once a complete checkpoint exists, rerun with the same command, and must say
 "Resuming from checkpoint-N", finish, and log at every later step the same loss, gradient norm and
 learning rate as an uninterrupted run: equal losses after the resume need the adapter weights, the
 optimizer moments, the scheduler, the data order and the dropout RNG all restored (LoRA dropout
@@ -55,7 +56,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
     return out, err
 
 
-def kill_after_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 240) -> None:
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 240, sig=signal.SIGKILL) -> str:
     marker = out / "checkpoint-2" / CHECKPOINT_COMPLETE
     deadline = time.monotonic() + timeout
     while not marker.is_file():
@@ -63,8 +64,8 @@ def kill_after_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 24
             pytest.fail(f"run ended (exit {proc.returncode}) before checkpoint-2:\n{proc.stderr.read()[-3000:]}")
         assert time.monotonic() < deadline, "no checkpoint-2 in time"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.send_signal(sig)
+    return proc.communicate()[1]
 
 
 def step_logs(out: Path) -> dict[int, dict]:
@@ -122,7 +123,11 @@ def test_kill_and_resume_phase1_then_phase2(tiny_model_dir, tmp_path, feature_ca
     ref2, run2 = tmp_path / "p2-ref", tmp_path / "p2"
     reference = start([*train_args("phase2", tiny_model_dir, ref2), "--resume", str(ref1)], env)
     victim = start([*train_args("phase2", tiny_model_dir, run2), "--resume", str(ref1)], env)
-    kill_after_checkpoint(victim, run2)
+    err = kill_after_checkpoint(victim, run2, sig=signal.SIGINT)  # Ctrl-C this time
+    assert victim.returncode == 130, err[-3000:]
+    match = re.search(r"rerun the same command to resume from (checkpoint-\d+)", err)
+    assert match and (run2 / match.group(1) / CHECKPOINT_COMPLETE).is_file(), err[-3000:]
+    assert "Traceback" not in err
     finish(reference)
     resumed_out, _ = finish(start([*train_args("phase2", tiny_model_dir, run2), "--resume", str(ref1)], env))
     assert_resumed_like_uninterrupted(ref2, run2, resumed_out)

@@ -117,12 +117,12 @@ def line_width(width: int, height: int) -> int:
 def image_note(record: dict) -> str | None:
     """What a picture without boxes should say about why it has none (None when boxes are drawn)."""
     if record.get("boxes") is None:
-        return "report only: no boxes were asked for"
+        return "report only (no boxes asked for)"
     if record["boxes"]:
         return None
     if record.get("detect_well_formed"):
-        return "no box: the model found no localisable finding"
-    return "no box: the answer was not in the box format (unparsed)"
+        return "no box: no localisable finding"
+    return "no box: answer not in the box format"
 
 
 def render(image_path: Path, boxes: list[dict], note: str | None = None):
