@@ -21,8 +21,8 @@ DEMO_MODEL = (
 )
 #: What the demo can show whatever its model, and what it cannot.
 CAN_SHOW = (
-    "every step of the chain runs on this machine (data checks, 4-bit QLoRA training of both phases, "
-    "evaluation next to the base model, predictions drawn on X-rays) and what each output looks like"
+    "that every step of the chain runs on this machine (data checks, 4-bit QLoRA training of both phases, "
+    "evaluation next to the base model, predictions drawn on X-rays), and what each output looks like"
 )
 CANNOT_SHOW = "how well a trained MedGemma reports or localises findings: train on the real datasets for that (README)"
 
