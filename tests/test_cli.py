@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 COMMANDS = [
     [], ["phase1"], ["phase2"], ["evaluate"], ["predict"], ["merge"], ["push-to-hub"], ["demo"],
-    ["make-tiny-model"], ["data"], ["data", "check"], ["config"], ["config", "validate"],
+    ["make-tiny-model"], ["cache-features"], ["data"], ["data", "check"], ["config"], ["config", "validate"],
 ]
 
 runner = CliRunner()

@@ -191,7 +191,9 @@ def phase2(
 
 
 @app.command("cache-features")
-def cache_features_cmd(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt):
+def cache_features_cmd(
+    config: Path = ConfigOpt, set_: Optional[list[str]] = set_option("data.image_root=/data/padchest")
+):
     """Build the vision-feature cache of a run config's images before training (a killed build continues).
 
     The cache goes to XRAY_TRAIN_FEATURE_CACHE (default ~/.cache/xray-train/vision-features), ~0.6 MB per image.
