@@ -153,7 +153,7 @@ def test_unreadable_answers_are_previewed_and_pictures_say_why_they_have_no_box(
     from xray_train.predict import render
 
     answers = {"report": GIBBERISH, "detect": GIBBERISH}
-    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests: [Generation(answers[r.task], 128) for r in requests])
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests, prepared=None: [Generation(answers[r.task], 128) for r in requests])
     image = INDIANA / "13_IM-4562-2001.dcm.png"
     out = tmp_path / "out"
     result = CliRunner().invoke(cli.app, ["predict", str(adapters["phase2"]), str(image), "--out", str(out)])
