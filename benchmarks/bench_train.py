@@ -4,7 +4,7 @@ Run on one GPU (weights are random; nothing is downloaded):
 
     python benchmarks/bench_train.py --out benchmarks/results/train_speed.json
 
-Every row trains the full MedGemma-4B architecture (REFERENCE.md §1) loaded in 4-bit NF4 with double
+Every row trains the full MedGemma-4B architecture loaded in 4-bit NF4 with double
 quantisation and bf16 compute, LoRA r=32 alpha=64 on the language model's q_proj/v_proj (the seed recipe
 also adapts SigLIP's, as it did), on the *same* samples: the Phase-1 prompt (system + task, ~45 tokens),
 one 896-px image (256 soft tokens + 4 markers) and a 120-token answer. Steps 1-8 are warm-up; steps
@@ -12,7 +12,7 @@ one 896-px image (256 soft tokens + 4 markers) and a 120-token answer. Steps 1-8
 load to the end of the timed steps.
 
 Rows:
-- ``seed``: the published ExplainMyXray recipe (REFERENCE.md §6-7): LoRA on every q_proj/v_proj,
+- ``seed``: the published ExplainMyXray recipe: LoRA on every q_proj/v_proj,
   ``prepare_model_for_kbit_training`` + gradient checkpointing, HF forward with full logits.
 - ``trl``: TRL ``SFTTrainer`` as its Gemma 3 vision example uses it (custom VLM collator,
   ``skip_prepare_dataset``, gradient checkpointing as SFTConfig defaults), with our LoRA.

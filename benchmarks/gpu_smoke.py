@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_smoke.py --out benchmarks/results/gpu_smoke.json
 
-Random weights (REFERENCE.md §1) saved as a local model dir, synthetic data in the real PadChest and
+Random weights saved as a local model dir, synthetic data in the real PadChest and
 Indiana layouts, shipped configs with ``--set`` overrides; records each phase's samples/s, peak GPU
 memory and the files it wrote.
 """

@@ -1,4 +1,4 @@
-"""MedGemma-4B's architecture with random weights (REFERENCE.md §1), for GPU benchmarks.
+"""MedGemma-4B's architecture with random weights, for GPU benchmarks.
 
 No weights can be downloaded where benchmarks run, so the model is built from its published
 configuration, initialised randomly on the GPU, and saved as safetensors next to a MedGemma-like

@@ -15,6 +15,8 @@ import pytest
 from xray_train import cli, model
 from xray_train.config import load_config
 
+from tests.test_cli import run_main
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 
@@ -27,15 +29,6 @@ def no_weights(monkeypatch):
         raise AssertionError("the base model was loaded before the problem was reported")
 
     monkeypatch.setattr(model, "load_base", refuse)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The installed entry point (``cli.main``), output captured."""
-    monkeypatch.setattr(sys, "argv", ["xray-train", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def demo_args(command: str, tiny: Path, tmp_path: Path, *sets: str) -> list[str]:

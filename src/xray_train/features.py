@@ -4,7 +4,7 @@ Gemma 3's projector is ``avg_pool(4096 -> 256 patches) -> RMSNorm -> matmul``. T
 pooling are frozen in both phases, so their output (256 x 1152 per image at MedGemma's size, 0.6 MB in
 bf16) is cached; the norm + matmul tail runs in the training step, which keeps the projector trainable
 in Phase 2 and lets one cache serve both phases. SigLIP at 896 px costs about as much compute as the
-language model's forward and backward together (REFERENCE.md §7), so this roughly halves a step.
+language model's forward and backward together, so this roughly halves a step.
 
 The cache key covers the vision weights (a numeric fingerprint of every tensor), the vision config,
 the preprocessing settings and every image file's path, size and mtime: changing any of them builds a

@@ -2,8 +2,8 @@
 
 Inputs go through exactly the training path: ``PixelLoader`` for the image (window, pad, resize, HF
 normalisation) and ``PromptEncoder.prompt_ids(task)`` for the prompt (the image already expanded into
-its soft tokens), so what the model sees at inference is what it was trained on (REFERENCE.md §6:
-the seed recipe's inference clipped 16-bit PNGs that training had windowed).
+its soft tokens), so what the model sees at inference is what it was trained on (the
+seed recipe's inference clipped 16-bit PNGs that training had windowed).
 
 Prompts of different tasks differ in length; a batch is *left*-padded so every row's answer starts
 at the same column and the decoder's next token is always the last position. ``token_type_ids``

@@ -1,6 +1,6 @@
 """Publish a trained adapter to the Hugging Face Hub, with a model card that says what it really is.
 
-Safety rules, each learnt from the published adapter this project replaces (REFERENCE §6):
+Safety rules, each learnt from the published adapter this project replaces:
 
 * An adapter is refused unless its safetensors file holds LoRA tensors and at least one ``lora_B`` is
   non-zero. A freshly initialised LoRA has ``lora_B == 0`` (its ``lora_A`` is random), so "some

@@ -1,6 +1,6 @@
 """Load the base, quantise it, add loc tokens, attach or continue the LoRA adapter, and load it back.
 
-What the seed recipe got wrong and this module does instead (REFERENCE.md §6):
+What the seed recipe got wrong and this module does instead:
 - the base is a Gemma 3 model loaded with ``AutoModelForImageTextToText`` (never PaliGemma);
 - LoRA targets only the *language model's* q_proj/v_proj (SigLIP has modules of the same names);
 - Phase 2 continues the Phase-1 LoRA weights instead of re-initialising them;
