@@ -5,7 +5,7 @@
 
 Films: PadChest's layout (its real CSV columns, nested ``ImageDir`` folders) with 16-bit PNGs of 2000-3000
 px a side and detector noise (5-8 MB each, like the real ones), and Indiana's layout with 8-bit PNGs of the
-same size; drawn from ``xray_train.data.synthetic`` and enlarged. Model: the full MedGemma-4B
+same size; drawn from ``xray_train.testing.synthetic`` and enlarged. Model: the full MedGemma-4B
 architecture with random weights, saved once as ``<workdir>/model.base`` (``--tiny``: the tiny test model
 and small films).
 
@@ -78,7 +78,7 @@ def make_films(workdir: Path, n_padchest: int, n_indiana: int, size_range: tuple
 
     import numpy as np
 
-    from xray_train.data.synthetic import write_indiana, write_padchest
+    from xray_train.testing.synthetic import write_indiana, write_padchest
 
     done = workdir / "films.json"
     if done.is_file():
@@ -114,7 +114,7 @@ def make_model(workdir: Path, tiny: bool) -> Path:
     if (out / "config.json").is_file():
         return out
     if tiny:
-        from xray_train.tiny import make_tiny_model
+        from xray_train.testing.tiny import make_tiny_model
 
         return make_tiny_model(out)
     from medgemma_arch import build_random_medgemma
@@ -247,7 +247,7 @@ def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: d
         return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
     stages = json.loads(stages_out.read_text())
     out_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
-    from xray_train.outputs import SUMMARY
+    from xray_train.run_dir import SUMMARY
 
     summary = json.loads((out_dir / SUMMARY).read_text())
     steps = stages["steps"]

@@ -1,8 +1,8 @@
 """Does the two-phase recipe learn to localise? Box lesions in synthetic films it never saw.
 
-Builds a small random Gemma 3 image-text model (``xray_train.tiny.make_tiny_model``: SigLIP tower, the
+Builds a small random Gemma 3 image-text model (``xray_train.testing.tiny.make_tiny_model``: SigLIP tower, the
 real Gemma 3 tokenizer, a few decoder layers), writes synthetic films with exactly known boxes
-(``xray_train.data.synthetic.write_benchmark``: PadChest layout for Phase 1, Indiana layout + exact
+(``xray_train.testing.synthetic.write_benchmark``: PadChest layout for Phase 1, Indiana layout + exact
 ``boxes.csv`` for Phase 2, a held-out Indiana set drawn from another seed), then runs the real chain:
 
     xray-train phase1 --config bench_phase1.yaml             (subprocess, the CLI)
@@ -18,8 +18,8 @@ Rows written to ``benchmarks/results/learns_boxes.json``:
 - ``phase2_only``: Phase 2 from a fresh adapter (no Phase 1);
 - ``projector_frozen``: ``model.train_projector=false`` in Phase 2;
 - ``plain_text_loc``: ``model.add_loc_tokens=false``: the answers still spell ``<loc0123>``, which the
-  tokenizer then splits into several ordinary pieces (evaluate's "has trained loc rows" guard is
-  bypassed for this row only, see ``_evaluate``);
+  tokenizer then splits into several ordinary pieces (evaluated with ``add_loc_tokens=false`` too, see
+  ``_evaluate``);
 - ``mean_box``: no model: every held-out image gets the mean training box of each label it really has
   (the labels are given for free, so it isolates localisation), scored with ``metrics.box_scores``;
 - ``probe``: is the box even readable from the frozen, pooled vision features? A ridge regression and a
@@ -197,19 +197,15 @@ def _cached(path: Path, settings: dict, build):
 
 
 def _evaluate(adapter: Path, phase2_yaml: Path, data: dict, max_new_tokens: int, plain_text: bool = False) -> dict:
-    import xray_train.evaluate as ev
+    from xray_train.evaluate import evaluate
 
     cfg = held_out_config(phase2_yaml, data)
-    guard = ev.adapter_has_loc_rows
     if plain_text:
-        # evaluate refuses Phase-2 adapters without trained loc rows (normally a Phase-1 adapter by
-        # mistake); the plain-text ablation has none by design.
-        ev.adapter_has_loc_rows = lambda _dir: True
-    try:
-        return ev.evaluate(adapter, cfg, split="train", baseline=False, out_dir=adapter / "held_out_eval",
-                           overwrite=True, max_new_tokens=max_new_tokens, progress=False, echo=lambda *a: None)
-    finally:
-        ev.adapter_has_loc_rows = guard
+        # Evaluated as it was trained: without loc tokens (evaluate otherwise refuses a Phase-2 adapter with
+        # no trained loc rows, normally a Phase-1 adapter by mistake).
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"add_loc_tokens": False})})
+    return evaluate(adapter, cfg, split="train", baseline=False, out_dir=adapter / "held_out_eval",
+                    overwrite=True, max_new_tokens=max_new_tokens, progress=False, echo=lambda *a: None)
 
 
 def mean_box_baseline(data: dict, phase2_yaml: Path) -> dict:
@@ -362,8 +358,8 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
     """Build model and data under ``workdir``, train and score ``rows``; returns the results dict.
 
     ``jobs`` > 1 runs that many trainings side by side."""
-    from xray_train.data.synthetic import write_benchmark
-    from xray_train.tiny import make_tiny_model
+    from xray_train.testing.synthetic import write_benchmark
+    from xray_train.testing.tiny import make_tiny_model
 
     started = time.time()
     workdir = Path(workdir)

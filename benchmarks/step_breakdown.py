@@ -1,6 +1,6 @@
 """Where does a QLoRA step's time go at MedGemma-4B scale? Data loading vs forward/backward vs optimizer.
 
-    python benchmarks/step_breakdown.py --batch 16 [--compile 1] [--liger 1]
+    python benchmarks/step_breakdown.py --batch 16 [--compile 1]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def timed(fn, n):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--liger", type=int, default=1)
     p.add_argument("--compile", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/xray-bench"))
     args = p.parse_args()
@@ -41,14 +40,15 @@ def main() -> None:
     from xray_train.config import RunConfig
     from xray_train.loss import targets_only_loss
     from xray_train.model import build_training_model, compile_decoder_layers
+    from xray_train.resolve import resolve
     from xray_train.train import PreparedData, build_datasets
 
     image_root = Path(items[0].example.image_path).parents[1]
-    cfg = RunConfig.model_validate({
+    cfg = resolve(RunConfig.model_validate({
         "phase": "phase1", "output_dir": str(args.workdir / "bd"), "model": {"base": str(base)},
         "data": {"dataset": "padchest", "image_root": str(image_root), "csv": str(image_root / "x.csv")},
-        "training": {"use_liger": bool(args.liger)},
-    })
+        "training": {"torch_compile": False},  # --compile compiles the layers below
+    }))
     model, proc = build_training_model(cfg)
     if args.compile:
         compile_decoder_layers(model)
@@ -72,11 +72,11 @@ def main() -> None:
 
     def fwd():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            targets_only_loss(model, batch)
+            targets_only_loss(model, batch, cfg.training.head_chunk_rows, grad_in_forward=False)
 
     def fwd_bwd():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = targets_only_loss(model, batch)
+            out = targets_only_loss(model, batch, cfg.training.head_chunk_rows, cfg.training.head_grad_in_forward)
             loss = out.loss_sum / out.n_tokens
         loss.backward()
 

@@ -5,7 +5,7 @@
 
 ``data/samples/padchest/``: PadChest layout (real 36-column CSV, nested ImageDir folders, 16-bit PNGs).
 ``data/samples/indiana/``: Indiana Kaggle layout (reports, projections, 8-bit PNGs) + exact ``boxes.csv``.
-Nothing here is patient data: every film is drawn by ``xray_train.data.synthetic``.
+Nothing here is patient data: every film is drawn by ``xray_train.testing.synthetic``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from xray_train.data.synthetic import write_indiana, write_padchest
+from xray_train.testing.synthetic import write_indiana, write_padchest
 
 PADCHEST_SEED = 20190201
 INDIANA_SEED = 3851

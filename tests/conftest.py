@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Gemma3ForConditionalGeneration with MedGemma's structure and the real tokenizer."""
-    from xray_train.tiny import make_tiny_model
+    from xray_train.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-medgemma")
 

@@ -72,7 +72,8 @@ def test_config_validate_on_the_demo_configs_shows_the_supervised_example(phase,
 
 def test_push_to_hub_dry_run_lists_the_staged_files(adapters, tmp_path):
     staged = tmp_path / "staged"
-    result = runner.invoke(cli.app, ["push-to-hub", str(adapters["phase2"]), "--repo-id", "my-lab/cxr-lora", "--dry-run", str(staged)])
+    result = runner.invoke(cli.app, ["push-to-hub", str(adapters["phase2"]), "--repo-id", "my-lab/cxr-lora", "--dry-run", str(staged),
+                                     "--base-model", "google/medgemma-4b-it"])  # the tiny base is a local folder
     assert result.exit_code == 0, result.output
     for name in ("README.md", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
         assert name in result.output and (staged / name).is_file()
@@ -187,7 +188,7 @@ def test_ctrl_c_before_any_checkpoint_says_a_rerun_starts_over(monkeypatch, caps
 
 
 def test_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(monkeypatch, capsys, tmp_path, tiny_model_dir):
-    from xray_train.train import CHECKPOINT_COMPLETE
+    from xray_train.run_dir import CHECKPOINT_COMPLETE
 
     run_dir = tmp_path / "run"
     for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6 was being written

@@ -74,3 +74,18 @@ def test_checkpoint_layers_conflicts_only_with_checkpointing_switched_off():
     demo = load_config(REPO / "configs" / "demo" / "phase1.yaml", ["training.gradient_checkpointing=false"],
                        check_paths=False)
     assert demo.training.checkpoint_layers is None  # the default alone is no conflict
+
+
+@pytest.mark.parametrize("config, setting, expected", [
+    ("phase1", "data.csvv=/x", "data.csvv: unknown key (did you mean csv?)"),
+    ("phase2", "data.reports_cvs=/x", "data.reports_cvs: unknown key (did you mean reports_csv?)"),
+    ("phase2", "data.box_sorce=box_file", "data.box_sorce: unknown key (did you mean box_source?)"),
+    ("phase1", "data.val_fractoin=0.1", "(did you mean val_fraction?)"),
+])  # fmt: skip
+def test_a_misspelt_data_key_suggests_a_key_of_its_dataset(config, setting, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "demo" / f"{config}.yaml", [setting], check_paths=False)
+    assert expected in str(err.value)
+    # Another dataset's key is unknown here, with no suggestion from that dataset.
+    with pytest.raises(ConfigError, match=r"data.reports_csv: unknown key \[from --set\]"):
+        load_config(REPO / "configs" / "demo" / "phase1.yaml", ["data.reports_csv=/x"], check_paths=False)

@@ -16,6 +16,7 @@ import torch
 from xray_train import launch
 from xray_train.distributed import call_through_ddp
 from xray_train.errors import XrayTrainError
+from xray_train.resolve import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_YAML = REPO / "configs" / "accelerate" / "ddp.yaml"
@@ -335,14 +336,18 @@ def test_one_process_seeing_several_gpus_trains_its_own_batch_on_one(make_config
     the GPU count (it was: the 1-GPU benchmark row trained 16 per step while reporting 8)."""
     from transformers import TrainingArguments
 
-    from xray_train.train import _trainer_class, training_arguments
+    from xray_train.train import training_arguments
+    from xray_train.trainer import XrayTrainer
 
     monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: getattr(self, "_n_gpu", 1)))
-    cfg = make_config("phase1", "training.per_device_train_batch_size=3", "training.group_by_length=false")
+    cfg = resolve(make_config("phase1", "training.per_device_train_batch_size=3", "training.group_by_length=false"))
     args = training_arguments(cfg, has_eval=False)
     args._n_gpu = 2  # what TrainingArguments finds on a 2-GPU host in one process
     model = torch.nn.Linear(2, 2)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=list(range(12)), data_collator=list)
+    trainer = XrayTrainer(
+        model=model, args=args, train_dataset=list(range(12)), data_collator=list, lengths=None,
+        targets_only=True, head_chunk_rows=cfg.training.head_chunk_rows, head_grad_in_forward=False,
+    )
     assert trainer.args.n_gpu == 1
     assert trainer._train_batch_size == 3
     assert len(next(iter(trainer.get_train_dataloader()))) == 3
@@ -353,13 +358,13 @@ def test_ddp_does_not_rebroadcast_constant_buffers_every_step(make_config):
     default would send them from rank 0 to every rank before each forward."""
     from xray_train.train import training_arguments
 
-    args = training_arguments(make_config("phase1"), has_eval=False)
+    args = training_arguments(resolve(make_config("phase1")), has_eval=False)
     assert args.ddp_broadcast_buffers is False
 
 
 POISON_ONE_RANK = r"""
 import os, sys
-import xray_train.train as train
+import xray_train.trainer as trainer
 from xray_train.loss import targets_only_loss
 
 calls = []
@@ -373,7 +378,7 @@ def poisoned(model, batch, *args, **kwargs):
     return out
 
 
-train.targets_only_loss = poisoned
+trainer.targets_only_loss = poisoned
 from xray_train.cli import main
 
 sys.argv = ["xray-train", *sys.argv[1:]]

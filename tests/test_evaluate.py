@@ -25,7 +25,7 @@ from xray_train.evaluate import (
 )
 from xray_train.generate import Generation, Generator
 from xray_train.inputs import build_target
-from xray_train.outputs import DONE_MARKER, EVAL_RESULTS
+from xray_train.run_dir import DONE_MARKER, EVAL_RESULTS
 
 # ---------------------------------------------------------------------------------------------
 # Shared trained adapters (imported by test_predict, test_merge and test_cli)

@@ -26,7 +26,9 @@ def peft_model(make_config):
     if "model" not in _MODEL:
         from xray_train.model import build_training_model
 
-        model, processor = build_training_model(make_config("phase2"))
+        from xray_train.resolve import resolve
+
+        model, processor = build_training_model(resolve(make_config("phase2")))
         torch.manual_seed(0)
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.numpy import save_file
 
@@ -25,6 +26,8 @@ from xray_train.hub import (
     validate_adapter_dir,
     validate_repo_id,
 )
+from xray_train.hub.adapter import published_base
+from xray_train.run_dir import LINEAGE, RunDir, sha256_of
 
 FAKE_TOKEN = "hf_TESTSECRET1234567890abcdefABCDEF"
 LM = "base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
@@ -169,21 +172,62 @@ def test_card_reports_eval_numbers_and_nothing_invented(tmp_path):
     assert "0.1000" not in card  # the raw IoU list is not dumped into the card
 
 
-def test_card_with_earlier_phase_config(tmp_path):
+def test_card_evaluation_is_the_table_of_eval_results_md(tmp_path):
+    """The card's Evaluation section embeds the tables ``xray-train evaluate`` wrote, not flattened keys,
+    and shows neither a local path nor a secret that reached the file."""
+    from xray_train.evaluate import markdown_report
+
+    results = {
+        "adapter": "run_phase2", "phase": "phase2", "task": "detect", "split": "test", "dataset": "indiana",
+        "n_examples": 40, "parse_rate": 0.9875, "map50": 0.2719, "iou": 0.41237,
+        "per_finding": {"cardiomegaly": {"support": 12, "predicted": 10, "f1": 0.6125}},
+        "boxes": {"per_label": {"cardiomegaly": {"n_reference": 12, "n_predicted": 9, "ap50": 0.5,
+                                                 "mean_iou": 0.45}}},
+        "baseline": {"parse_rate": 0.0, "map50": 0.0},
+    }  # fmt: skip
+    d = make_adapter(tmp_path, "phase2", eval_results=results)
+    leak = f"\nRun on /home/alice/data/iu/images with {FAKE_TOKEN}.\n"
+    (d / "eval_results.md").write_text(markdown_report(results) + leak)
+    card = build_model_card(d, repo_id="my-lab/cxr-lora")
+    section = card.split("## Evaluation\n", 1)[1].split("\n## Usage", 1)[0]
+    assert "| answers in the trained format (`parse_rate`) | 0.988 | 0.000 | +0.988 |" in section
+    assert "| mAP@0.5 (`map50`) | 0.272 | 0.000 | +0.272 |" in section
+    assert "#### Per finding (top 25 by support)" in section  # nested under the card's section
+    assert "| cardiomegaly | 12 | 10 | 0.613 | n/a |" in section
+    assert "#### Boxes per label" in section
+    assert "# Evaluation: run_phase2" not in card  # the file's own title
+    assert "| metric | value |" not in section and "per_finding.cardiomegaly" not in section  # no flattened keys
+    assert "/home/alice" not in card and "/data/iu" not in card and FAKE_TOKEN not in card
+    assert "Not evaluated" not in card
+
+
+def test_card_shows_the_phase1_parent_recorded_in_the_lineage(tmp_path):
     d = make_adapter(tmp_path, "phase2")
     p1 = make_adapter(tmp_path / "p1", "phase1")
-    (d / "xray_train_config.phase1.yaml").write_text((p1 / "xray_train_config.yaml").read_text())
+    RunDir(p1).mark_finished("phase1", 300)
+    RunDir(d).write_lineage("phase2", RunDir(p1))
     card = build_model_card(d)
     assert _front_matter(card)["datasets"] == ["PadChest (BIMCV)", "Indiana University Chest X-ray collection (OpenI)"]
     assert "Phase 1 - structured report" in card and "Phase 2 - localisation" in card
-    assert "Phase 2 continued the Phase-1 adapter" in card
+    assert "Phase 2 continued the Phase-1 adapter `run_phase1`" in card
+    assert sha256_of(p1 / "adapter_model.safetensors") in card
+    assert str(p1) not in card and "not recorded" not in card
     # The snippet asks with the exact training instruction of the last phase, and names the earlier one.
     from xray_train.collate import TASK_PROMPTS
 
     assert json.dumps(TASK_PROMPTS["detect"]) in card
     assert f"# phase1 was trained with the prompt {json.dumps(TASK_PROMPTS['report'])}" in card
     staged = stage_upload(d, tmp_path / "staged")
-    assert "xray_train_config.phase1.yaml" in staged
+    assert LINEAGE not in staged  # the card carries the lineage; the file names folders of this machine
+    assert str(p1) not in (tmp_path / "staged" / "README.md").read_text()
+
+
+def test_card_of_a_phase2_run_without_phase1_says_so(tmp_path):
+    d = make_adapter(tmp_path, "phase2")
+    RunDir(d).write_lineage("phase2", None)
+    card = build_model_card(d)
+    assert "started from a fresh adapter" in card
+    assert "Phase 1 - structured report" not in card and "not recorded" not in card
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +292,12 @@ def test_refuses_phase2_tokenizer_without_loc_tokens(tmp_path):
 def test_preprocessor_config_alone_is_enough(tmp_path):
     d = make_adapter(tmp_path, "phase1")
     (d / "processor_config.json").rename(d / "preprocessor_config.json")
-    validate_adapter_dir(d)
+    assert validate_adapter_dir(d).n_trained_lora_b == 4
+    staged = stage_upload(d, tmp_path / "staged")
+    assert "preprocessor_config.json" in staged and "processor_config.json" not in staged
+    (d / "preprocessor_config.json").unlink()
+    with pytest.raises(XrayTrainError, match="processor files missing"):
+        validate_adapter_dir(d)
 
 
 @pytest.mark.parametrize(
@@ -516,3 +565,100 @@ def test_push_refuses_untrained_before_network(tmp_path, hub_env):
     with pytest.raises(XrayTrainError, match="untrained"):
         push_to_hub(d, "my-lab/cxr-lora", token=FAKE_TOKEN, endpoint=hub_env.url)
     assert hub_env.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing an adapter trained from a local copy of the base
+
+
+def test_published_base_comes_from_the_flag_or_the_local_folder(tmp_path):
+    assert published_base("google/medgemma-4b-it") == "google/medgemma-4b-it"
+    local = tmp_path / "medgemma"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(XrayTrainError, match="--base-model") as exc:
+        published_base(str(local))
+    assert "\n" not in str(exc.value)
+    assert published_base(str(local), "google/medgemma-4b-it") == "google/medgemma-4b-it"
+    with pytest.raises(XrayTrainError, match="--base-model 'my base'"):
+        published_base(str(local), "my base")
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "google/medgemma-4b-it"}))
+    assert published_base(str(local)) == "google/medgemma-4b-it"
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(local)}))  # a path names no Hub id
+    with pytest.raises(XrayTrainError, match="--base-model"):
+        published_base(str(local))
+    snapshot = tmp_path / "hf" / "models--google--medgemma-4b-it" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert published_base(str(snapshot)) == "google/medgemma-4b-it"
+
+
+@pytest.mark.slow
+def test_adapter_trained_from_a_local_base_is_published_under_its_hub_id(tmp_path, tiny_model_dir, monkeypatch):
+    """`push-to-hub --base-model google/medgemma-4b-it --dry-run` on a run whose model.base is a local
+    folder: the card and the staged adapter_config.json name the Hub id, no local path is published, the
+    run dir is untouched, and peft loads the staged adapter from that Hub id."""
+    import shutil
+
+    from peft import PeftConfig, PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForImageTextToText
+    from typer.testing import CliRunner
+
+    from xray_train.cli import app
+    from xray_train.config import RunConfig
+    from xray_train.model import build_training_model
+    from xray_train.resolve import resolve
+
+    from .conftest import SAMPLES
+
+    local_base = tmp_path / "downloads" / "medgemma-local-copy"
+    shutil.copytree(tiny_model_dir, local_base)
+    cfg = resolve(RunConfig.model_validate({
+        "phase": "phase1", "output_dir": str(tmp_path / "run"), "model": {"base": str(local_base)},
+        "data": {"dataset": "padchest", "image_root": str(SAMPLES), "csv": str(SAMPLES / "x.csv")},
+    }))
+    model, processor = build_training_model(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)  # a trained adapter: the all-zero initial lora_B is refused
+    run_dir = RunDir(cfg.output_dir)
+    model.save_pretrained(run_dir.path, save_embedding_layers=False)
+    processor.save_pretrained(run_dir.path)
+    run_dir.write_config(cfg)
+    assert run_dir.adapter_config()["base_model_name_or_path"] == str(local_base)
+    before = {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()}
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["push-to-hub", str(run_dir.path), "--repo-id", "my-lab/cxr", "--dry-run",
+                                  str(tmp_path / "refused")])
+    assert refused.exit_code != 0 and "--base-model" in str(refused.exception)
+    staged = tmp_path / "staged"
+    result = runner.invoke(app, ["push-to-hub", str(run_dir.path), "--repo-id", "my-lab/cxr", "--dry-run", str(staged),
+                                 "--base-model", "google/medgemma-4b-it"])
+    assert result.exit_code == 0, result.output
+
+    card = (staged / "README.md").read_text()
+    assert "base_model: google/medgemma-4b-it" in card and _front_matter(card)["base_model"] == "google/medgemma-4b-it"
+    assert 'BASE = "google/medgemma-4b-it"' in card
+    for name in staged.iterdir():
+        text = name.read_bytes()
+        assert str(local_base).encode() not in text and local_base.name.encode() not in text, name.name
+    assert json.loads((staged / "adapter_config.json").read_text())["base_model_name_or_path"] == "google/medgemma-4b-it"
+    assert yaml.safe_load((staged / "xray_train_config.yaml").read_text())["model"]["base"] == "google/medgemma-4b-it"
+    assert {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()} == before  # only read
+
+    # A downloader: peft reads the base from the staged adapter_config.json; a local folder stands in
+    # for the Hub repo of that id.
+    hub = tmp_path / "hub"
+    shutil.copytree(tiny_model_dir, hub / "google" / "medgemma-4b-it")
+    monkeypatch.chdir(hub)
+    base_id = PeftConfig.from_pretrained(staged).base_model_name_or_path
+    assert base_id == "google/medgemma-4b-it"
+    loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_id), staged)
+    expected = get_peft_model_state_dict(model)
+    got = get_peft_model_state_dict(loaded)
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].float(), value.float(), msg=key)
+

@@ -57,7 +57,7 @@ def _boxes(box_csv: Path) -> list[tuple]:
 
 
 def test_benchmark_data_holds_out_unseen_films(tmp_path):
-    from xray_train.data.synthetic import write_benchmark
+    from xray_train.testing.synthetic import write_benchmark
 
     data = write_benchmark(tmp_path, 6, 4, seed_train=1, seed_test=5, kinds=("mass",), n_findings=1,
                            blob_radius=(0.08, 0.1))
@@ -75,7 +75,7 @@ def test_benchmark_data_holds_out_unseen_films(tmp_path):
 def test_benchmark_data_written_in_parallel_is_identical(tmp_path):
     import hashlib
 
-    from xray_train.data.synthetic import write_benchmark
+    from xray_train.testing.synthetic import write_benchmark
 
     def digest(root):
         return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
@@ -91,7 +91,7 @@ def test_benchmark_data_written_in_parallel_is_identical(tmp_path):
 def test_impossible_finding_counts_are_refused():
     import numpy as np
 
-    from xray_train.data.synthetic import sample_spec
+    from xray_train.testing.synthetic import sample_spec
 
     with pytest.raises(ValueError):
         sample_spec(np.random.default_rng(0), n_findings=2, kinds=("cardiomegaly",))
@@ -100,7 +100,7 @@ def test_impossible_finding_counts_are_refused():
 
 
 def test_mean_box_baseline_scores_the_held_out_set(tmp_path):
-    from xray_train.data.synthetic import write_benchmark
+    from xray_train.testing.synthetic import write_benchmark
 
     bench = _bench()
     data = write_benchmark(tmp_path / "data", 8, 4, seed_train=1, seed_test=5, kinds=("mass",), n_findings=1)

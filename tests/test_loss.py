@@ -8,30 +8,36 @@ import pytest
 import torch
 
 from xray_train.collate import IGNORE_INDEX, Collator, PromptEncoder
-from xray_train.config import RunConfig
+from xray_train.config import RunConfig, TrainingSection
 from xray_train.features import pool_vision_outputs, pooled_vision_features
 from xray_train.inputs import PixelLoader
 from xray_train.loss import full_logits_loss, targets_only_loss, unwrap_gemma3
 from xray_train.model import build_training_model
+from xray_train.resolve import resolve
 
 from .conftest import SAMPLES
 
 
-def _config(tiny_model_dir, phase):
+def _config(tiny_model_dir, phase, **training):
     data = (
         {"dataset": "padchest", "image_root": str(SAMPLES), "csv": str(SAMPLES / "x.csv")}
         if phase == "phase1"
         else {"dataset": "indiana", "image_root": str(SAMPLES)}
     )
-    return RunConfig.model_validate(
+    return resolve(RunConfig.model_validate(
         {
             "phase": phase,
             "output_dir": "unused",
             "model": {"base": str(tiny_model_dir), "compute_dtype": "float32"},
             "lora": {"dropout": 0.0},
             "data": data,
+            "training": training,
         }
-    )
+    ))
+
+
+#: The LM-head chunk of training.head_chunk_rows' default.
+CHUNK = TrainingSection().head_chunk_rows
 
 
 def _batch(model, processor, task):
@@ -73,7 +79,7 @@ def test_fast_path_matches_plain_hf_loss_and_gradients(tiny_model_dir, processor
     plain = full_logits_loss(model, batch)  # HF forward with pixels and full logits
     plain_grads = _grads(model, plain)
     for fast_batch in (batch, cached):  # targets-only head, with pixels and with cached features
-        fast = targets_only_loss(model, fast_batch, chunk_rows=7)  # odd chunks exercise the chunking
+        fast = targets_only_loss(model, fast_batch, chunk_rows=7, grad_in_forward=False)  # odd chunks exercise the chunking
         assert int(fast.n_tokens) == int(plain.n_tokens)
         assert int(fast.n_correct) == int(plain.n_correct)
         torch.testing.assert_close(fast.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-4)
@@ -119,7 +125,7 @@ def test_checkpointing_all_or_some_layers_matches_no_checkpointing(tiny_model_di
     _perturb_lora(model)
     _, cached = _batch(model, proc, "report")
     model.train()
-    plain = targets_only_loss(model, cached)
+    plain = targets_only_loss(model, cached, CHUNK, grad_in_forward=False)
     plain_grads = _grads(model, plain)
 
     with warnings.catch_warnings():
@@ -134,7 +140,7 @@ def test_checkpointing_all_or_some_layers_matches_no_checkpointing(tiny_model_di
 
     recomputed = []
     hooks = [layer.mlp.register_forward_hook(lambda *a, i=i: recomputed.append(i)) for i, layer in enumerate(layers)]
-    ckpt = targets_only_loss(model, cached)
+    ckpt = targets_only_loss(model, cached, CHUNK, grad_in_forward=False)
     ckpt_grads = _grads(model, ckpt)
     for h in hooks:
         h.remove()
@@ -164,7 +170,7 @@ def test_head_gradient_made_in_forward_matches_the_recomputing_path(tiny_model_d
     _perturb_lora(model)
     _, cached = _batch(model, proc, "report")
     model.train()
-    recomputed = targets_only_loss(model, cached, chunk_rows=chunk_rows)
+    recomputed = targets_only_loss(model, cached, chunk_rows=chunk_rows, grad_in_forward=False)
     recomputed_grads = _grads(model, recomputed)
     grad_modes = []
     head = unwrap_gemma3(model).lm_head
@@ -186,8 +192,8 @@ def test_head_gradient_in_forward_keeps_the_recomputing_path_for_a_trainable_hea
     model, proc = build_training_model(_config(tiny_model_dir, "phase2"))
     _perturb_lora(model)
     _, cached = _batch(model, proc, "detect")
-    plain_grads = _grads(model, targets_only_loss(model, cached))
-    asked = _grads(model, targets_only_loss(model, cached, grad_in_forward=True))
+    plain_grads = _grads(model, targets_only_loss(model, cached, CHUNK, grad_in_forward=False))
+    asked = _grads(model, targets_only_loss(model, cached, CHUNK, grad_in_forward=True))
     assert any("trainable_tokens_delta" in n for n in asked)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(asked[name], grad, msg=name)
@@ -204,9 +210,9 @@ def test_label_free_padding_rows_change_neither_loss_nor_gradients(tiny_model_di
     padding = [{**rows[0], "labels": [IGNORE_INDEX] * len(rows[0]["labels"])}] * 2
     padded = Collator(encoder.ids)(rows + padding)
     padded["image_features"] = torch.cat([short["image_features"], short["image_features"][:1].repeat(2, 1, 1)])
-    reference = targets_only_loss(model, short)
+    reference = targets_only_loss(model, short, CHUNK, grad_in_forward=False)
     reference_grads = _grads(model, reference)
-    out = targets_only_loss(model, padded)
+    out = targets_only_loss(model, padded, CHUNK, grad_in_forward=False)
     assert int(out.n_tokens) == int(reference.n_tokens) and int(out.n_correct) == int(reference.n_correct)
     torch.testing.assert_close(out.loss_sum, reference.loss_sum, rtol=1e-5, atol=1e-5)
     grads = _grads(model, out)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from tests.test_evaluate import trained_adapters
 from xray_train.errors import XrayTrainError
 from xray_train.merge import MERGE_CHECK, merge
-from xray_train.outputs import ADAPTER_WEIGHTS, DIR_MODE, FILE_MODE
+from xray_train.outputs import DIR_MODE, FILE_MODE
+from xray_train.run_dir import ADAPTER_WEIGHTS
 
 PERTURBED = ("lora_B", "multi_modal_projector", "trainable_tokens_delta")
 

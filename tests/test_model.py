@@ -16,20 +16,22 @@ from xray_train.model import (
     lora_module_names,
     target_modules_regex,
 )
-from xray_train.outputs import RESOLVED_CONFIG
+from xray_train.resolve import resolve
+from xray_train.run_dir import RESOLVED_CONFIG
 
 from .conftest import SAMPLES
 
 
-def config(tiny_model_dir, phase, **model):
+def config(tiny_model_dir, phase, training=None, **model):
     data = (
         {"dataset": "padchest", "image_root": str(SAMPLES), "csv": str(SAMPLES / "x.csv")}
         if phase == "phase1"
         else {"dataset": "indiana", "image_root": str(SAMPLES)}
     )
-    return RunConfig.model_validate(
-        {"phase": phase, "output_dir": "unused", "model": {"base": str(tiny_model_dir), **model}, "data": data}
-    )
+    return resolve(RunConfig.model_validate(
+        {"phase": phase, "output_dir": "unused", "model": {"base": str(tiny_model_dir), **model}, "data": data,
+         "training": training or {}}
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +138,6 @@ def test_missing_local_base_is_one_clear_error(tmp_path):
         load_base(ModelConfig(base=str(tmp_path / "nowhere")))
 
 
-def test_checkpoint_layers_default_is_measured_per_phase(tiny_model_dir):
-    from xray_train.config import DEFAULT_CHECKPOINT_LAYERS
-
-    assert config(tiny_model_dir, "phase1").checkpointed_layer_count == DEFAULT_CHECKPOINT_LAYERS["phase1"]
-    assert config(tiny_model_dir, "phase2").checkpointed_layer_count == DEFAULT_CHECKPOINT_LAYERS["phase2"]
-    # Phase 2 keeps more activations (trainable projector, <loc> rows): it must not checkpoint fewer layers.
-    assert DEFAULT_CHECKPOINT_LAYERS["phase2"] >= DEFAULT_CHECKPOINT_LAYERS["phase1"]
-    explicit = RunConfig.model_validate(
-        {**config(tiny_model_dir, "phase2").model_dump(mode="json"), "training": {"checkpoint_layers": "all"}}
-    )
-    assert explicit.checkpointed_layer_count == "all"
-
-
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({}, [False, False]),  # default: on with CUDA only
     ({"gradient_checkpointing": True, "checkpoint_layers": 1}, [True, False]),
@@ -158,9 +147,7 @@ def test_checkpoint_layers_default_is_measured_per_phase(tiny_model_dir):
 def test_checkpointing_config_reaches_the_decoder_layers(tiny_model_dir, overrides, expected):
     from xray_train.loss import unwrap_gemma3
 
-    cfg = config(tiny_model_dir, "phase1")
-    cfg = RunConfig.model_validate({**cfg.model_dump(mode="json"), "training": overrides})
-    model, _ = build_training_model(cfg)
+    model, _ = build_training_model(config(tiny_model_dir, "phase1", training=overrides))
     layers = unwrap_gemma3(model).model.language_model.layers
     assert [bool(layer.gradient_checkpointing) for layer in layers] == expected
 

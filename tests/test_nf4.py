@@ -9,7 +9,7 @@ from xray_train.loss import targets_only_loss, unwrap_gemma3
 from xray_train.model import build_training_model
 from xray_train.nf4 import dequantize_nf4
 
-from .test_loss import _batch, _config, _grads, _perturb_lora
+from .test_loss import CHUNK, _batch, _config, _grads, _perturb_lora
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -29,10 +29,9 @@ def test_dequantize_matches_bitsandbytes_bit_for_bit(shape, double_quant):
 def test_in_graph_dequantisation_gives_bitsandbytes_loss_and_gradients(tiny_model_dir, phase):
     import bitsandbytes as bnb
 
-    cfg = _config(tiny_model_dir, phase)
     runs = {}
     for in_graph in (False, True):
-        cfg.training.dequantize_in_graph = in_graph
+        cfg = _config(tiny_model_dir, phase, dequantize_in_graph=in_graph)
         torch.manual_seed(0)  # LoRA A's initialisation draws from the global generator
         model, proc = build_training_model(cfg)
         layers = unwrap_gemma3(model).model.language_model.layers
@@ -42,7 +41,7 @@ def test_in_graph_dequantisation_gives_bitsandbytes_loss_and_gradients(tiny_mode
         _perturb_lora(model)
         _, cached = _batch(model, proc, "report" if phase == "phase1" else "detect")
         model.train()
-        out = targets_only_loss(model, cached)
+        out = targets_only_loss(model, cached, CHUNK, grad_in_forward=False)
         runs[in_graph] = (out.loss_sum.detach(), _grads(model, out), model.state_dict().keys())
     (plain_loss, plain_grads, plain_keys), (fast_loss, fast_grads, fast_keys) = runs[False], runs[True]
     torch.testing.assert_close(fast_loss, plain_loss)

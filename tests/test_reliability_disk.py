@@ -20,7 +20,15 @@ import yaml
 from xray_train import features, train
 from xray_train.config import RunConfig
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import ADAPTER_WEIGHTS, DONE_MARKER, RESOLVED_CONFIG, SUMMARY, atomic_write_text, disk_full_as_error
+from xray_train.resolve import resolve
+from xray_train.run_dir import (
+    ADAPTER_WEIGHTS,
+    DONE_MARKER,
+    LINEAGE,
+    RESOLVED_CONFIG,
+    SUMMARY,
+)
+from xray_train.outputs import atomic_write_text, disk_full_as_error
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -63,20 +71,20 @@ def test_finished_dir_is_not_overwritten_without_overwrite(tmp_path, tiny_model_
     assert (out / ADAPTER_WEIGHTS).read_bytes() == b"precious"
 
     # --overwrite means start over: the old run goes, nothing is resumed from it.
-    cfg = RunConfig.model_validate(phase1_raw(out))
+    cfg = resolve(RunConfig.model_validate(phase1_raw(out)), image_size=896)
     (out / "checkpoint-10").mkdir()
     assert train.prepare_output_dir(cfg, overwrite=True) is None
-    # Only the new run's resolved config is there: nothing of the old run survives.
-    assert out.is_dir() and [p.name for p in out.iterdir()] == ["xray_train_config.yaml"]
+    # Only the new run's resolved config and lineage are there: nothing of the old run survives.
+    assert out.is_dir() and sorted(p.name for p in out.iterdir()) == [RESOLVED_CONFIG, LINEAGE]
 
 
 def test_unfinished_dir_is_resumed_not_refused(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)  # no completion marker: moved aside, fresh start
-    cfg = RunConfig.model_validate(phase1_raw(out))
+    cfg = resolve(RunConfig.model_validate(phase1_raw(out)), image_size=896)
     assert train.prepare_output_dir(cfg, overwrite=False) is None
     names = sorted(p.name for p in out.iterdir())
-    assert len(names) == 2 and names[0].startswith("incomplete-checkpoint-2-") and names[1] == "xray_train_config.yaml"
+    assert len(names) == 3 and names[0].startswith("incomplete-checkpoint-2-") and names[1:] == [RESOLVED_CONFIG, LINEAGE]
 
 
 # ---------------------------------------------------------------------------------------------

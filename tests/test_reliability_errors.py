@@ -17,7 +17,7 @@ import yaml
 
 from xray_train.config import ConfigError, RunConfig, load_config
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import ADAPTER_WEIGHTS, DONE_MARKER
+from xray_train.run_dir import ADAPTER_WEIGHTS, DONE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -209,7 +209,11 @@ def gpu(monkeypatch):
 
 
 def test_mixed_precision_choices(tmp_path, gpu):
-    from xray_train.train import mixed_precision
+    from xray_train.resolve import Device
+    from xray_train.resolve import mixed_precision as choose
+
+    def mixed_precision(cfg):
+        return choose(cfg, Device.detect())
 
     gpu("bf16")
     assert mixed_precision(_cfg(tmp_path)) == (True, False)  # default: bf16 where native
@@ -253,7 +257,7 @@ def test_precision_refused_before_the_model_loads(tmp_path, monkeypatch, gpu):
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(make_config, monkeypatch):
     import torch
 
-    from xray_train import train
+    from xray_train import train, trainer
     from xray_train.loss import targets_only_loss
 
     calls = {"n": 0}
@@ -265,7 +269,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(make_config, monkeypa
             out.loss_sum = out.loss_sum * torch.tensor(float("nan"))
         return out
 
-    monkeypatch.setattr(train, "targets_only_loss", poisoned)
+    monkeypatch.setattr(trainer, "targets_only_loss", poisoned)
     cfg = make_config("phase1", "training.eval_strategy=no")
     with pytest.raises(XrayTrainError) as info:
         train.run(cfg, echo=lambda *a: None)

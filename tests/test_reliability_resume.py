@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_train.outputs import ADAPTER_WEIGHTS, DONE_MARKER
-from xray_train.run_guard import LOCK
-from xray_train.train import CHECKPOINT_COMPLETE, checkpoint_problem, find_resumable_checkpoint
+from xray_train.run_dir import ADAPTER_WEIGHTS, CHECKPOINT_COMPLETE, DONE_MARKER, LOCK, checkpoint_problem, find_resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 4

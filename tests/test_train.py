@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from xray_train.config import read_yaml
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DONE_MARKER, LOSS_CURVE, RESOLVED_CONFIG, SUMMARY
+from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DONE_MARKER, LOSS_CURVE, RESOLVED_CONFIG, SUMMARY
 from xray_train.train import run
 
 
@@ -72,7 +72,9 @@ def test_adapters_hold_trained_tensors_in_the_right_places(two_phase_run):
             assert torch.nn.functional.cosine_similarity(a1.flatten().float(), a2.flatten().float(), dim=0) > 0.9
 
 
-def test_loaded_adapter_generates_a_report(two_phase_run):
+def test_loaded_adapter_is_the_trained_one_and_generates(two_phase_run):
+    from peft.utils import get_peft_model_state_dict
+
     from xray_train.collate import PromptEncoder
     from xray_train.inputs import PixelLoader
     from xray_train.model import load_adapter
@@ -81,28 +83,95 @@ def test_loaded_adapter_generates_a_report(two_phase_run):
 
     _, cfg2 = two_phase_run
     model, processor = load_adapter(cfg2.output_dir)
+    # The reloaded adapter holds exactly the saved tensors (LoRA, projector, loc rows).
+    saved = tensors(cfg2.output_dir / ADAPTER_WEIGHTS)
+    loaded = get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key].float(), value.float(), msg=key)
+    assert len(processor.tokenizer) > 262145  # the loc tokens came back with the processor
+
     encoder = PromptEncoder(processor, cfg2.system_prompt)
     image = sorted((SAMPLES / "indiana").rglob("*-1001.dcm.png"))[0]
     ids = torch.tensor([encoder.prompt_ids("detect")])
-    out = model.generate(
+    inputs = dict(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         token_type_ids=(ids == encoder.ids.image).long(),
         pixel_values=PixelLoader(processor)(image)[None],
-        max_new_tokens=8,
-        do_sample=False,
     )
-    assert out.shape[1] > ids.shape[1]
+    with torch.no_grad():
+        with_adapter = model(**inputs).logits[0, -1]
+        with model.disable_adapter():
+            without = model(**inputs).logits[0, -1]
+    assert not torch.allclose(with_adapter, without)  # the trained adapter changes the answer
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    again = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1] and torch.equal(out, again)  # greedy decoding is deterministic
     assert isinstance(encoder.decode_answer(out[0, ids.shape[1]:].tolist()), str)
-    assert len(processor.tokenizer) > 262145  # the loc tokens came back with the processor
 
 
 def test_finished_run_is_not_overwritten_and_overwrite_starts_fresh(two_phase_run, tmp_path):
+    import shutil
+
     cfg1, _ = two_phase_run
-    before = (cfg1.output_dir / ADAPTER_WEIGHTS).read_bytes()
+    out = tmp_path / "p1"
+    shutil.copytree(cfg1.output_dir, out)
+    cfg = cfg1.model_copy(update={"output_dir": out})
+    before = (out / ADAPTER_WEIGHTS).read_bytes()
     with pytest.raises(XrayTrainError, match="--overwrite"):
-        run(cfg1)
-    assert (cfg1.output_dir / ADAPTER_WEIGHTS).read_bytes() == before
+        run(cfg)
+    assert (out / ADAPTER_WEIGHTS).read_bytes() == before
+
+    (out / "left-over.txt").write_text("from the old run")
+    shorter = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 1})})
+    messages = []
+    run(shorter, overwrite=True, echo=messages.append)
+    assert not any("Resuming" in m for m in messages)  # nothing of the old run is resumed
+    assert not (out / "left-over.txt").exists()
+    assert not (out / "checkpoint-2").exists() and not (out / "checkpoint-4").exists()
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["global_steps"] == 1 and summary["resumed_from_step"] is None
+    assert (out / DONE_MARKER).is_file() and (out / ADAPTER_WEIGHTS).read_bytes() != before
+
+
+def test_every_run_dir_and_checkpoint_records_its_resolved_settings_and_lineage(two_phase_run):
+    """A finished run says how it ran: no "auto" left in the saved config, in the final dir and in each
+    checkpoint; Phase 2 names the Phase-1 adapter it continued by path and sha256."""
+    from xray_train.resolve import RESOLVED_KEYS, unresolved
+    from xray_train.run_dir import LINEAGE, RunDir, sha256_of
+
+    cfg1, cfg2 = two_phase_run
+    for cfg in (cfg1, cfg2):
+        run_dir = RunDir(cfg.output_dir)
+        checkpoints = sorted(cfg.output_dir.glob("checkpoint-*"))
+        assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+        for place in [run_dir, *map(RunDir, checkpoints)]:
+            saved = place.config()
+            assert unresolved(saved) == [], place
+            raw = read_yaml(place.file(RESOLVED_CONFIG))
+            for key in RESOLVED_KEYS:
+                section, name = key.split(".")
+                assert raw[section][name] is not None, (place, key)
+            # What the run did on this machine (CPU): no compile, no checkpointing, no bf16.
+            assert saved.training.torch_compile is False and saved.training.gradient_checkpointing is False
+            assert saved.training.bf16 is False and saved.training.checkpoint_layers == 0
+            assert saved.model.add_loc_tokens is (cfg.phase == "phase2")
+            assert place.lineage() == run_dir.lineage()
+        assert (cfg.output_dir / "checkpoint-4" / LINEAGE).read_bytes() == (cfg.output_dir / LINEAGE).read_bytes()
+
+    assert RunDir(cfg1.output_dir).lineage() == {"phase": "phase1", "parent": None}
+    parent = RunDir(cfg2.output_dir).parent()
+    assert parent == {
+        "path": str(cfg1.output_dir.resolve()),
+        "phase": "phase1",
+        "dataset": "padchest",
+        "adapter_sha256": sha256_of(cfg1.output_dir / ADAPTER_WEIGHTS),
+    }
+    assert json.loads((cfg2.output_dir / SUMMARY).read_text())["parent"] == parent
+    # Phase 2 resolved the in-forward head gradient off: its <loc> rows make the tied head trainable.
+    assert RunDir(cfg2.output_dir).config().training.head_grad_in_forward is False
+    assert RunDir(cfg1.output_dir).config().training.head_grad_in_forward is True
 
 
 def test_rerun_resumes_from_latest_checkpoint(make_config, capsys):
@@ -120,7 +189,7 @@ def test_rerun_resumes_from_latest_checkpoint(make_config, capsys):
 def test_training_uses_the_configured_head_chunk(make_config, monkeypatch, tmp_path):
     """training.head_chunk_rows bounds the LM-head transient at the memory peak and
     training.head_grad_in_forward picks the head's backward: both must reach the loss."""
-    from xray_train import train
+    from xray_train import trainer
     from xray_train.loss import targets_only_loss
 
     seen = []
@@ -129,7 +198,7 @@ def test_training_uses_the_configured_head_chunk(make_config, monkeypatch, tmp_p
         seen.append((chunk_rows, grad_in_forward))
         return targets_only_loss(model, batch, chunk_rows, grad_in_forward)
 
-    monkeypatch.setattr(train, "targets_only_loss", spy)
+    monkeypatch.setattr(trainer, "targets_only_loss", spy)
     run(make_config("phase1", "training.max_steps=1", "training.head_chunk_rows=5", "training.eval_strategy=no"))
     assert seen and set(seen) == {(5, True)}
     seen.clear()
@@ -140,7 +209,7 @@ def test_training_uses_the_configured_head_chunk(make_config, monkeypatch, tmp_p
 
 def test_loss_guard_defers_gpu_reads_until_the_copy_is_done_or_a_save_needs_it():
     """The CUDA path of NonFiniteLossGuard, with the CUDA event replaced by a stand-in (CI has no GPU)."""
-    from xray_train.train import NonFiniteLossGuard
+    from xray_train.trainer import NonFiniteLossGuard
 
     class Event:
         def __init__(self):

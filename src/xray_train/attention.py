@@ -18,8 +18,8 @@ are garbage; as in the dense path they are ignored: they carry no label and no r
 ``tests/test_attention.py`` checks outputs and gradients against the dense-mask path.
 
 The attention kernels themselves are no faster (``benchmarks/bench_kernels.py``: 0.85 ms with the dense
-mask, 0.88 ms split, per layer at batch 16 on an H100); the step is (+3.9 %, run 11), from the mask that
-is no longer built and the K/V that are no longer copied.
+mask, 0.88 ms split, per layer at batch 16 on an H100); the step is (+3.9 %,
+``benchmarks/results/train_speed.md``), from the mask that is not built and the K/V that are not copied.
 
 The loss passes the span as the "attention mask" (a tuple of ints, a constant to ``torch.compile``)
 to layers whose attention implementation is ``xray_sdpa``; any tensor or ``None`` mask goes to

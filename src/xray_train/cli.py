@@ -1,4 +1,7 @@
-"""The ``xray-train`` command line: parses arguments and calls the library. No logic lives here."""
+"""The ``xray-train`` command line: parses arguments and calls the library. No logic lives here.
+
+Over 400 lines because every command's options and help text are declared here, on one page.
+"""
 
 from __future__ import annotations
 
@@ -135,14 +138,16 @@ def _is_main_rank() -> bool:
 
 def _train(cfg, **kwargs) -> Path:
     """``train.run``, with Ctrl-C answered by what a rerun of the same command will do."""
-    from xray_train.train import find_last_good, run
+    # Imported after the config is checked: a bad config fails before torch and transformers load.
+    from xray_train.run_dir import RunDir
+    from xray_train.train import run
 
     try:
         return run(cfg, echo=console.print, **kwargs)
     except KeyboardInterrupt:
         if not _is_main_rank():
             raise Interrupted("") from None
-        last = find_last_good(cfg.output_dir)
+        last = RunDir(cfg.output_dir).last_good_checkpoint()
         if last is not None:
             raise Interrupted(f"interrupted: rerun the same command to resume from {last.name} in {cfg.output_dir}") from None
         raise Interrupted(
@@ -198,7 +203,7 @@ def cache_features_cmd(
 
     The cache goes to XRAY_TRAIN_FEATURE_CACHE (default ~/.cache/xray-train/vision-features), ~0.6 MB per image.
     """
-    from xray_train.features import cache_features
+    from xray_train.train import cache_features
 
     _setup_logging()
     cache_features(_load(config, set_), echo=console.print)
@@ -274,6 +279,8 @@ def config_validate(
     """Check a config (every problem at once) and read its data without loading weights; show one collated example."""
     from xray_train.config import dump_config
     from xray_train.data.check import read_for_training
+    from xray_train.resolve import resolve
+    from xray_train.train import cached_images
 
     if (config is None) == (config_arg is None):
         raise typer.BadParameter("give the config once: --config CFG", param_hint="--config")
@@ -281,7 +288,13 @@ def config_validate(
     cfg = _load(config, set_)
     read = read_for_training(cfg.data)
     console.print(f"[green]{config}: valid[/green] ({cfg.phase}, {cfg.data.dataset}, base {cfg.model.base})")
-    console.print(dump_config(cfg), markup=False, highlight=False)
+    try:
+        # On this machine: "auto" settings as a run here would decide them.
+        shown = resolve(cfg, images=len(cached_images(cfg, read)))
+    except XrayTrainError as exc:
+        console.print(f"settings not resolved: {exc}", style="yellow", markup=False)
+        shown = cfg
+    console.print(dump_config(shown), markup=False, highlight=False)
     if show_example:
         from xray_train.validate import show_collated_example
 
@@ -299,7 +312,7 @@ def make_tiny_model_cmd(
     layers: int = typer.Option(2, help="Language-model layers (MedGemma: 34)."),
 ):
     """Write a tiny random Gemma 3 model with MedGemma's structure and the real Gemma 3 tokenizer."""
-    from xray_train.tiny import make_tiny_model
+    from xray_train.testing.tiny import make_tiny_model
 
     path = make_tiny_model(
         out_dir,
@@ -378,13 +391,14 @@ def evaluate(
     from xray_train.config import load_config
     from xray_train.evaluate import evaluate as run_evaluate
     from xray_train.evaluate import summary_lines
-    from xray_train.outputs import RESOLVED_CONFIG
+    from xray_train.run_dir import RESOLVED_CONFIG, RunDir
 
     _setup_logging()
     if config is None:
-        config = adapter_dir / RESOLVED_CONFIG
-        if not config.is_file():
+        run_dir = RunDir(adapter_dir)
+        if not run_dir.has_config():
             raise XrayTrainError(f"{adapter_dir} has no {RESOLVED_CONFIG}; pass --config")
+        config = run_dir.file(RESOLVED_CONFIG)
     cfg = load_config(config, set_ or [])
     results = run_evaluate(
         adapter_dir, cfg, split=split.value, max_samples=max_samples, baseline=baseline, out_dir=out,
@@ -467,17 +481,25 @@ def push_to_hub_cmd(
     dry_run: Optional[Path] = typer.Option(
         None, "--dry-run", help="Write exactly what would be uploaded into this new folder; upload nothing."
     ),
+    base_model: Optional[str] = typer.Option(
+        None, "--base-model",
+        help="Hub id of the base (e.g. google/medgemma-4b-it) for the card and adapter_config.json. Required "
+        "when model.base was a local folder that does not name its Hub id.",
+        show_default=False,
+    ),
 ):
     """Upload the adapter, processor files and a generated model card to the Hugging Face Hub.
 
     The card holds what was trained, the evaluation numbers from eval_results.json (if present), a usage snippet and the not-for-clinical-use notice. The token comes from HF_TOKEN or `hf auth login` and is never printed or written. Untrained (all-zero) adapters are refused.
+
+    The run directory is only read. With a local base folder, --base-model names the Hub id the published adapter points at (written to the card and the staged adapter_config.json).
 
     Example: xray-train push-to-hub runs/phase2 --repo-id my-lab/medgemma-cxr-lora --dry-run staged/
     """
     from xray_train.hub import push_to_hub
 
     _setup_logging()
-    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run)
+    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run, base_model=base_model)
     if dry_run is not None:
         files = sorted(p for p in Path(result).iterdir() if p.is_file())
         console.print(f"[bold]Dry run:[/bold] {len(files)} files staged for {repo_id} (nothing uploaded):")

@@ -3,19 +3,24 @@
 Every problem in a config (unknown key, wrong type, value out of range, conflicting options, a missing
 file) is collected and reported together, each naming its dotted key, before any weight is loaded.
 ``training`` keys use Hugging Face ``TrainingArguments`` names wherever one exists.
+
+Over 400 lines because each option is declared once, here, with its one default and the description
+that documents it (``xray-train config validate`` and the README's key table read from these).
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from xray_train.errors import XrayTrainError
+from xray_train.names import did_you_mean, looks_like_local_path
 
 Phase = Literal["phase1", "phase2"]
 
@@ -44,7 +49,8 @@ def _data_conflicts(val_fraction, test_fraction) -> list[tuple[str, str]]:
 def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> list[tuple[str, str]]:
     out = []
     levers = levers or {}
-    if levers.get("checkpoint_layers") is not None and levers.get("gradient_checkpointing") is False:
+    # 0 is what ``resolve`` records for a run without checkpointing.
+    if levers.get("checkpoint_layers") not in (None, 0) and levers.get("gradient_checkpointing") is False:
         out.append(("checkpoint_layers", "has no effect with gradient_checkpointing: false (remove one of them)"))
     if levers.get("dequantize_in_graph") is True and levers.get("torch_compile") is False:
         out.append((
@@ -147,43 +153,10 @@ class LoraSection(_Section):
     )
 
 
-class DataConfig(_Section):
-    dataset: Literal["padchest", "indiana", "nih", "vindr", "rsna"] = Field(
-        ..., description="Which reader to use (see xray_train.data.registry)."
-    )
-    # PadChest / NIH / VinDr / RSNA
-    csv: Path | None = Field(None, description="The dataset's main CSV (PadChest: plain or .gz).")
+class _DataSection(_Section):
+    """What every dataset reader shares: the images and the patient-grouped split."""
+
     image_root: Path = Field(..., description="Folder holding the images.")
-    image_layout: Literal["auto", "nested", "flat"] = Field(
-        "auto",
-        description="PadChest: images under {ImageDir}/{ImageID} (nested) or all in one folder (flat).",
-    )
-    projections: list[str] = Field(
-        ["PA", "AP", "AP_horizontal"],
-        description="PadChest: Projection values kept. Indiana: projection values kept (Frontal).",
-    )
-    method_labels: list[str] = Field(
-        ["Physician", "RNN_model"], description="PadChest: MethodLabel values kept."
-    )
-    drop_labels: list[str] = Field(
-        ["exclude", "suboptimal study"], description="PadChest: rows carrying any of these labels are skipped."
-    )
-    include_pediatric: bool = Field(True, description="PadChest: keep rows with Pediatric == PED.")
-    # Indiana
-    reports_csv: Path | None = Field(None, description="Indiana: indiana_reports.csv.")
-    projections_csv: Path | None = Field(None, description="Indiana: indiana_projections.csv.")
-    box_source: Literal["mesh_atlas", "box_file"] = Field(
-        "mesh_atlas",
-        description="Indiana: where boxes come from. mesh_atlas derives WEAK boxes from MeSH location "
-        "qualifiers; box_file reads data.box_file.",
-    )
-    box_file: Path | None = Field(
-        None, description="CSV filename|uid,label,x_min,y_min,x_max,y_max (used when box_source=box_file)."
-    )
-    box_coords: Literal["pixels", "normalized"] = Field(
-        "pixels", description="Units of data.box_file coordinates: original-image pixels or 0-1."
-    )
-    # Shared
     image_size: int | None = Field(
         None, gt=0, description="Side of the square image the model sees. Default: the processor's size."
     )
@@ -204,9 +177,73 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_fractions(self) -> "DataConfig":
+    def _check_fractions(self) -> "_DataSection":
         _raise_conflicts(_data_conflicts(self.val_fraction, self.test_fraction), prefix="data.")
         return self
+
+
+class PadchestData(_DataSection):
+    dataset: Literal["padchest"] = Field(..., description="PadChest (BIMCV): report targets for Phase 1.")
+    # Required, but checked with the other paths (``_check_paths``) so the message names the dataset.
+    csv: Path | None = Field(None, description="PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz).")
+    image_layout: Literal["auto", "nested", "flat"] = Field(
+        "auto", description="Images under {ImageDir}/{ImageID} (nested) or all in one folder (flat)."
+    )
+    projections: list[str] = Field(["PA", "AP", "AP_horizontal"], description="Projection values kept.")
+    method_labels: list[str] = Field(["Physician", "RNN_model"], description="MethodLabel values kept.")
+    drop_labels: list[str] = Field(
+        ["exclude", "suboptimal study"], description="Rows carrying any of these labels are skipped."
+    )
+    include_pediatric: bool = Field(True, description="Keep rows with Pediatric == PED.")
+
+
+class IndianaData(_DataSection):
+    dataset: Literal["indiana"] = Field(..., description="Indiana CXR (OpenI, Kaggle layout): box targets.")
+    reports_csv: Path | None = Field(None, description="indiana_reports.csv.")
+    projections_csv: Path | None = Field(None, description="indiana_projections.csv.")
+    projections: list[str] = Field(
+        ["Frontal"], description="projection values of indiana_projections.csv kept (Frontal, Lateral)."
+    )
+    box_source: Literal["mesh_atlas", "box_file"] = Field(
+        "mesh_atlas",
+        description="Where boxes come from. mesh_atlas derives WEAK boxes from MeSH location qualifiers; "
+        "box_file reads data.box_file.",
+    )
+    box_file: Path | None = Field(
+        None, description="CSV filename|uid,label,x_min,y_min,x_max,y_max (used when box_source=box_file)."
+    )
+    box_coords: Literal["pixels", "normalized"] = Field(
+        "pixels", description="Units of data.box_file coordinates: original-image pixels or 0-1."
+    )
+
+
+class NihData(_DataSection):
+    dataset: Literal["nih"] = Field(..., description="NIH ChestX-ray14, bounding-box subset.")
+    csv: Path | None = Field(None, description="BBox_List_2017.csv.")
+
+
+class VindrData(_DataSection):
+    dataset: Literal["vindr"] = Field(..., description="VinDr-CXR.")
+    csv: Path | None = Field(None, description="The annotations CSV (e.g. train.csv).")
+
+
+class RsnaData(_DataSection):
+    dataset: Literal["rsna"] = Field(..., description="RSNA Pneumonia Detection Challenge.")
+    csv: Path | None = Field(None, description="stage_2_train_labels.csv.")
+
+
+#: One class per dataset, chosen by ``data.dataset``: a key of another dataset's reader is an unknown key.
+DataConfig = Annotated[
+    Union[PadchestData, IndianaData, NihData, VindrData, RsnaData], Field(discriminator="dataset")
+]
+DATA_CLASSES = {cls.model_fields["dataset"].annotation.__args__[0]: cls for cls in (
+    PadchestData, IndianaData, NihData, VindrData, RsnaData
+)}
+
+
+def data_config(**fields) -> PadchestData | IndianaData | NihData | VindrData | RsnaData:
+    """The data section for ``fields["dataset"]`` (validated like the ``data`` section of a YAML file)."""
+    return TypeAdapter(DataConfig).validate_python(fields)
 
 
 class TrainingSection(_Section):
@@ -310,9 +347,6 @@ class TrainingSection(_Section):
         "[batch, seq, seq] mask built each step and no K/V copied to every query head (+3.9 % and 0.5 GB less "
         "at batch 16 on MedGemma-4B). Same outputs; other batches use transformers' mask.",
     )
-    use_liger: bool = Field(
-        False, description="Patch Gemma 3 with Liger kernels (GPU only; measured slower than torch_compile)."
-    )
     torch_compile: bool | None = Field(
         None,
         description="torch.compile each decoder layer: removes most of the host overhead that bounds a QLoRA "
@@ -329,7 +363,11 @@ class TrainingSection(_Section):
     _report_to_list = field_validator("report_to", mode="before")(as_name_list)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainingSection":
+    def _check(self, info: ValidationInfo) -> "TrainingSection":
+        if (info.context or {}).get("saved"):
+            # A run directory's config was checked when its run started; ``resolve`` may have paired an
+            # explicit lever with an "auto" one the way a user may not (e.g. in-graph NF4 on a CPU run).
+            return self
         # Only what the user set: a default checkpoint_layers beside gradient_checkpointing=false is no conflict.
         levers = {k: getattr(self, k) for k in _LEVER_KEYS if k in self.model_fields_set}
         _raise_conflicts(_training_conflicts(self.bf16, self.fp16, self.report_to, levers), prefix="training.")
@@ -363,12 +401,6 @@ class RunConfig(_Section):
         return self.phase == "phase2" if flag is None else flag
 
     @property
-    def checkpointed_layer_count(self) -> int | Literal["all"]:
-        """training.checkpoint_layers, with null resolved to the phase's measured default."""
-        n = self.training.checkpoint_layers
-        return DEFAULT_CHECKPOINT_LAYERS[self.phase] if n is None else n
-
-    @property
     def train_projector(self) -> bool:
         flag = self.model.train_projector
         return self.phase == "phase2" if flag is None else flag
@@ -390,7 +422,10 @@ class ConfigError(XrayTrainError):
 
 
 def _dotted(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+    parts = [str(p) for p in loc if not str(p).startswith("function-after")]
+    if parts[:1] == ["data"] and len(parts) > 1 and parts[1] in DATA_CLASSES:
+        del parts[1]  # the union member (data.dataset's value) is not part of the key the user wrote
+    return ".".join(parts)
 
 
 def _format_validation_error(err: ValidationError, from_set: set[str] = frozenset()) -> list[str]:
@@ -402,6 +437,14 @@ def _format_validation_error(err: ValidationError, from_set: set[str] = frozense
             continue
         key = _dotted(e["loc"]) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            key = f"{key}.dataset"
+            if e["type"] == "union_tag_not_found":
+                problems.append(_mark_set(f"{key}: Field required", from_set))
+                continue
+            names = [repr(k) for k in DATA_CLASSES]
+            msg = f"Input should be {', '.join(names[:-1])} or {names[-1]}"
+            e = {**e, "input": (e.get("ctx") or {}).get("tag")}
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + did_you_mean(str(e["loc"][-1]), _known_keys(e["loc"]))
         elif e["type"] != "missing" and not isinstance(e.get("input"), (dict, list)):
@@ -412,16 +455,13 @@ def _format_validation_error(err: ValidationError, from_set: set[str] = frozense
     return problems
 
 
-def did_you_mean(name: str, known) -> str:
-    """`` (did you mean learning_rate?)`` for a near miss among ``known``, else ``""``."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _known_keys(loc: tuple) -> list[str]:
     """The keys allowed beside the unknown one at ``loc``: the fields of the section it sits in."""
     section: type[BaseModel] | None = RunConfig
-    for part in loc[:-1]:
+    path = loc[:-1]
+    if len(path) >= 2 and path[0] == "data" and path[1] in DATA_CLASSES:
+        section, path = DATA_CLASSES[path[1]], path[2:]  # the data section's class, chosen by data.dataset
+    for part in path:
         field = section.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -548,11 +588,6 @@ def _check_paths(raw: dict, check_model: bool = True) -> list[str]:
     if isinstance(out, (str, Path)) and str(out) and Path(out).exists() and not Path(out).is_dir():
         problems.append(f"output_dir: exists and is not a directory: {out}")
     return problems
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A hub id is ``org/name``; anything else (./x, /x, ~/x, a/b/c, an existing folder) is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
 def _override_keys(overrides: list[str]) -> set[str]:

@@ -37,7 +37,7 @@ def demo_config(name: str) -> Path:
 def run_demo(workdir: Path, overwrite: bool = True, console: Console | None = None) -> dict[str, Path]:
     from xray_train.config import load_config
     from xray_train.data.check import check_dataset
-    from xray_train.tiny import make_tiny_model
+    from xray_train.testing.tiny import make_tiny_model
     from xray_train.train import run
 
     console = console or Console()

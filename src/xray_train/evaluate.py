@@ -1,5 +1,7 @@
 """``xray-train evaluate``: score an adapter on the held-out, patient-grouped split, next to its base model.
 
+(Over 400 lines: the command, its three kinds of numbers and the files it writes are read together.)
+
 Three kinds of numbers, each for the adapter and for the base with the adapter disabled:
 
 * teacher-forced token accuracy (the seed recipe's only metric, kept for comparison: on template-heavy
@@ -24,7 +26,6 @@ training is never scored.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -40,19 +41,19 @@ from xray_train.data.loc import BOX_SEPARATOR, NO_BOX_ANSWER, decode_boxes
 from xray_train.data.records import Box, Example, Finding
 from xray_train.data.registry import read_dataset
 from xray_train.data.reports import canonical_findings, parse_report
-from xray_train.data.splits import SPLITS, split_examples
+from xray_train.data.splits import SPLITS, cap_examples, split_examples
 from xray_train.errors import XrayTrainError
 from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, progress_bar
 from xray_train.inputs import PixelLoader, encode_examples
 from xray_train.loss import targets_only_loss, unwrap_gemma3
 from xray_train.metrics import box_scores, finding_scores, parse_rate
-from xray_train.outputs import ADAPTER_CONFIG, EVAL_RESULTS, atomic_write_json, atomic_write_text
+from xray_train.outputs import atomic_write_json, atomic_write_text
+from xray_train.run_dir import EVAL_MARKDOWN, EVAL_RESULTS, RunDir
 from xray_train.report_plots import F1_BARS, IOU_HISTOGRAM, plot_f1_bars, plot_iou_histogram
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-EVAL_MARKDOWN = "eval_results.md"
 #: Headline metrics, in table order: (key, description for the markdown table).
 HEADLINE = [
     ("token_accuracy", "teacher-forced token accuracy"),
@@ -79,8 +80,6 @@ _BOX_ITEM = re.compile(r"(?:<loc\d{4}>){4}\s*[^;<\s][^;<]*")
 
 def select_examples(cfg: RunConfig, split: str, max_samples: int | None = None) -> tuple[list[Example], dict]:
     """The held-out examples of ``split``, exactly as training split them; capped deterministically."""
-    from xray_train.train import cap_examples
-
     if split not in SPLITS:
         raise XrayTrainError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     read = read_dataset(cfg.data)
@@ -193,11 +192,11 @@ class ModelRun:
 
 @torch.inference_mode()
 def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoader, examples: list[Example],
-                          phase: str, max_length: int, batch_size: int, progress: bool = True,
+                          phase: str, max_length: int, batch_size: int, chunk_rows: int, progress: bool = True,
                           workers: int = 0) -> tuple[int, int, int]:
     """(correct, total, examples scored): argmax == label over supervised tokens, batched; images are read
     by ``workers`` processes ahead of the GPU."""
-    from xray_train.data.loader import prepared_batches
+    from xray_train.data.loader import read_ahead
 
     encoded, _ = encode_examples(examples, phase, encoder, max_length)
     collator = Collator(encoder.ids)
@@ -206,10 +205,8 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
     correct = total = scored = 0
     with progress_bar(progress and bool(encoded)) as bar:
         handle = bar.add_task("Teacher-forced accuracy", total=len(encoded)) if bar is not None else None
-        images = prepared_batches([it.example.image_path for it in encoded], pixel_loader.prepare, batch_size, workers)
-        for start, prepared in zip(range(0, len(encoded), batch_size), images):
-            chunk = encoded[start : start + batch_size]
-            prepared = prepared.relative_to(start)
+        batches = read_ahead(encoded, lambda it: it.example.image_path, pixel_loader.prepare, batch_size, workers)
+        for chunk, prepared in batches:
             for err in prepared.failed.values():
                 logger.warning("%s", err)
             items = []
@@ -220,7 +217,7 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
             if items:
                 batch = batch_to(collator(items), inner.device)
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                out = targets_only_loss(model, batch)
+                out = targets_only_loss(model, batch, chunk_rows, grad_in_forward=False)
                 correct += int(out.n_correct)
                 total += int(out.n_tokens)
                 scored += len(items)
@@ -235,8 +232,8 @@ def run_model(model, generator: Generator, encoder: PromptEncoder, pixel_loader:
     from xray_train.data.loader import decode_workers
 
     correct, total, scored = teacher_forced_counts(
-        model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size, progress,
-        decode_workers(cfg.data.decode_workers),
+        model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size,
+        cfg.training.head_chunk_rows, progress, decode_workers(cfg.data.decode_workers),
     )
     generations = generator([Request(ex.image_path, task) for ex in examples], progress=progress,
                             description=f"Generating ({label})")
@@ -245,10 +242,6 @@ def run_model(model, generator: Generator, encoder: PromptEncoder, pixel_loader:
 
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-def _is_adapter_dir(path: Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def check_output_targets(adapter_dir: Path, out_dir: Path, json_out: Path | None, overwrite: bool) -> None:
@@ -343,14 +336,6 @@ def write_outputs(results: dict, ious: list[float] | None, out_dir: Path, json_o
 # The command
 
 
-def adapter_has_loc_rows(adapter_dir: Path) -> bool:
-    try:
-        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool(config.get("trainable_token_indices"))
-
-
 def evaluate(
     adapter_dir: Path | str,
     cfg: RunConfig,
@@ -372,13 +357,12 @@ def evaluate(
     ``model``/``processor`` reuse an adapter already loaded with ``model.load_adapter``. Returns the
     results dict, with ``written`` (name -> path) added.
     """
-    adapter_dir = Path(adapter_dir)
-    if not _is_adapter_dir(adapter_dir):
-        raise XrayTrainError(f"{adapter_dir}: not an adapter dir (no {ADAPTER_CONFIG})")
+    run_dir = RunDir(adapter_dir).require_adapter()
+    adapter_dir = run_dir.path
     out_dir = Path(out_dir) if out_dir is not None else adapter_dir
     json_out = Path(json_out) if json_out is not None else None
     check_output_targets(adapter_dir, out_dir, json_out, overwrite)
-    if cfg.phase == "phase2" and cfg.add_loc_tokens and not adapter_has_loc_rows(adapter_dir):
+    if cfg.phase == "phase2" and cfg.add_loc_tokens and not run_dir.has_loc_rows():
         raise XrayTrainError(
             f"{adapter_dir} has no trained <loc> tokens (a Phase-1 adapter?); box metrics need a Phase-2 "
             "adapter. Evaluate it with a phase1 (PadChest) config instead."

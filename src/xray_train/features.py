@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xray_train.cache import feature_cache_root
 from xray_train.errors import XrayTrainError
 
 logger = logging.getLogger(__name__)
@@ -207,9 +208,6 @@ def _lock(fh) -> None:
 
 
 PROGRESS_FILE = "progress.json"
-#: Fewer images than this are cached with transformers' eager SigLIP: compiling it takes longer than it saves
-#: (H200, MedGemma-4B, batch 32: 61.5 films/s eager, 70.7 compiled, 16 s to compile; even at ~7500 films).
-COMPILE_VISION_MIN_IMAGES = 8000
 
 
 def _read_progress(folder: Path) -> dict:
@@ -356,20 +354,9 @@ def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
 
-def feature_cache_root() -> Path:
-    """Where vision-feature caches live: ``XRAY_TRAIN_FEATURE_CACHE``, else the user cache folder."""
-    from xray_train.tiny import cache_root
-
-    return Path(os.environ.get("XRAY_TRAIN_FEATURE_CACHE", cache_root() / "vision-features"))
-
-
 def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path], progress: bool = True):
-    """The run's vision-feature cache, built (or continued) with the config's reading and batching settings."""
-    from xray_train.data.loader import decode_workers
-
-    compile_vision = cfg.training.compile_vision_cache
-    if compile_vision is None:
-        compile_vision = torch.cuda.is_available() and len(set(image_paths)) >= COMPILE_VISION_MIN_IMAGES
+    """The run's vision-feature cache, built (or continued) with the resolved config's reading, batching and
+    compile settings."""
     return VisionFeatureCache.build_or_load(
         feature_cache_root(),
         gemma3_model,
@@ -377,31 +364,7 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
         pixel_loader,
         pixel_loader.preprocessing(),
         batch_size=cfg.training.feature_cache_batch_size,
-        workers=decode_workers(cfg.data.decode_workers),
-        compile_vision=compile_vision,
+        workers=cfg.data.decode_workers,
+        compile_vision=cfg.training.compile_vision_cache,
         progress=progress,
     )
-
-
-def cache_features(cfg, echo=print) -> VisionFeatureCache:
-    """``xray-train cache-features``: build (or continue) the cache a training run of ``cfg`` will use.
-
-    The model is loaded exactly as training loads it (the cache key covers the vision weights and dtype),
-    the data is read and split as training reads it, and the cache covers its training and validation images.
-    """
-    from transformers import set_seed
-
-    from xray_train.collate import PromptEncoder
-    from xray_train.inputs import PixelLoader
-    from xray_train.loss import unwrap_gemma3
-    from xray_train.model import build_training_model
-    from xray_train.train import prepare_data
-
-    set_seed(cfg.training.seed)
-    model, processor = build_training_model(cfg)
-    data = prepare_data(cfg, PromptEncoder(processor, cfg.system_prompt))
-    paths = [it.example.image_path for it in data.train + data.validation]
-    echo(f"{cfg.phase}: caching vision features of {len(set(paths))} images in {feature_cache_root()}")
-    cache = open_feature_cache(cfg, unwrap_gemma3(model).model, PixelLoader(processor, cfg.data.image_size), paths)
-    echo(f"{len(cache.index)} images cached, {len(cache.failed)} unreadable: {cache.folder}")
-    return cache

@@ -2,8 +2,8 @@
 
 Inputs go through exactly the training path: ``PixelLoader`` for the image (window, pad, resize, HF
 normalisation) and ``PromptEncoder.prompt_ids(task)`` for the prompt (the image already expanded into
-its soft tokens), so what the model sees at inference is what it was trained on (the
-seed recipe's inference clipped 16-bit PNGs that training had windowed).
+its soft tokens), so what the model sees at inference is what it was trained on (a 16-bit PNG is
+windowed, never clipped, in both).
 
 Prompts of different tasks differ in length; a batch is *left*-padded so every row's answer starts
 at the same column and the decoder's next token is always the last position. ``token_type_ids``
@@ -121,19 +121,19 @@ class Generator:
         results: list[Generation] = []
         with progress_bar(progress and bool(requests), console) as bar:
             handle = bar.add_task(description, total=len(requests)) if bar is not None else None
-            from xray_train.data.loader import prepared_batches
+            from xray_train.data.loader import read_ahead
 
             # Images are read by worker processes while the GPU generates for the batch before.
-            images = prepared_batches([r.image for r in requests], self.pixels.prepare, self.batch_size, self.workers)
-            for start, prepared in zip(range(0, len(requests), self.batch_size), images):
-                chunk = requests[start : start + self.batch_size]
-                results += self.generate_batch(chunk, prepared.relative_to(start))
+            for chunk, prepared in read_ahead(
+                requests, lambda r: r.image, self.pixels.prepare, self.batch_size, self.workers
+            ):
+                results += self.generate_batch(chunk, prepared)
                 if bar is not None:
                     bar.advance(handle, len(chunk))
         return results
 
     def _pixels(self, requests: Sequence[Request], prepared=None) -> tuple[list[torch.Tensor | None], list[str | None]]:
-        if prepared is not None:  # read ahead by data.loader.prepared_batches, indices within ``requests``
+        if prepared is not None:  # read ahead by data.loader.read_ahead, indices within ``requests``
             pixels: list = [None] * len(requests)
             errors: list = [prepared.failed.get(i) for i in range(len(requests))]
             if prepared.pixels is not None:

@@ -24,7 +24,11 @@ PREPROCESSING_VERSION = 1
 
 
 def processor_image_size(processor) -> int:
-    size = processor.image_processor.size
+    return image_processor_size(processor.image_processor)
+
+
+def image_processor_size(image_processor) -> int:
+    size = image_processor.size
     height = getattr(size, "height", None) or (size.get("height") if hasattr(size, "get") else size)
     return int(height)
 

@@ -19,7 +19,6 @@ from xray_train.errors import XrayTrainError
 
 #: Shipped accelerate configs (configs/accelerate/); the working dir's copy wins over the installed one.
 DDP_CONFIG = Path("configs") / "accelerate" / "ddp.yaml"
-ZERO2_CONFIG = Path("configs") / "accelerate" / "zero2.yaml"
 
 #: Set in every rank by torchrun / accelerate launch: a rank must never launch again.
 _RANK_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE")

@@ -19,11 +19,6 @@ from xray_train.attention import span_masks
 from xray_train.collate import IGNORE_INDEX, target_positions
 from xray_train.features import active_projector, project_pooled
 
-#: Rows of hidden states per LM-head chunk: bounds the transient logits to chunk x vocab floats
-#: (config: training.head_chunk_rows).
-HEAD_CHUNK_ROWS = 256
-
-
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor  # summed token cross-entropy (fp32)
@@ -122,9 +117,10 @@ def _frozen_linear_head(lm_head) -> bool:
 
 
 def targets_only_loss(
-    model, batch, chunk_rows: int = HEAD_CHUNK_ROWS, grad_in_forward: bool = False
+    model, batch, chunk_rows: int, grad_in_forward: bool
 ) -> LossOutput:
-    """Loss over supervised tokens only, LM head evaluated at those positions in chunks.
+    """Loss over supervised tokens only, LM head evaluated at those positions in chunks of ``chunk_rows``
+    (config: training.head_chunk_rows; a chunk's logits are rows x vocab floats at the memory peak).
 
     ``grad_in_forward`` (config: training.head_grad_in_forward) makes a frozen head's gradient during
     the forward (:class:`_HeadLossGradInForward`); otherwise each chunk is checkpointed.

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import ADAPTER_CONFIG, RESOLVED_CONFIG, atomic_write_json, share_like_umask, staging_dir
+from xray_train.outputs import atomic_write_json, share_like_umask, staging_dir
+from xray_train.run_dir import RESOLVED_CONFIG, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def check_samples(processor, system_prompt: str, image_size: int | None, with_lo
     from xray_train.data.loc import encode_boxes
     from xray_train.data.records import Finding
     from xray_train.data.reports import format_report
-    from xray_train.data.synthetic import generate_film, save_png
+    from xray_train.testing.synthetic import generate_film, save_png
     from xray_train.inputs import PixelLoader
 
     film = generate_film(np.random.default_rng(1234), size=(240, 300), n_findings=2)
@@ -188,8 +189,7 @@ def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) ->
 
 
 def _check_dirs(adapter_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise XrayTrainError(f"{adapter_dir}: not an adapter dir (no {ADAPTER_CONFIG})")
+    RunDir(adapter_dir).require_adapter()
     a, o = adapter_dir.resolve(), out_dir.resolve()
     if o == a or a in o.parents or o in a.parents:
         raise XrayTrainError(f"OUT_DIR {out_dir} must not be the adapter dir, inside it or above it")
@@ -225,7 +225,6 @@ def merge(
     """
     from transformers import AutoModelForImageTextToText
 
-    from xray_train.evaluate import adapter_has_loc_rows
     from xray_train.model import load_adapter
     from xray_train.predict import saved_settings
 
@@ -240,7 +239,7 @@ def merge(
     staging = staging_dir(out_dir.parent, f".{out_dir.name}.staging-")
     try:
         samples = check_samples(
-            processor, settings["system_prompt"], settings["image_size"], adapter_has_loc_rows(adapter_dir), staging
+            processor, settings["system_prompt"], settings["image_size"], RunDir(adapter_dir).has_loc_rows(), staging
         )
         (staging / "merge_check_film.png").unlink()
         reference = sample_logits(model, samples)
@@ -254,8 +253,9 @@ def merge(
         merged.config.get_text_config().use_cache = True
         merged.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if (adapter_dir / RESOLVED_CONFIG).is_file():
-            shutil.copyfile(adapter_dir / RESOLVED_CONFIG, staging / RESOLVED_CONFIG)
+        source = RunDir(adapter_dir)
+        if source.has_config():
+            shutil.copyfile(source.file(RESOLVED_CONFIG), staging / RESOLVED_CONFIG)
         del model, merged
         gc.collect()
 

@@ -1,5 +1,8 @@
 """Evaluation metrics: pure functions over parsed predictions and references, no model.
 
+(Over 400 lines: every metric's definition and its edge cases live side by side, under the conventions
+below.)
+
 Conventions shared by every function here
 -----------------------------------------
 * **Undefined is ``None``, never a made-up number.** A ratio with a zero denominator that cannot be

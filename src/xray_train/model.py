@@ -1,6 +1,6 @@
 """Load the base, quantise it, add loc tokens, attach or continue the LoRA adapter, and load it back.
 
-What the seed recipe got wrong and this module does instead:
+What it guarantees:
 - the base is a Gemma 3 model loaded with ``AutoModelForImageTextToText`` (never PaliGemma);
 - LoRA targets only the *language model's* q_proj/v_proj (SigLIP has modules of the same names);
 - Phase 2 continues the Phase-1 LoRA weights instead of re-initialising them;
@@ -10,26 +10,21 @@ What the seed recipe got wrong and this module does instead:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from xray_train.config import ModelConfig, RunConfig, looks_like_local_path
+from xray_train.config import ModelConfig, RunConfig
 from xray_train.data.loc import LOC_TOKENS
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG
+from xray_train.names import looks_like_local_path, target_modules_regex
+from xray_train.resolve import require_resolved
+from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir
 
-#: Matches q_proj/v_proj (or whatever ``lora.target_modules`` names) inside the language model only.
-LANGUAGE_MODEL_SCOPE = r".*language_model.*\.({names})$"
 PROJECTOR = "multi_modal_projector"
 EMBED_TOKENS = "embed_tokens"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def target_modules_regex(names: list[str]) -> str:
-    return LANGUAGE_MODEL_SCOPE.format(names="|".join(sorted(set(names))))
 
 
 def quantization_config(model_cfg: ModelConfig):
@@ -61,34 +56,12 @@ def default_device_map():
     return {"": "cpu"}
 
 
-def apply_liger_kernels(model=None) -> None:
-    """Swap Gemma 3's RMSNorm, GeGLU MLP and RoPE for Liger's fused Triton kernels (GPU only).
-
-    Gemma's RMSNorm upcasts to fp32 and keeps fp32 copies for backward, and its MLP keeps gate, up and
-    gelu(gate): fusing them roughly halves activation memory per decoder layer. Patched at class level
-    before loading, the way Liger documents it; the loss stays ours (no fused LM-head CE, which would
-    compute every position). ``tests/gpu`` checks loss and gradients against the unpatched model.
-    """
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_gemma3
-    except ImportError:
-        raise XrayTrainError("training.use_liger: liger-kernel is not installed (pip install liger-kernel)") from None
-    if not torch.cuda.is_available():
-        raise XrayTrainError("training.use_liger: Liger kernels need a CUDA GPU; set it to false on CPU")
-    apply_liger_kernel_to_gemma3(
-        rope=True, rms_norm=True, geglu=True, layer_norm=False, cross_entropy=False,
-        fused_linear_cross_entropy=False, model=model,
-    )
-
-
-def load_base(model_cfg: ModelConfig, device_map=None, liger: bool = False, with_processor: bool = True):
+def load_base(model_cfg: ModelConfig, device_map=None, with_processor: bool = True):
     """Base model (4-bit if configured) and its processor (None unless ``with_processor``), from a hub id
     or a local directory."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _check_base_exists(model_cfg.base)
-    if liger:
-        apply_liger_kernels()
     kwargs = dict(
         revision=model_cfg.revision,
         dtype=DTYPES[model_cfg.compute_dtype],
@@ -260,32 +233,30 @@ def continue_adapter(peft_model, phase1_dir: Path) -> int:
 
 def check_phase1_dir(phase1_dir: Path, cfg: RunConfig) -> None:
     """--resume must point at a finished Phase-1 output with the same LoRA shape and base."""
-    from xray_train.config import read_yaml
-
-    phase1_dir = Path(phase1_dir)
+    run_dir = RunDir(phase1_dir)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RESOLVED_CONFIG):
-        if not (phase1_dir / name).is_file():
+        if not run_dir.file(name).is_file():
             raise XrayTrainError(f"--resume: {phase1_dir} is not a Phase-1 output dir (no {name})")
-    saved = read_yaml(phase1_dir / RESOLVED_CONFIG)
-    if saved.get("phase") != "phase1":
-        raise XrayTrainError(f"--resume: {phase1_dir} was written by {saved.get('phase')}, expected phase1")
-    adapter = json.loads((phase1_dir / ADAPTER_CONFIG).read_text())
+    saved = run_dir.config()
+    if saved.phase != "phase1":
+        raise XrayTrainError(f"--resume: {phase1_dir} was written by {saved.phase}, expected phase1")
+    adapter = run_dir.adapter_config()
     if adapter.get("r") != cfg.lora.r:
         raise XrayTrainError(f"lora.r: {cfg.lora.r} differs from the Phase-1 adapter's r={adapter.get('r')}")
-    if saved.get("model", {}).get("base") != cfg.model.base:
-        raise XrayTrainError(
-            f"model.base: {cfg.model.base} differs from the Phase-1 base {saved.get('model', {}).get('base')}"
-        )
+    if saved.model.base != cfg.model.base:
+        raise XrayTrainError(f"model.base: {cfg.model.base} differs from the Phase-1 base {saved.model.base}")
 
 
 def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device_map=None):
     """Base + (loc tokens) + LoRA (+ projector), continuing Phase 1 when ``resume_from`` is given.
 
+    ``cfg`` is resolved (``xray_train.resolve``): every lever below is read, none decided here.
     Returns ``(peft_model, processor)``.
     """
     from peft import get_peft_model
 
-    model, processor = load_base(cfg.model, device_map=device_map, liger=cfg.training.use_liger)
+    t = require_resolved(cfg).training
+    model, processor = load_base(cfg.model, device_map=device_map)
     # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for an inference kernel the first
     # time a layer runs in eval mode and unpacks them only when a state_dict is taken, so training
     # after a mid-run evaluation would backpropagate through the repacked layout (wrong gradients).
@@ -303,31 +274,22 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
     if resume_from is not None:
         continue_adapter(peft_model, resume_from)
     _upcast_trainable(peft_model)
-    if cfg.training.split_image_attention:
+    if t.split_image_attention:
         from xray_train.attention import use_split_attention
 
         use_split_attention(model)
-    compile_layers = cfg.training.torch_compile
-    if compile_layers is None:
-        compile_layers = torch.cuda.is_available()
-    in_graph = cfg.training.dequantize_in_graph
-    if in_graph is None:
-        in_graph = compile_layers
-    if in_graph:
+    if t.dequantize_in_graph:
         from xray_train.loss import unwrap_gemma3
         from xray_train.nf4 import dequantize_in_graph
 
         dequantize_in_graph(unwrap_gemma3(peft_model).model.language_model.layers.modules())
-    if compile_layers:
+    if t.torch_compile:
         compile_decoder_layers(peft_model)
-    checkpointing = cfg.training.gradient_checkpointing
-    if checkpointing is None:
-        checkpointing = torch.cuda.is_available()
-    if checkpointing:
+    if t.gradient_checkpointing:
         enable_checkpointing(peft_model)
         peft_model.enable_input_require_grads()
-        if cfg.checkpointed_layer_count != "all":
-            keep_activations_except(peft_model, cfg.checkpointed_layer_count)
+        if t.checkpoint_layers != "all":
+            keep_activations_except(peft_model, t.checkpoint_layers)
     return peft_model, processor
 
 
@@ -392,13 +354,9 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
     from peft import PeftModel
     from transformers import AutoProcessor
 
-    from xray_train.config import read_yaml
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise XrayTrainError(f"{adapter_dir}: not an adapter dir (no {ADAPTER_CONFIG})")
-    saved = read_yaml(adapter_dir / RESOLVED_CONFIG) if (adapter_dir / RESOLVED_CONFIG).is_file() else {}
-    model_cfg = ModelConfig.model_validate(saved.get("model", {}))
+    run_dir = RunDir(adapter_dir).require_adapter()
+    adapter_dir = run_dir.path
+    model_cfg = run_dir.config().model.model_copy() if run_dir.has_config() else ModelConfig()
     if base is not None:
         model_cfg.base = base
     if load_in_4bit is not None:

@@ -1,4 +1,5 @@
-"""Names of the files an xray-train output directory holds, and safe writing of them."""
+"""Writing output files safely: whole (temp file, fsync, rename), with the user's umask's modes, and a full
+disk reported as one line naming the path. Which files a run directory holds is ``run_dir``'s business."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from pathlib import Path
 
 from xray_train.errors import XrayTrainError
 
-RESOLVED_CONFIG = "xray_train_config.yaml"  # the validated config of the run that wrote this dir
-SUMMARY = "training_summary.json"  # steps, time, samples/s, final metrics, data counts
-EVAL_RESULTS = "eval_results.json"  # written by `xray-train evaluate`
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-DONE_MARKER = "xray_train_complete.json"  # written last: its presence means the run finished
-LOSS_CURVE = "loss_curve.png"
-PEFT_PLACEHOLDER_CARD = "README.md"  # peft's save_pretrained writes an empty model card under this name
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+#: What ``open()`` and ``mkdir()`` would give under the user's umask (0644 / 0755 under 022).
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -39,16 +43,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
-_UMASK = _current_umask()
-#: What ``open()`` and ``mkdir()`` would give under the user's umask (0644 / 0755 under 022).
-FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def staging_dir(parent: Path, prefix: str) -> Path:
@@ -59,13 +59,6 @@ def staging_dir(parent: Path, prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(DIR_MODE)
     return path
-
-
-def tidy_saved_adapter(folder: Path) -> None:
-    """After peft's ``save_pretrained``: drop its placeholder model card ("Model Card for Model ID ...
-    [More Information Needed]"; ``push-to-hub`` writes the real one) and give the files the umask's modes."""
-    (Path(folder) / PEFT_PLACEHOLDER_CARD).unlink(missing_ok=True)
-    share_like_umask(folder)
 
 
 def share_like_umask(root: Path) -> None:
@@ -81,6 +74,7 @@ def share_like_umask(root: Path) -> None:
             os.chmod(os.path.join(dirpath, name), DIR_MODE)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), FILE_MODE)
+
 
 #: errno values that mean "the disk (or the user's quota) is full".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -107,11 +101,3 @@ def disk_full_as_error(where: Path | str, advice: str = ""):
         path = getattr(exc, "filename", None) or where
         extra = f"; {advice}" if advice else ""
         raise XrayTrainError(f"disk full while writing {path}{extra}") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -25,13 +25,13 @@ import json
 import logging
 from pathlib import Path
 
-from xray_train.config import read_yaml
 from xray_train.data.images import Geometry, ImageError, load_grayscale, read_image_size, window_to_uint8
 from xray_train.data.records import Box
 from xray_train.data.reports import parse_report
 from xray_train.errors import XrayTrainError
 from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request
-from xray_train.outputs import ADAPTER_CONFIG, RESOLVED_CONFIG, atomic_write_bytes, atomic_write_text
+from xray_train.outputs import atomic_write_bytes, atomic_write_text
+from xray_train.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +72,15 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def saved_settings(adapter_dir: Path) -> dict:
-    """Phase, system prompt and image size the adapter was trained with (from its saved config)."""
-    from xray_train.config import DataConfig, RunConfig
+    """Phase, system prompt and image size the adapter was trained with (from its saved config; an
+    adapter folder without one gets the defaults, and the processor's own image size)."""
+    from xray_train.config import RunConfig
 
-    path = Path(adapter_dir) / RESOLVED_CONFIG
-    saved = read_yaml(path) if path.is_file() else {}
-    return {
-        "phase": saved.get("phase"),
-        "system_prompt": saved.get("system_prompt") or RunConfig.model_fields["system_prompt"].default,
-        "image_size": (saved.get("data") or {}).get("image_size", DataConfig.model_fields["image_size"].default),
-    }
+    run_dir = RunDir(adapter_dir)
+    if not run_dir.has_config():
+        return {"phase": None, "system_prompt": RunConfig.model_fields["system_prompt"].default, "image_size": None}
+    saved = run_dir.config()
+    return {"phase": saved.phase, "system_prompt": saved.system_prompt, "image_size": saved.data.image_size}
 
 
 def tasks_for(task: str) -> list[str]:
@@ -241,12 +240,9 @@ def predict(
     ``task`` defaults to ``both`` for an adapter with trained ``<loc>`` tokens (Phase 2), else ``report``.
     ``model``/``processor`` reuse an adapter already loaded with ``model.load_adapter``.
     """
-    from xray_train.evaluate import adapter_has_loc_rows
-
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise XrayTrainError(f"{adapter_dir}: not an adapter dir (no {ADAPTER_CONFIG})")
-    has_loc = adapter_has_loc_rows(adapter_dir)
+    run_dir = RunDir(adapter_dir).require_adapter()
+    adapter_dir, out_dir = run_dir.path, Path(out_dir)
+    has_loc = run_dir.has_loc_rows()
     task = task or ("both" if has_loc else "report")
     tasks = tasks_for(task)
     if "detect" in tasks and not has_loc:

@@ -14,8 +14,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-from xray_train.config import TrainingSection, did_you_mean, looks_like_local_path
 from xray_train.errors import XrayTrainError
+from xray_train.names import did_you_mean, looks_like_local_path, target_modules_regex
 
 #: Seconds to wait for the Hub before calling it unreachable (transformers would retry for minutes).
 HUB_TIMEOUT_S = 10
@@ -35,7 +35,7 @@ def transformers_names() -> tuple[list[str], list[str]]:
 def training_problems(training) -> list[str]:
     """Scheduler and optimiser names transformers does not know, and loggers that are not installed."""
     problems = []
-    defaults = TrainingSection.model_fields
+    defaults = type(training).model_fields
     chosen = (training.lr_scheduler_type, training.optim)
     if chosen == (defaults["lr_scheduler_type"].default, defaults["optim"].default):
         schedulers, optimisers = [training.lr_scheduler_type], [training.optim]  # no import for the defaults
@@ -167,8 +167,7 @@ def _adaptable(module) -> bool:
 
 def target_module_problems(target_modules: list[str], modules: dict) -> list[str]:
     """Each ``lora.target_modules`` name must match an adaptable layer of the language model, with the
-    pattern peft is given (``model.target_modules_regex``); peft itself only fails when none matches."""
-    from xray_train.model import target_modules_regex
+    pattern peft is given (``names.target_modules_regex``); peft itself only fails when none matches."""
 
     problems = []
     language = {n: m for n, m in modules.items() if "language_model" in n}

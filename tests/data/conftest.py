@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_train.config import DataConfig
+from xray_train.config import DataConfig, data_config
 
 PADCHEST_COLUMNS = [
     "", "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth", "PatientSex_DICOM",
@@ -124,7 +124,7 @@ class PadChestFixture:
                 if ".." in row["ImageID"] or row["ImageID"].startswith("/") or not row["ImageID"].strip():
                     continue
                 write_png(self.image_root / rel, np.full((8, 6), 100, dtype=np.uint8))
-        return DataConfig(dataset="padchest", csv=csv_path, image_root=self.image_root, **cfg)
+        return data_config(dataset="padchest", csv=csv_path, image_root=self.image_root, **cfg)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import check as check_module
 from xray_train.data.check import check_dataset
 from xray_train.data.records import Box, Example, Finding, ReadResult
@@ -90,7 +90,7 @@ def test_box_datasets_report_box_counts(tmp_path, monkeypatch, png):
     ]
     result = ReadResult(examples=examples, rows_total=4, skipped=Counter({"bad_box": 1}))
     monkeypatch.setattr(check_module, "read_dataset", lambda cfg: result)
-    cfg = DataConfig(dataset="nih", csv=tmp_path / "x.csv", image_root=tmp_path)
+    cfg = data_config(dataset="nih", csv=tmp_path / "x.csv", image_root=tmp_path)
     summary = check_dataset(cfg, progress=False)
     _invariant(summary)
     assert summary["boxes_total"] == 3
@@ -160,3 +160,19 @@ def test_strict_passes_intended_filters_and_fails_on_malformed_rows(tmp_path, pa
     assert json.loads((tmp_path / "summary.json").read_text())["skipped"] == {
         "filtered_projection": 1, "unparsable_labels": 1, "dropped_label": 1, "only_unchanged": 1,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("config, source_key", [("phase1", "csv"), ("phase2", "reports_csv")])
+def test_an_unusable_dataset_is_named_by_its_own_source_file(tmp_path, config, source_key):
+    """Each dataset's data class has its own fields: the error names that dataset's CSV."""
+    from tests.conftest import REPO
+    from xray_train.config import load_config
+    from xray_train.data.check import read_for_training
+
+    empty = tmp_path / "images"
+    empty.mkdir()
+    cfg = load_config(REPO / "configs" / "demo" / f"{config}.yaml", [f"data.image_root={empty}"], check_model=False)
+    with pytest.raises(DataError) as err:
+        read_for_training(cfg.data)
+    source = getattr(cfg.data, source_key)
+    assert str(err.value).startswith(f"{source}: no usable examples: all ") and "missing_image" in str(err.value)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import indiana
 from xray_train.data.records import Finding
 from xray_train.errors import DataError
@@ -44,7 +44,7 @@ def layout(tmp_path):
 
 
 def cfg_for(tmp_path, root, **kw):
-    return DataConfig(dataset="indiana", image_root=root, reports_csv=tmp_path / "indiana_reports.csv",
+    return data_config(dataset="indiana", image_root=root, reports_csv=tmp_path / "indiana_reports.csv",
                       projections_csv=tmp_path / "indiana_projections.csv", **kw)
 
 
@@ -102,7 +102,7 @@ def test_box_file_by_filename_and_uid(layout):
 def test_errors_name_file_and_column(layout, tmp_path):
     base, root = layout
     with pytest.raises(DataError, match="indiana_projections.csv"):
-        indiana.read(DataConfig(dataset="indiana", image_root=root, reports_csv=base / "indiana_reports.csv",
+        indiana.read(data_config(dataset="indiana", image_root=root, reports_csv=base / "indiana_reports.csv",
                                 projections_csv=base / "nope" / "indiana_projections.csv"))
     (base / "indiana_projections.csv").write_text("uid,file,projection\n")
     with pytest.raises(DataError, match=r"indiana_projections\.csv: missing column 'filename'"):
@@ -120,10 +120,10 @@ def test_strict_fails_on_bad_row_but_not_on_filter(layout):
 
 
 def test_reads_generated_sample_layout(tmp_path):
-    from xray_train.data.synthetic import write_indiana
+    from xray_train.testing.synthetic import write_indiana
 
     paths = write_indiana(tmp_path, n=6, seed=1)
-    cfg = DataConfig(dataset="indiana", image_root=paths["image_root"], reports_csv=paths["reports_csv"],
+    cfg = data_config(dataset="indiana", image_root=paths["image_root"], reports_csv=paths["reports_csv"],
                      projections_csv=paths["projections_csv"], box_source="box_file", box_file=paths["box_file"])
     res = indiana.read(cfg)
     assert len(res.examples) == 6 and res.notes["boxes_skipped"] == {}

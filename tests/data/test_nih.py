@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import nih
 from xray_train.errors import DataError
 
@@ -23,7 +23,7 @@ def cfg(tmp_path):
     (tmp_path / "BBox_List_2017.csv").write_text(CSV)
     for name in ("00013118_008.png", "00014716_007.png", "00029817_009.png"):
         Image.fromarray(np.zeros((1024, 1024), np.uint8)).save(tmp_path / name)
-    return DataConfig(dataset="nih", csv=tmp_path / "BBox_List_2017.csv", image_root=tmp_path)
+    return data_config(dataset="nih", csv=tmp_path / "BBox_List_2017.csv", image_root=tmp_path)
 
 
 def test_reads_boxes_grouped_per_image(cfg):

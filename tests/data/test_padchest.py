@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import padchest as reader
 from xray_train.data.records import Finding
 from xray_train.data.registry import read_dataset
@@ -280,7 +280,7 @@ def test_via_registry(padchest):
 
 
 def test_missing_csv_names_the_file(tmp_path):
-    cfg = DataConfig(dataset="padchest", csv=tmp_path / "nope.csv", image_root=tmp_path)
+    cfg = data_config(dataset="padchest", csv=tmp_path / "nope.csv", image_root=tmp_path)
     with pytest.raises(DataError, match="nope.csv"):
         reader.read(cfg)
 
@@ -288,7 +288,7 @@ def test_missing_csv_names_the_file(tmp_path):
 def test_missing_column_names_column_and_file(padchest, tmp_path):
     columns = [c for c in padchest.COLUMNS if c != "Labels"]
     path = padchest.write_csv(tmp_path / "cut.csv", [padchest.row(0)], columns=columns)
-    cfg = DataConfig(dataset="padchest", csv=path, image_root=tmp_path)
+    cfg = data_config(dataset="padchest", csv=path, image_root=tmp_path)
     with pytest.raises(DataError, match=r"cut\.csv.*'Labels'"):
         reader.read(cfg)
 
@@ -296,7 +296,7 @@ def test_missing_column_names_column_and_file(padchest, tmp_path):
 def test_corrupt_gz_is_a_data_error(tmp_path):
     path = tmp_path / "bad.csv.gz"
     path.write_bytes(gzip.compress(b'"",ImageID\n0,a.png\n')[:15])
-    cfg = DataConfig(dataset="padchest", csv=path, image_root=tmp_path)
+    cfg = data_config(dataset="padchest", csv=path, image_root=tmp_path)
     with pytest.raises(DataError, match="bad.csv.gz"):
         reader.read(cfg)
 
@@ -351,4 +351,4 @@ def test_empty_csv_file_is_a_data_error(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_bytes(b"")
     with pytest.raises(DataError, match="empty.csv"):
-        reader.read(DataConfig(dataset="padchest", csv=path, image_root=tmp_path))
+        reader.read(data_config(dataset="padchest", csv=path, image_root=tmp_path))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import padchest as reader
 
 WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
@@ -67,7 +67,7 @@ def real_csv() -> Path:
 @pytest.fixture(scope="module")
 def everything(real_csv, tmp_path_factory):
     """Every projection, method and label kept: only the label quirks are skipped."""
-    cfg = DataConfig(
+    cfg = data_config(
         dataset="padchest",
         csv=real_csv,
         image_root=tmp_path_factory.mktemp("no_images"),
@@ -119,7 +119,7 @@ def test_patients_group_examples(everything):
 
 
 def test_default_config_with_an_empty_image_root(real_csv, tmp_path):
-    cfg = DataConfig(dataset="padchest", csv=real_csv, image_root=tmp_path)
+    cfg = data_config(dataset="padchest", csv=real_csv, image_root=tmp_path)
     result = reader.read(cfg)
     assert result.rows_total == ROWS and not result.examples
     assert sum(result.skipped.values()) == ROWS

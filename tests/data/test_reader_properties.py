@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import indiana, nih, padchest, rsna, vindr
 from xray_train.data.boxfile import read_box_file
 from xray_train.errors import DataError
@@ -158,7 +158,7 @@ def test_padchest_reader_never_crashes(image_root, rows, layout, bom, latin1):
     ]
     path = _tmpdir(image_root) / "padchest.csv"
     _write_csv(path, PADCHEST_HEADER, table, bom, latin1)
-    cfg = DataConfig(dataset="padchest", csv=path, image_root=image_root, image_layout=layout)
+    cfg = data_config(dataset="padchest", csv=path, image_root=image_root, image_layout=layout)
     result = _check(lambda: padchest.read(cfg), image_root, latin1)
     if result is not None:  # pandas decodes the stray latin-1 line leniently: one more row, accounted for
         assert result.rows_total == len(rows) + (latin1 and bool(rows))
@@ -188,7 +188,7 @@ def test_indiana_reader_never_crashes(image_root, projections, mesh, boxes, box_
                [[uid, f"{stem}.png" if stem else "", proj] for uid, stem, proj in projections], False, latin1)
     _write_csv(d / "boxes.csv", ["filename", "label", "x_min", "y_min", "x_max", "y_max"],
                [[f"{stem}.png", label, *vals] for stem, label, *vals in boxes], bom, False)
-    cfg = DataConfig(
+    cfg = data_config(
         dataset="indiana", reports_csv=d / "reports.csv", projections_csv=d / "projections.csv",
         image_root=image_root, box_source=box_source, box_file=d / "boxes.csv", box_coords=coords,
         projections=["Frontal"],
@@ -230,7 +230,7 @@ def test_nih_reader_never_crashes(image_root, rows, bom, latin1):
     path = _tmpdir(image_root) / "bbox.csv"
     _write_csv(path, ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", ""],
                [[f"{stem}.png" if stem else "", label, *vals, "", ""] for stem, label, *vals in rows], bom, latin1)
-    cfg = DataConfig(dataset="nih", csv=path, image_root=image_root)
+    cfg = data_config(dataset="nih", csv=path, image_root=image_root)
     _check(lambda: nih.read(cfg), image_root, latin1)
 
 
@@ -242,7 +242,7 @@ def test_vindr_reader_never_crashes(image_root, rows, bom, latin1):
     path = _tmpdir(image_root) / "train.csv"
     _write_csv(path, ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"],
                [[stem, name, "0", rad, *vals] for stem, name, rad, *vals in rows], bom, latin1)
-    cfg = DataConfig(dataset="vindr", csv=path, image_root=image_root)
+    cfg = data_config(dataset="vindr", csv=path, image_root=image_root)
     _check(lambda: vindr.read(cfg), image_root, latin1)
 
 
@@ -253,7 +253,7 @@ def test_vindr_reader_never_crashes(image_root, rows, bom, latin1):
 def test_rsna_reader_never_crashes(image_root, rows, bom, latin1):
     path = _tmpdir(image_root) / "labels.csv"
     _write_csv(path, ["patientId", "x", "y", "width", "height", "Target"], [list(r) for r in rows], bom, latin1)
-    cfg = DataConfig(dataset="rsna", csv=path, image_root=image_root)
+    cfg = data_config(dataset="rsna", csv=path, image_root=image_root)
     _check(lambda: rsna.read(cfg), image_root, latin1)
 
 
@@ -268,7 +268,7 @@ def test_padchest_rejects_escaping_paths(image_root):
     rows = [[str(i), name, "", "pat", "PA", "Physician", "No", "['nodule']", "[]", "s"] for i, name in enumerate(ESCAPES)]
     rows.append(["9", "good_a.png", "", "pat", "PA", "Physician", "No", "['nodule']", "[]", "s"])
     _write_csv(path, PADCHEST_HEADER, rows, False, False)
-    result = padchest.read(DataConfig(dataset="padchest", csv=path, image_root=image_root, image_layout="flat"))
+    result = padchest.read(data_config(dataset="padchest", csv=path, image_root=image_root, image_layout="flat"))
     assert [ex.image_id for ex in result.examples] == ["good_a.png"]
     assert result.skipped["path_escape"] == len(ESCAPES)
 
@@ -277,7 +277,7 @@ def test_indiana_rejects_escaping_paths(image_root):
     d = _tmpdir(image_root)
     _write_csv(d / "r.csv", ["uid", "MeSH"], [["1", "normal"]], False, False)
     _write_csv(d / "p.csv", ["uid", "filename", "projection"], [["1", n, "Frontal"] for n in ESCAPES], False, False)
-    cfg = DataConfig(dataset="indiana", reports_csv=d / "r.csv", projections_csv=d / "p.csv", image_root=image_root)
+    cfg = data_config(dataset="indiana", reports_csv=d / "r.csv", projections_csv=d / "p.csv", image_root=image_root)
     result = indiana.read(cfg)
     assert result.examples == [] and result.skipped["path_escape"] == len(ESCAPES)
 
@@ -292,6 +292,6 @@ def test_indiana_rejects_escaping_paths(image_root):
 def test_box_readers_reject_escaping_paths(image_root, reader, header, row):
     path = _tmpdir(image_root) / "t.csv"
     _write_csv(path, header, [row(n) for n in ESCAPES], False, False)
-    result = reader.read(DataConfig(dataset=reader.__name__.rsplit(".", 1)[-1], csv=path, image_root=image_root))
+    result = reader.read(data_config(dataset=reader.__name__.rsplit(".", 1)[-1], csv=path, image_root=image_root))
     assert result.examples == []
     assert result.skipped["path_escape"] == len(ESCAPES)

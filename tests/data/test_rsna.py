@@ -4,7 +4,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import rsna
 from xray_train.errors import DataError
 
@@ -37,7 +37,7 @@ def cfg(tmp_path):
     for pid in ("0004cfab-14fd-4e49-80ba-63a80b6bddd6", "00704310-78a8-4b38-8475-49f4573b2dbb"):
         write_dicom(tmp_path / f"{pid}.dcm", 64, 64)
     write_dicom(tmp_path / "00436515-870c-4b36-a041-de91049b9ab4.dcm")
-    return DataConfig(dataset="rsna", csv=tmp_path / "labels.csv", image_root=tmp_path)
+    return data_config(dataset="rsna", csv=tmp_path / "labels.csv", image_root=tmp_path)
 
 
 def test_reads_targets_and_boxes(cfg):

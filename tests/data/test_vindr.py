@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_train.config import DataConfig
+from xray_train.config import data_config
 from xray_train.data import vindr
 from xray_train.errors import DataError
 
@@ -27,7 +27,7 @@ def cfg(tmp_path):
     Image.fromarray(np.zeros((200, 160), np.uint16)).save(tmp_path / "aaa.png")
     Image.fromarray(np.zeros((200, 160), np.uint16)).save(tmp_path / "bbb.png")
     Image.fromarray(np.zeros((200, 160), np.uint16)).save(tmp_path / "ccc.png")
-    return DataConfig(dataset="vindr", csv=tmp_path / "train.csv", image_root=tmp_path)
+    return data_config(dataset="vindr", csv=tmp_path / "train.csv", image_root=tmp_path)
 
 
 def test_radiologist_with_most_boxes_is_kept(cfg):

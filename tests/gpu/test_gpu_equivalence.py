@@ -1,7 +1,7 @@
 """GPU-only levers give the same loss and LoRA gradients as the plain path (bf16 tolerance).
 
-Liger patches Gemma 3's classes for the whole process, so each variant runs in its own process and
-writes its loss and gradients; the test compares them. Skipped without CUDA (CI has none); run on a GPU
+Compiled code and patched layers last for the whole process, so each variant runs in its own process
+and writes its loss and gradients; the test compares them. Skipped without CUDA (CI has none); run on a GPU
 host with ``pytest tests/gpu``.
 """
 
@@ -23,11 +23,12 @@ import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
 from xray_train.collate import Collator, PromptEncoder, batch_to
-from xray_train.config import RunConfig
+from xray_train.config import RunConfig, TrainingSection
+from xray_train.resolve import resolve
 from xray_train.features import pooled_vision_features
 from xray_train.inputs import PixelLoader
 from xray_train.loss import targets_only_loss, full_logits_loss, unwrap_gemma3
-from xray_train.model import apply_liger_kernels, build_training_model, compile_decoder_layers
+from xray_train.model import build_training_model, compile_decoder_layers
 
 base, samples, out, variant = sys.argv[1:5]
 # Phase 2 (trainable projector and loc rows) unless the lever is Phase 1's (a frozen LM head).
@@ -35,14 +36,15 @@ phase = "phase1" if variant.startswith("phase1") else "phase2"
 root = Path(samples).parent
 data = ({"dataset": "padchest", "image_root": str(root), "csv": str(root / "x.csv")} if phase == "phase1"
         else {"dataset": "indiana", "image_root": samples})
-cfg = RunConfig.model_validate({
+cfg = resolve(RunConfig.model_validate({
     "phase": phase, "output_dir": "unused", "lora": {"dropout": 0.0},
     "model": {"base": base, "compute_dtype": "bfloat16"},
     # The plain path: every lever that build_training_model would switch on with CUDA stays off here.
     "training": {"torch_compile": False, "gradient_checkpointing": False, "dequantize_in_graph": False},
     "data": data,
-})
+}))
 model, proc = build_training_model(cfg)
+CHUNK = TrainingSection().head_chunk_rows
 torch.manual_seed(0)
 with torch.no_grad():
     for n, p in model.named_parameters():
@@ -73,11 +75,9 @@ def measure(fn, name):
 
 
 # The reference and the lever run in one process on the same weights: the plain HF path first, then
-# the lever switched on in place (Liger patches the loaded modules; compile wraps the layers).
+# the lever switched on in place (compile wraps the layers).
 measure(full_logits_loss, "plain")
-if variant == "liger":
-    apply_liger_kernels(unwrap_gemma3(model))
-elif variant == "compile":
+if variant == "compile":
     compile_decoder_layers(model)
 elif variant in ("in_graph_dequant", "compile_in_graph_dequant"):
     from xray_train.nf4 import dequantize_in_graph
@@ -91,14 +91,14 @@ elif variant == "compile_checkpoint_some":
     keep_activations_except(model, 1)
     model.train()  # checkpointing is active in training mode only (dropout is 0)
 if variant == "phase1_head_grad_in_forward":
-    measure(lambda m, b: targets_only_loss(m, b, grad_in_forward=True), "lever")
+    measure(lambda m, b: targets_only_loss(m, b, CHUNK, grad_in_forward=True), "lever")
 else:
-    measure(targets_only_loss, "lever")
+    measure(lambda m, b: targets_only_loss(m, b, CHUNK, grad_in_forward=False), "lever")
 """
 
 
 # "targets" and "phase1_head_grad_in_forward" run the split image attention (on by default) on the GPU's kernels.
-ALL_VARIANTS = ["targets", "liger", "compile", "compile_checkpoint_some", "in_graph_dequant", "compile_in_graph_dequant",
+ALL_VARIANTS = ["targets", "compile", "compile_checkpoint_some", "in_graph_dequant", "compile_in_graph_dequant",
                 "phase1_head_grad_in_forward"]
 # Each variant is a process with its own compile; XRAY_GPU_EQUIVALENCE=a,b runs a subset when GPU time is short.
 VARIANTS = [v for v in os.environ.get("XRAY_GPU_EQUIVALENCE", ",".join(ALL_VARIANTS)).split(",") if v in ALL_VARIANTS]

@@ -7,11 +7,10 @@ the uid is never parsed out of a file name.
 
 One Example per row of the projections table (one image). ``rows_total`` counts those rows.
 
-Projection filter: ``data.projections`` is shared with PadChest, whose default is ``[PA, AP,
-AP_horizontal]``. Indiana's values are ``Frontal`` / ``Lateral``: rows whose projection is listed in
-``data.projections`` are kept; when the list names no Indiana value at all (the PadChest default), only
-``Frontal`` is kept. Set ``projections: [Frontal, Lateral]`` to keep both. Rows filtered out are counted
-as ``filtered_projection`` (a filter, as in the PadChest reader, not an error: ``--strict`` does not fail on them).
+Projection filter: rows whose projection (``Frontal`` / ``Lateral``) is listed in ``data.projections``
+(default ``[Frontal]``) are kept; a list naming no Indiana value keeps ``Frontal``. Rows filtered out are
+counted as ``filtered_projection`` (a filter, as in the PadChest reader, not an error: ``--strict`` does not
+fail on them).
 
 Findings come from MeSH (``xray_train.data.atlas``: term -> finding name, location qualifiers -> locations).
 Boxes come from ``data.box_source``:
@@ -33,7 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from xray_train.config import DataConfig
+from xray_train.config import IndianaData
 from xray_train.data import atlas
 from xray_train.data.boxfile import BoxFile, image_size_or_reason, read_box_file, read_csv_table
 from xray_train.data.records import Example, ReadResult, SkipCounter, resolve_under
@@ -44,13 +43,13 @@ PROJECTION_COLUMNS = ("uid", "filename", "projection")
 INDIANA_PROJECTIONS = ("Frontal", "Lateral")
 
 
-def kept_projections(cfg: DataConfig) -> set[str]:
+def kept_projections(cfg: IndianaData) -> set[str]:
     """Indiana projection values to keep (see the module docstring for the rule)."""
     wanted = {p for p in cfg.projections if p in INDIANA_PROJECTIONS}
     return wanted or {"Frontal"}
 
 
-def read(cfg: DataConfig) -> ReadResult:
+def read(cfg: IndianaData) -> ReadResult:
     reports = read_csv_table(cfg.reports_csv, REPORT_COLUMNS, "data.reports_csv")
     projections = read_csv_table(cfg.projections_csv, PROJECTION_COLUMNS, "data.projections_csv")
     box_file: BoxFile | None = None

@@ -27,11 +27,12 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def decode_workers(setting: int | None) -> int:
-    """Worker processes for reading images: the setting, or one per CPU this process may use (0 = in-process)."""
+def decode_workers(setting: int | None, cpus: int | None = None) -> int:
+    """Worker processes for reading images (``data.decode_workers``): the setting, or one per CPU this
+    process may use (``cpus``, counted if not given); 0 (in-process) on one CPU."""
     if setting is not None:
         return setting
-    cpus = available_cpus()
+    cpus = available_cpus() if cpus is None else cpus
     return cpus if cpus > 1 else 0
 
 
@@ -115,6 +116,17 @@ def prepared_batches(
             pending = []
     if pending:
         yield _batch(pending, pin_memory)
+
+
+def read_ahead(
+    items: Sequence, image_of: Callable, prepare: Callable[[Path], np.ndarray], batch_size: int, workers: int = 0
+) -> Iterator[tuple[Sequence, PreparedBatch]]:
+    """``(chunk, prepared)`` for consecutive ``batch_size`` chunks of ``items``, with the images of the chunk
+    (``image_of(item)``) read by ``workers`` processes ahead of the caller. The prepared batch's indices
+    count within its chunk, so ``chunk[i]`` is the item of pixel row ``i``'s index."""
+    images = prepared_batches([image_of(item) for item in items], prepare, batch_size, workers)
+    for start, prepared in zip(range(0, len(items), batch_size), images):
+        yield items[start : start + batch_size], prepared.relative_to(start)
 
 
 def _batch(items, pin_memory: bool) -> PreparedBatch:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xray_train.config import DataConfig
+from xray_train.config import NihData
 from xray_train.data.boxfile import csv_rows, image_size_or_reason, make_box, read_text
 from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter, resolve_under
 from xray_train.errors import DataError
@@ -56,7 +56,7 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
         return [(n, f) for n, f in enumerate(reader, start=2) if any(x.strip() for x in f)]
 
 
-def read(cfg: DataConfig) -> ReadResult:
+def read(cfg: NihData) -> ReadResult:
     rows = _read_rows(cfg.csv)
     skip = SkipCounter(cfg.csv, cfg.strict)
     box_skip = SkipCounter(cfg.csv, cfg.strict)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from xray_train.config import DataConfig
+from xray_train.config import PadchestData
 from xray_train.data.records import Example, Finding, ReadResult, SkipCounter, resolve_under
 from xray_train.data.reports import normalize_location, normalize_name
 from xray_train.errors import DataError
@@ -202,7 +202,7 @@ def detect_layout(root: Path, image_dirs: list[str], image_ids: list[str]) -> tu
     return layout, how
 
 
-def read(cfg: DataConfig, require_images: bool = True) -> ReadResult:
+def read(cfg: PadchestData, require_images: bool = True) -> ReadResult:
     """Read PadChest per ``cfg``; every row is an example or counted in ``skipped``.
 
     ``require_images=False`` skips the per-row existence check (label-only use, e.g. inspecting the

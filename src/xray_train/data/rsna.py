@@ -13,7 +13,7 @@ One Example per patient image: ``rows_total`` counts distinct patientIds, ``note
 
 from __future__ import annotations
 
-from xray_train.config import DataConfig
+from xray_train.config import RsnaData
 from xray_train.data.boxfile import find_image, image_size_or_reason, make_box, read_csv_table
 from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter
 
@@ -22,7 +22,7 @@ LABEL = "pneumonia"
 SUFFIXES = (".dcm", ".png")
 
 
-def read(cfg: DataConfig) -> ReadResult:
+def read(cfg: RsnaData) -> ReadResult:
     rows = read_csv_table(cfg.csv, COLUMNS, "data.csv")
     skip = SkipCounter(cfg.csv, cfg.strict)
     box_skip = SkipCounter(cfg.csv, cfg.strict)

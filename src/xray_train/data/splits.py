@@ -45,3 +45,15 @@ def split_examples(
             split = cache[ex.group_id] = assign_split(ex.group_id, val_fraction, test_fraction, seed)
         out[split].append(ex)
     return out
+
+
+def cap_examples(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most ``limit`` of ``examples``, chosen by ``seed`` and kept in their order (training and evaluation
+    cap the same way, so both see the same subset)."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    import torch
+
+    rng = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=rng)[:limit].sort().values
+    return [examples[i] for i in order]

@@ -20,7 +20,7 @@ but no valid box is skipped (``no_valid_box``).
 
 from __future__ import annotations
 
-from xray_train.config import DataConfig
+from xray_train.config import VindrData
 from xray_train.data.boxfile import find_image, image_size_or_reason, make_box, read_csv_table
 from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter
 
@@ -35,7 +35,7 @@ def vindr_label(raw: str) -> str:
     return LABEL_MAP.get(text, text)
 
 
-def read(cfg: DataConfig) -> ReadResult:
+def read(cfg: VindrData) -> ReadResult:
     rows = read_csv_table(cfg.csv, COLUMNS, "data.csv")
     skip = SkipCounter(cfg.csv, cfg.strict)
     box_skip = SkipCounter(cfg.csv, cfg.strict)

@@ -1,5 +1,7 @@
 """Deterministic synthetic chest films with findings of known geometry.
 
+(Over 400 lines: the film, each finding's drawing and each dataset's file layout are one fixture.)
+
 Used by the committed sample data (``scripts/make_sample_data.py``), the demo, tests and the
 "does it learn to localise" benchmark. Nothing here is a real patient or a realistic radiograph: it is a
 cartoon with the right *layout* (dark lungs, bright mediastinum/spine/heart, diaphragm domes, rib arcs,

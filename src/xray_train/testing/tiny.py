@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from xray_train.cache import cache_root
 from xray_train.errors import XrayTrainError
 from xray_train.outputs import share_like_umask, staging_dir
 
@@ -45,10 +46,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XRAY_TRAIN_CACHE", Path.home() / ".cache" / "xray-train"))
 
 
 def _gguf_tokenizer_json(gguf_path: Path) -> dict:

@@ -1,5 +1,6 @@
-"""One writer per output_dir: a second run is refused while the first holds the lock; a lock left by a
-killed run is taken over."""
+"""The run directory's guards: one writer per output_dir (a second run is refused while the first holds the
+lock; a lock left by a killed run is taken over), and a rerun resumes only checkpoints of the adapter it
+would build itself."""
 
 from __future__ import annotations
 
@@ -18,18 +19,17 @@ from pathlib import Path
 import pytest
 
 from tests.test_preflight import no_weights, run_main  # noqa: F401 (fixture)
-from xray_train import run_guard
+from xray_train import run_dir
 from xray_train.errors import XrayTrainError
-from xray_train.outputs import DONE_MARKER
-from xray_train.run_guard import LOCK, OutputDirLock
+from xray_train.run_dir import DONE_MARKER, LOCK, OutputDirLock, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from xray_train.run_guard import OutputDirLock
-    OutputDirLock(sys.argv[1]).acquire()
+    from xray_train.run_dir import RunDir
+    RunDir(sys.argv[1]).lock().acquire()
     print("locked", flush=True)
     time.sleep(600)
     """
@@ -125,9 +125,9 @@ def test_without_flock_a_live_holder_is_refused_and_a_dead_one_taken_over(tmp_pa
 
 
 def test_process_start_distinguishes_a_reused_pid():
-    assert run_guard._process_start(1) is not None
-    assert run_guard._alive({"pid": 1, "pid_start": run_guard._process_start(1)})
-    assert not run_guard._alive({"pid": 1, "pid_start": "not-its-start"})
+    assert run_dir._process_start(1) is not None
+    assert run_dir._alive({"pid": 1, "pid_start": run_dir._process_start(1)})
+    assert not run_dir._alive({"pid": 1, "pid_start": "not-its-start"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +183,8 @@ def test_rerun_with_other_adapter_settings_stops_and_changes_nothing(interrupted
 
 
 def test_rerun_settings_only_adapter_shaping_ones_stop_a_resume(interrupted_run, make_config):
-    from xray_train.train import check_rerun_settings
+    def check_rerun_settings(cfg):
+        RunDir(cfg.output_dir).check_rerun(cfg)
 
     # Training longer or at another learning rate is a resume, not another adapter.
     check_rerun_settings(make_config("phase1", "training.max_steps=8", "training.learning_rate=1e-3",

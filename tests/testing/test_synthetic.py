@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_train.data import synthetic as S
+from xray_train.testing import synthetic as S
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "samples"
