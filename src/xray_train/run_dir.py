@@ -9,8 +9,8 @@ a checkpoint counts only once its own completion marker is written. One run writ
 itself. ``RunDir`` is how every other module reads one: training, evaluation, prediction, merging and
 publishing.
 
-Longer than the project's other modules (~400 lines at most) because it is one contract: the file names, how each file is
-written and checked, the lock and the resume rule all describe the same folder.
+Over 400 lines because it is one contract: the file names, how each file is checked, the lock and the
+resume rule all describe the same folder.
 """
 
 from __future__ import annotations
