@@ -89,3 +89,14 @@ def test_a_misspelt_data_key_suggests_a_key_of_its_dataset(config, setting, expe
     # Another dataset's key is unknown here, with no suggestion from that dataset.
     with pytest.raises(ConfigError, match=r"data.reports_csv: unknown key \[from --set\]"):
         load_config(REPO / "configs" / "demo" / "phase1.yaml", ["data.reports_csv=/x"], check_paths=False)
+
+
+def test_plain_text_boxes_add_no_loc_tokens_unless_asked():
+    path = REPO / "configs" / "phase2_indiana.yaml"
+    assert load_config(path, check_paths=False).add_loc_tokens
+    text = load_config(path, ["data.box_format=text"], check_paths=False)
+    assert text.data.box_format == "text" and not text.add_loc_tokens
+    assert load_config(path, ["data.box_format=text", "model.add_loc_tokens=true"], check_paths=False).add_loc_tokens
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.box_format=json", "training.loc_label_sigma=-1"], check_paths=False)
+    assert {p.split(":")[0] for p in err.value.problems} >= {"data.box_format", "training.loc_label_sigma"}

@@ -1,18 +1,13 @@
 """The whole chain must learn on films it never saw (CPU-sized ``bench_learning``).
 
-After Phase 1 -> Phase 2 ``--resume`` the model answers held-out films in the trained format, names the
-right finding, and its boxes overlap the truth clearly more than the trivial baseline's (the mean training
-box, labels given): at this size 0.06-0.08 mean IoU against 0.017 (docs/learning.md). A break in label
-masking, loc tokens, box transform, continuation or decoding fails it. Gated
-(``XRAY_TRAIN_LEARNING_TEST=1``): the stronger margin of +0.1 IoU, which the CI budget does not reach.
+After Phase 1 -> Phase 2 ``--resume`` (through the CLI) the model answers held-out films drawn from another
+seed in the trained format, names the right finding, and its boxes overlap the truth clearly more than the
+trivial baseline's (the mean training box, labels given): at this size 0.06-0.08 mean IoU against 0.017
+(docs/learning.md). A break in label masking, loc tokens, box transform, continuation or decoding fails it.
 
-The tiny LM gets a pretrained-like output scale (``embedding_std``, ``final_norm_scale``): with HF's
-default init no frozen token can win the 262k-way softmax, so no answer could ever end.
-
-Phase 1 (a few steps, so the continuation is exercised) -> Phase 2 ``--resume`` through the CLI ->
-``evaluate`` on held-out films drawn from another seed. A broken link anywhere (preprocessing, box
-transform, loc encoding, label masking, continuation, projector, loc rows, decoding, metrics) leaves the
-model no better than always answering the mean training box, which this test refuses.
+The base is the tiny random Gemma 3 with a random frozen tower and a pretrained-like output scale
+(``embedding_std``, ``final_norm_scale``): with HF's default init no frozen token can win the 262k-way
+softmax, so no answer could ever end. The pretrained stand-in of the benchmark is far too slow for CI.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,12 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for a 2-core CI machine; one 8-px patch per image token (8x8 grid on a 64-px image).
 CI_PRESET = {
-    "model": dict(image_size=64, patch_size=8, mm_tokens_per_image=64, hidden_size=128, num_layers=2,
-                  vision_hidden_size=32, vision_layers=2, embedding_std=128**-0.5, final_norm_scale=4.0),
-    "data": dict(n_train=64, n_test=16, kinds=("mass",), n_findings=1, blob_radius=(0.08, 0.12)),
+    "lm": "tiny",
+    "model": dict(hidden_size=128, num_layers=2, embedding_std=128**-0.5, final_norm_scale=4.0),
+    "tower": dict(image_size=64, patch_size=8, hidden_size=32, layers=2, heads=2),
+    "pretrain_tower": False,
+    "data": dict(n_train=64, n_test=16, n_phase1=64, kinds=("mass",), n_findings=1, blob_radius=(0.08, 0.12)),
     "phase1": dict(max_steps=4, learning_rate=2e-2, batch=4),
     "phase2": dict(max_steps=150, learning_rate=5e-3, projector_learning_rate=5e-3, batch=8),
     "lora_r": 16,
+    "compute_dtype": "float32",
 }
 
 
@@ -43,12 +40,6 @@ def _bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-learning = pytest.mark.skipif(
-    os.environ.get("XRAY_TRAIN_LEARNING_TEST") != "1",
-    reason="IoU learning check: set XRAY_TRAIN_LEARNING_TEST=1 (see docs/learning.md)",
-)
 
 
 def _boxes(box_csv: Path) -> list[tuple]:
@@ -133,9 +124,3 @@ def test_answers_parse(learned):
 def test_boxes_beat_the_mean_box_on_held_out_films(learned):
     main, mean_box = learned["rows"]["main"], learned["rows"]["mean_box"]
     assert main["mean_iou"] >= max(2.5 * mean_box["mean_iou"], mean_box["mean_iou"] + 0.03), json.dumps(learned["rows"])
-
-
-@learning
-def test_beats_the_mean_box_on_held_out_films_by_a_wide_margin(learned):
-    main, mean_box = learned["rows"]["main"], learned["rows"]["mean_box"]
-    assert main["mean_iou"] >= mean_box["mean_iou"] + 0.1, json.dumps(learned["rows"])

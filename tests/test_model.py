@@ -181,3 +181,26 @@ def test_ordinal_loc_init_makes_neighbouring_bins_alike_and_survives_save_and_lo
     merged = layer.get_merged_weights(layer.active_adapters)[ids].detach().float()
     expected = unwrap_gemma3(model).get_input_embeddings().weight[ids].detach().float()
     torch.testing.assert_close(merged, expected)
+
+
+def test_numbers_loc_init_adds_the_base_embedding_of_each_bins_number(tiny_model_dir):
+    """'numbers': ordinal code + the base's own rows of the bin's digits (0-999), leading digit first."""
+    from xray_train.loss import unwrap_gemma3
+    from xray_train.model import loc_token_ids
+
+    ordinal, processor = build_training_model(config(tiny_model_dir, "phase2", loc_token_init="ordinal"))
+    numbers, _ = build_training_model(config(tiny_model_dir, "phase2", loc_token_init="numbers"))
+    tok = processor.tokenizer
+    ids = loc_token_ids(tok)
+    weight = unwrap_gemma3(numbers).get_input_embeddings().weight.detach().float()
+    real = weight[: min(ids)]
+    diff = weight[ids] - unwrap_gemma3(ordinal).get_input_embeddings().weight.detach().float()[ids]
+    digit = {d: real[tok.convert_tokens_to_ids(d)] for d in "0123456789"}
+    # Bin 512 is the number 500 ("5", "0", "0"), weighted 4:2:1.
+    expected_512 = (4 * digit["5"] + 2 * digit["0"] + digit["0"]) / 7 - real.mean(0)
+    # Equal up to the bf16 rounding of the stored rows.
+    assert torch.nn.functional.cosine_similarity(diff[512], expected_512, dim=0) > 0.999
+    assert abs(float(diff[512].norm() / expected_512.norm()) - 1) < 0.01
+    # Bins whose numbers share the leading digit start closer than bins far apart.
+    d = lambda a, b: float((diff[a] - diff[b]).norm())  # noqa: E731
+    assert d(520, 530) < d(520, 1000)

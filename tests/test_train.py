@@ -245,3 +245,49 @@ def test_compile_count_counts_each_compile_and_recompile():
     assert compile_count() == before + 1
     fn(torch.ones(5))  # a new shape recompiles
     assert compile_count() == before + 2
+
+
+def test_distance_aware_loc_targets_reach_the_phase2_loss(make_config, monkeypatch):
+    """training.loc_label_sigma / loc_l1_weight reach the Phase-2 loss with the <loc> ids."""
+    from xray_train import trainer
+    from xray_train.loss import LocTargets, targets_only_loss
+
+    seen = []
+
+    def spy(model, batch, chunk_rows, grad_in_forward, loc=None):
+        seen.append(loc)
+        return targets_only_loss(model, batch, chunk_rows, grad_in_forward, loc=loc)
+
+    monkeypatch.setattr(trainer, "targets_only_loss", spy)
+    run(make_config("phase2", "training.max_steps=1", "training.eval_strategy=no",
+                    "training.loc_label_sigma=12", "training.loc_l1_weight=0.5"))
+    assert seen and all(isinstance(loc, LocTargets) for loc in seen)
+    assert (seen[0].n_bins, seen[0].sigma, seen[0].l1_weight) == (1024, 12.0, 0.5)
+
+
+def test_two_stage_phase2_updates_lora_only_from_lora_start_step(make_config):
+    """training.lora_start_step=2: steps 1-2 move the <loc> rows and the projector, not LoRA; step 3 does."""
+    from transformers import TrainerCallback
+
+    snapshots = []
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            named = dict(model.named_parameters())
+            lora = {n: p.detach().clone() for n, p in named.items() if "lora_" in n}
+            other = {n: p.detach().clone() for n, p in named.items() if p.requires_grad and "lora_" not in n}
+            snapshots.append((lora, other))
+
+    start = {}
+
+    class First(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            start["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    run(make_config("phase2", "training.max_steps=3", "training.eval_strategy=no", "training.warmup_steps=0",
+                    "training.lora_start_step=2"), callbacks=[First(), Snap()])
+    assert len(snapshots) == 3
+    for lora, _ in snapshots[:2]:
+        assert all(torch.equal(lora[n], start["lora"][n]) for n in lora)
+    assert any(not torch.equal(snapshots[2][0][n], start["lora"][n]) for n in start["lora"])
+    assert any(not torch.equal(snapshots[1][1][n], snapshots[0][1][n]) for n in snapshots[0][1])

@@ -133,11 +133,18 @@ class ModelConfig(_Section):
         None,
         description="Train the multi_modal_projector (saved with the adapter). Default: on for phase2 only.",
     )
-    loc_token_init: Literal["mean", "ordinal"] = Field(
+    loc_token_init: Literal["mean", "ordinal", "numbers"] = Field(
         "ordinal",
-        description="Initial rows of the new <loc> tokens: 'mean' (all equal to the mean embedding) or 'ordinal' "
+        description="Initial rows of the new <loc> tokens: 'mean' (all equal to the mean embedding), 'ordinal' "
         "(the mean plus a smooth code of the bin index, so neighbouring bins start alike and training one bin "
-        "also moves its neighbours; measured 1.7x the held-out IoU of 'mean'). See docs/learning.md.",
+        "also moves its neighbours) or 'numbers' (the base's own embedding of the bin's number, written 0-999, "
+        "plus the ordinal code). See docs/learning.md.",
+    )
+    loc_decode: Literal["argmax", "expected"] = Field(
+        "argmax",
+        description="How a <loc> token is chosen when generating: the most likely bin ('argmax'), or, once a "
+        "<loc> token wins, the bin nearest the expected coordinate under the softmax over the <loc> rows "
+        "('expected'). See docs/learning.md.",
     )
 
 
@@ -157,6 +164,11 @@ class _DataSection(_Section):
     """What every dataset reader shares: the images and the patient-grouped split."""
 
     image_root: Path = Field(..., description="Folder holding the images.")
+    box_format: Literal["loc", "text"] = Field(
+        "loc",
+        description="Phase-2 answers: 'loc' writes each coordinate as one added <locNNNN> token (PaliGemma); "
+        "'text' as a plain integer 0-999 (Qwen2-VL style, no added tokens). Evaluate and predict read both.",
+    )
     image_size: int | None = Field(
         None, gt=0, description="Side of the square image the model sees. Default: the processor's size."
     )
@@ -340,6 +352,28 @@ class TrainingSection(_Section):
         "through the head), so no chunk's logits are recomputed in backward. Needs a frozen head: Phase 2's "
         "trainable <loc> rows keep the recomputing path.",
     )
+    loc_label_sigma: float = Field(
+        12.0,
+        ge=0,
+        description="Distance-aware <loc> targets: the cross-entropy of a <loc> position is taken against a "
+        "Gaussian over the <loc> bins centred on the true bin, with this standard deviation in bins (e.g. 12 "
+        "of 1024, about 1.2 % of the image side), so a near miss costs less than a far one. 0 (default): "
+        "one-hot targets. Other positions are unchanged. See docs/learning.md.",
+    )
+    loc_l1_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Adds weight x |expected coordinate - true coordinate| (0-1 units) at each <loc> position, "
+        "the expectation taken under the softmax over the <loc> rows. 0 (default): off. Other positions are "
+        "unchanged. See docs/learning.md.",
+    )
+    lora_start_step: int = Field(
+        0,
+        ge=0,
+        description="Two-stage Phase 2: for the first N optimizer steps only the <loc> rows and the projector "
+        "are updated (LoRA's gradients are dropped before the optimizer step), then LoRA joins. 0 (default): "
+        "everything trains from the first step. See docs/learning.md.",
+    )
     split_image_attention: bool = Field(
         True,
         description="Run Gemma 3's text-causal, image-bidirectional attention as two mask-free SDPA calls "
@@ -398,7 +432,7 @@ class RunConfig(_Section):
     @property
     def add_loc_tokens(self) -> bool:
         flag = self.model.add_loc_tokens
-        return self.phase == "phase2" if flag is None else flag
+        return self.phase == "phase2" and self.data.box_format == "loc" if flag is None else flag
 
     @property
     def train_projector(self) -> bool:

@@ -37,7 +37,7 @@ import torch
 from xray_train.collate import PHASE_TASK, Collator, PromptEncoder, batch_to
 from xray_train.config import RunConfig
 from xray_train.data.images import Geometry, read_image_size
-from xray_train.data.loc import BOX_SEPARATOR, NO_BOX_ANSWER, decode_boxes
+from xray_train.data.loc import BOX_ITEM_RE, BOX_SEPARATOR, NO_BOX_ANSWER, decode_boxes
 from xray_train.data.records import Box, Example, Finding
 from xray_train.data.registry import read_dataset
 from xray_train.data.reports import canonical_findings, parse_report
@@ -70,8 +70,8 @@ HEADLINE = [
     ("precision_50", "predicted boxes correct at IoU >= 0.5"),
     ("map50", "mAP@0.5"),
 ]
-# A whole detect answer: boxes joined by ' ; ', each four loc tokens and a non-empty label.
-_BOX_ITEM = re.compile(r"(?:<loc\d{4}>){4}\s*[^;<\s][^;<]*")
+# A whole detect answer: boxes joined by ' ; ', each four coordinates (either box format) and a label.
+_BOX_ITEM = BOX_ITEM_RE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +193,12 @@ class ModelRun:
 @torch.inference_mode()
 def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoader, examples: list[Example],
                           phase: str, max_length: int, batch_size: int, chunk_rows: int, progress: bool = True,
-                          workers: int = 0) -> tuple[int, int, int]:
+                          workers: int = 0, box_format: str = "loc") -> tuple[int, int, int]:
     """(correct, total, examples scored): argmax == label over supervised tokens, batched; images are read
     by ``workers`` processes ahead of the GPU."""
     from xray_train.data.loader import read_ahead
 
-    encoded, _ = encode_examples(examples, phase, encoder, max_length)
+    encoded, _ = encode_examples(examples, phase, encoder, max_length, box_format)
     collator = Collator(encoder.ids)
     inner = unwrap_gemma3(model)
     dtype = next(inner.model.vision_tower.parameters()).dtype
@@ -233,7 +233,7 @@ def run_model(model, generator: Generator, encoder: PromptEncoder, pixel_loader:
 
     correct, total, scored = teacher_forced_counts(
         model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size,
-        cfg.training.head_chunk_rows, progress, decode_workers(cfg.data.decode_workers),
+        cfg.training.head_chunk_rows, progress, decode_workers(cfg.data.decode_workers), cfg.data.box_format,
     )
     generations = generator([Request(ex.image_path, task) for ex in examples], progress=progress,
                             description=f"Generating ({label})")
@@ -378,7 +378,7 @@ def evaluate(
     encoder = PromptEncoder(processor, cfg.system_prompt)
     pixel_loader = PixelLoader(processor, cfg.data.image_size)
     generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, batch_size,
-                          cfg.data.decode_workers)
+                          cfg.data.decode_workers, loc_decode=cfg.model.loc_decode)
 
     started = time.time()
     runs = {"adapter": run_model(model, generator, encoder, pixel_loader, examples, cfg, batch_size, "adapter", progress)}

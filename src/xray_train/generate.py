@@ -34,6 +34,32 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_BATCH_SIZE = 8
 
 
+class ExpectedLocProcessor:
+    """``model.loc_decode: expected``: once a ``<loc>`` token wins a step, emit the bin nearest the expected
+    coordinate under the softmax over the ``<loc>`` rows alone instead of the most likely bin.
+
+    Greedy argmax reads one bin out of a distribution that, after distance-aware training, is spread
+    over neighbouring bins; its mean is the less noisy estimate of the edge (what the auxiliary L1
+    loss trains). Steps whose winner is not a ``<loc>`` token are left untouched.
+    """
+
+    def __init__(self, loc_ids: Sequence[int]):
+        ids = list(loc_ids)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ValueError("the <loc> token ids are not consecutive")
+        self.first, self.n = ids[0], len(ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.argmax(-1)
+        is_loc = (top >= self.first) & (top < self.first + self.n)
+        loc = scores[:, self.first : self.first + self.n].float()
+        bins = torch.arange(self.n, device=scores.device, dtype=torch.float32)
+        expected = (torch.softmax(loc, dim=-1) * bins).sum(-1).round().long() + self.first
+        # The expected bin gets the row's best score plus one: greedy decoding then picks it.
+        boosted = scores.scatter(1, expected.unsqueeze(1), scores.max(-1, keepdim=True).values + 1)
+        return torch.where(is_loc.unsqueeze(1), boosted, scores)
+
+
 @dataclass(frozen=True)
 class Request:
     """One image and the task (a ``TASK_PROMPTS`` key) to answer about it."""
@@ -92,6 +118,7 @@ class Generator:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         batch_size: int = DEFAULT_BATCH_SIZE,
         decode_workers: int | None = None,
+        loc_decode: str = "argmax",
     ):
         from xray_train.data.loader import decode_workers as default_workers
 
@@ -108,6 +135,17 @@ class Generator:
         self.stop_ids = [self.encoder.ids.end_of_turn] + (
             [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id != self.encoder.ids.end_of_turn else []
         )
+        self.logits_processor = None
+        if loc_decode == "expected":
+            from transformers import LogitsProcessorList
+
+            from xray_train.model import loc_token_ids
+
+            loc_ids = loc_token_ids(tok)
+            if loc_ids:
+                self.logits_processor = LogitsProcessorList([ExpectedLocProcessor(loc_ids)])
+        elif loc_decode != "argmax":
+            raise ValueError(f"loc_decode must be 'argmax' or 'expected', not {loc_decode!r}")
         inner = unwrap_gemma3(model)
         self.device = inner.device
         self.pixel_dtype = next(inner.model.vision_tower.parameters()).dtype
@@ -193,6 +231,7 @@ class Generator:
             num_beams=1,
             eos_token_id=self.stop_ids,
             pad_token_id=self.encoder.ids.pad,
+            logits_processor=self.logits_processor,
             # load_base sets config.use_cache=False for training; decoding without a KV cache would
             # recompute the whole prompt (256 image tokens at MedGemma's size) for every new token.
             use_cache=True,

@@ -33,8 +33,9 @@ def image_processor_size(image_processor) -> int:
     return int(height)
 
 
-def build_target(example: Example, phase: str) -> str:
-    """Phase 1: the structured report. Phase 2: boxes in the prepared image's coordinates."""
+def build_target(example: Example, phase: str, box_format: str = "loc") -> str:
+    """Phase 1: the structured report. Phase 2: boxes in the prepared image's coordinates
+    (``box_format``: ``loc`` tokens or plain ``text`` integers)."""
     if phase == "phase1":
         return format_report(example.findings)
     boxes = example.boxes or []
@@ -42,7 +43,7 @@ def build_target(example: Example, phase: str) -> str:
         width, height = read_image_size(example.image_path)
         geometry = Geometry(width, height, 0)
         boxes = [geometry.to_prepared(b) for b in boxes]
-    return encode_boxes(boxes)
+    return encode_boxes(boxes, box_format)
 
 
 class PixelLoader:
@@ -123,7 +124,7 @@ class EncodedExample:
 
 
 def encode_examples(
-    examples: list[Example], phase: str, encoder: PromptEncoder, max_length: int
+    examples: list[Example], phase: str, encoder: PromptEncoder, max_length: int, box_format: str = "loc"
 ) -> tuple[list[EncodedExample], Counter]:
     """Tokenise every example's target; those that cannot be used are counted by reason."""
     task = PHASE_TASK[phase]
@@ -139,7 +140,7 @@ def encode_examples(
     encoded = []
     for ex in examples:
         try:
-            target = build_target(ex, phase)
+            target = build_target(ex, phase, box_format)
         except ImageError as exc:
             logger.warning("skipping %s: %s", ex.image_id, exc)
             skipped["unreadable_image"] += 1

@@ -64,10 +64,57 @@ def merged_inputs_embeds(gemma3_model, batch) -> torch.Tensor:
     return flat.reshape(embeds.shape)
 
 
-def _head_ce(lm_head, hidden: torch.Tensor, labels: torch.Tensor):
+@dataclass(frozen=True)
+class LocTargets:
+    """Distance-aware targets at ``<loc>`` positions (training.loc_label_sigma / loc_l1_weight).
+
+    A one-hot cross-entropy treats a box edge one bin off like one on the other side of the film, and
+    each of the 1024 rows learns only from the few boxes that fall in its bin. Here a ``<loc>`` label
+    is a Gaussian over the bins (``sigma`` bins wide), so every box also trains the bins around it, and
+    ``l1_weight`` adds the distance between the expected coordinate (softmax over the ``<loc>`` rows
+    only) and the truth. Positions whose label is not a ``<loc>`` token keep the plain cross-entropy.
+    """
+
+    first_id: int  # <loc0000>; the 1024 ids are consecutive (``model.add_loc_tokens`` adds them in order)
+    n_bins: int
+    sigma: float = 0.0
+    l1_weight: float = 0.0
+
+    @classmethod
+    def from_ids(cls, loc_ids: list[int] | None, sigma: float, l1_weight: float) -> "LocTargets | None":
+        if not loc_ids or (sigma <= 0 and l1_weight <= 0):
+            return None
+        if list(loc_ids) != list(range(loc_ids[0], loc_ids[0] + len(loc_ids))):
+            raise ValueError("the <loc> token ids are not consecutive")
+        return cls(int(loc_ids[0]), len(loc_ids), float(sigma), float(l1_weight))
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-row loss of fp32 ``logits`` [rows, vocab]: plain cross-entropy except at ``<loc>`` labels."""
+        lse = torch.logsumexp(logits, dim=-1)
+        plain = lse - logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+        offset = labels - self.first_id
+        is_loc = (offset >= 0) & (offset < self.n_bins)
+        target = offset.clamp(0, self.n_bins - 1).to(logits.dtype).unsqueeze(1)
+        loc_logits = logits[:, self.first_id : self.first_id + self.n_bins]
+        bins = torch.arange(self.n_bins, device=logits.device, dtype=logits.dtype).unsqueeze(0)
+        loss = plain
+        if self.sigma > 0:
+            soft = torch.softmax(-0.5 * ((bins - target) / self.sigma) ** 2, dim=-1)
+            loss = torch.where(is_loc, lse - (soft * loc_logits).sum(-1), loss)
+        if self.l1_weight > 0:
+            expected = (torch.softmax(loc_logits, dim=-1) * bins).sum(-1)
+            l1 = (expected - target.squeeze(1)).abs() / (self.n_bins - 1)
+            loss = torch.where(is_loc, loss + self.l1_weight * l1, loss)
+        return loss
+
+
+def _head_ce(lm_head, hidden: torch.Tensor, labels: torch.Tensor, loc: LocTargets | None = None):
     # No final-logit soft-capping: Gemma3ForConditionalGeneration (what generate() runs) applies none.
     logits = lm_head(hidden).float()
-    loss = F.cross_entropy(logits, labels, reduction="sum")
+    if loc is None:
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+    else:
+        loss = loc.row_losses(logits, labels).sum()
     correct = (logits.argmax(-1) == labels).sum()
     return loss, correct
 
@@ -117,13 +164,14 @@ def _frozen_linear_head(lm_head) -> bool:
 
 
 def targets_only_loss(
-    model, batch, chunk_rows: int, grad_in_forward: bool
+    model, batch, chunk_rows: int, grad_in_forward: bool, loc: LocTargets | None = None
 ) -> LossOutput:
     """Loss over supervised tokens only, LM head evaluated at those positions in chunks of ``chunk_rows``
     (config: training.head_chunk_rows; a chunk's logits are rows x vocab floats at the memory peak).
 
     ``grad_in_forward`` (config: training.head_grad_in_forward) makes a frozen head's gradient during
-    the forward (:class:`_HeadLossGradInForward`); otherwise each chunk is checkpointed.
+    the forward (:class:`_HeadLossGradInForward`); otherwise each chunk is checkpointed. ``loc``: the
+    distance-aware ``<loc>`` targets (:class:`LocTargets`).
     """
     full = unwrap_gemma3(model)
     gemma3_model = full.model
@@ -146,7 +194,7 @@ def targets_only_loss(
     # torch.full, not torch.tensor: copying a host scalar to the GPU would synchronise.
     n_tokens = torch.full((), labels_sel.shape[0], dtype=torch.long, device=hidden_sel.device)
     training = torch.is_grad_enabled() and hidden_sel.requires_grad
-    if grad_in_forward and training and _frozen_linear_head(full.lm_head):
+    if grad_in_forward and training and loc is None and _frozen_linear_head(full.lm_head):
         loss_sum, correct = _HeadLossGradInForward.apply(hidden_sel, full.lm_head, labels_sel, chunk_rows)
         return LossOutput(loss_sum, n_tokens, correct)
     loss_sum = hidden_sel.new_zeros((), dtype=torch.float32)
@@ -156,9 +204,9 @@ def targets_only_loss(
         y = labels_sel[start : start + chunk_rows]
         if training:
             # Recompute this chunk's logits in backward instead of keeping chunk x vocab floats alive.
-            chunk_loss, chunk_correct = checkpoint(_head_ce, full.lm_head, h, y, use_reentrant=False)
+            chunk_loss, chunk_correct = checkpoint(_head_ce, full.lm_head, h, y, loc, use_reentrant=False)
         else:
-            chunk_loss, chunk_correct = _head_ce(full.lm_head, h, y)
+            chunk_loss, chunk_correct = _head_ce(full.lm_head, h, y, loc)
         loss_sum = loss_sum + chunk_loss
         correct = correct + chunk_correct
     return LossOutput(loss_sum, n_tokens, correct)

@@ -129,18 +129,43 @@ def resize_embeddings_for(model, token_ids: list[int]) -> None:
             weight[current:] = weight[:current].float().mean(0).to(weight.dtype)
 
 
-def init_loc_rows(model, loc_ids: list[int], init: str = "mean") -> None:
+#: ``numbers`` init: weight of each digit of the bin's 0-999 number, most significant first.
+_DIGIT_WEIGHTS = (4.0, 2.0, 1.0)
+
+
+def number_rows(embedding: torch.Tensor, tokenizer, n_bins: int) -> torch.Tensor:
+    """[n_bins, dim] fp32: bin k as the base embeds its number ``round(k * 999 / (n_bins - 1))``.
+
+    Gemma's tokenizer writes a number digit by digit, so a row is a weighted mean of its digits' rows,
+    the leading digit weighted most (it says the most about where the coordinate is).
+    """
+    rows = []
+    for k in range(n_bins):
+        digits = str(round(k * 999 / (n_bins - 1))).zfill(3)
+        ids = tokenizer.convert_tokens_to_ids(list(digits))
+        w = torch.tensor(_DIGIT_WEIGHTS, dtype=torch.float32, device=embedding.device)
+        rows.append((embedding[ids].float() * w[:, None]).sum(0) / w.sum())
+    return torch.stack(rows)
+
+
+def init_loc_rows(model, loc_ids: list[int], init: str = "mean", tokenizer=None) -> None:
     """Give freshly added <loc> tokens (``loc_ids`` in bin order) their starting rows.
 
     All of them, including the first ~60 ids that land on the base's unused padding rows (Gemma 3 pads its
     vocabulary to 262,208 rows) and would otherwise start from whatever those rows hold. ``"mean"``: the
-    mean embedding of the real vocabulary. ``"ordinal"``: that plus ``ordinal_code``.
+    mean embedding of the real vocabulary. ``"ordinal"``: that plus ``ordinal_code``. ``"numbers"``: the
+    base's embedding of the bin's number (``number_rows``, needs ``tokenizer``) plus ``ordinal_code``, so
+    a pretrained base starts from what it already knows about numbers.
     """
     weight = model.get_input_embeddings().weight
     real_vocab = weight.detach()[: min(loc_ids)]
     # Accumulated in fp32 without an fp32 copy of the 262k x 2560 table.
     rows = real_vocab.mean(0, keepdim=True, dtype=torch.float32).expand(len(loc_ids), -1)
-    if init == "ordinal":
+    if init == "numbers":
+        if tokenizer is None:
+            raise ValueError("loc_token_init 'numbers' needs the tokenizer")
+        rows = number_rows(real_vocab, tokenizer, len(loc_ids))
+    if init in ("ordinal", "numbers"):
         scale = float(real_vocab[:8192].float().norm(dim=1).median())
         rows = rows + ordinal_code(len(loc_ids), weight.shape[1], scale).to(rows.device)
     with torch.no_grad():
@@ -269,7 +294,7 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
         loc_ids = add_loc_tokens(processor.tokenizer)
         resize_embeddings_for(model, loc_ids)
         if fresh:
-            init_loc_rows(model, loc_ids, cfg.model.loc_token_init)
+            init_loc_rows(model, loc_ids, cfg.model.loc_token_init, processor.tokenizer)
     peft_model = get_peft_model(model, lora_config(cfg, loc_ids))
     if resume_from is not None:
         continue_adapter(peft_model, resume_from)

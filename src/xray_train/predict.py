@@ -72,15 +72,18 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def saved_settings(adapter_dir: Path) -> dict:
-    """Phase, system prompt and image size the adapter was trained with (from its saved config; an
-    adapter folder without one gets the defaults, and the processor's own image size)."""
-    from xray_train.config import RunConfig
+    """Phase, system prompt, image size, <loc> decoding and box format the adapter was trained with (from its
+    saved config; an adapter folder without one gets the defaults, and the processor's own image size)."""
+    from xray_train.config import ModelConfig, RunConfig, _DataSection
 
     run_dir = RunDir(adapter_dir)
     if not run_dir.has_config():
-        return {"phase": None, "system_prompt": RunConfig.model_fields["system_prompt"].default, "image_size": None}
+        return {"phase": None, "system_prompt": RunConfig.model_fields["system_prompt"].default, "image_size": None,
+                "loc_decode": ModelConfig.model_fields["loc_decode"].default,
+                "box_format": _DataSection.model_fields["box_format"].default}
     saved = run_dir.config()
-    return {"phase": saved.phase, "system_prompt": saved.system_prompt, "image_size": saved.data.image_size}
+    return {"phase": saved.phase, "system_prompt": saved.system_prompt, "image_size": saved.data.image_size,
+            "loc_decode": saved.model.loc_decode, "box_format": saved.data.box_format}
 
 
 def tasks_for(task: str) -> list[str]:
@@ -242,7 +245,9 @@ def predict(
     """
     run_dir = RunDir(adapter_dir).require_adapter()
     adapter_dir, out_dir = run_dir.path, Path(out_dir)
-    has_loc = run_dir.has_loc_rows()
+    settings = saved_settings(adapter_dir)
+    # A plain-text-box adapter (data.box_format: text) detects without added <loc> rows.
+    has_loc = run_dir.has_loc_rows() or (settings["phase"] == "phase2" and settings["box_format"] == "text")
     task = task or ("both" if has_loc else "report")
     tasks = tasks_for(task)
     if "detect" in tasks and not has_loc:
@@ -252,13 +257,13 @@ def predict(
     images = collect_images([Path(i) for i in inputs])
     names = output_names(images)
     check_outputs(out_dir, names, overwrite)
-    settings = saved_settings(adapter_dir)
 
     if model is None:
         from xray_train.model import load_adapter
 
         model, processor = load_adapter(adapter_dir, base=base)
-    generator = Generator(model, processor, settings["system_prompt"], settings["image_size"], max_new_tokens, batch_size)
+    generator = Generator(model, processor, settings["system_prompt"], settings["image_size"], max_new_tokens, batch_size,
+                          loc_decode=settings["loc_decode"])
     requests = [Request(image, t) for t in tasks for image in images]
     generations = generator(requests, progress=progress, description="Predicting")
 

@@ -76,7 +76,8 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
     from transformers import set_seed
 
     from xray_train import trainer as trainer_module
-    from xray_train.model import build_training_model
+    from xray_train.loss import LocTargets
+    from xray_train.model import build_training_model, loc_token_ids
 
     set_seed(cfg.training.seed)
     model, processor = build_training_model(cfg, resume_from=resume_from)
@@ -97,6 +98,11 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
         targets_only=cfg.training.loss_on_targets_only,
         head_chunk_rows=cfg.training.head_chunk_rows,
         head_grad_in_forward=cfg.training.head_grad_in_forward,
+        loc_targets=LocTargets.from_ids(
+            loc_token_ids(processor.tokenizer) if cfg.add_loc_tokens else None,
+            cfg.training.loc_label_sigma, cfg.training.loc_l1_weight,
+        ),
+        lora_start_step=cfg.training.lora_start_step,
         optimizers=(optimizer_groups(cfg, model), None),
         callbacks=callbacks,
     )
@@ -230,8 +236,9 @@ def prepare_data(cfg: RunConfig, encoder: PromptEncoder, read: ReadResult | None
     """Split and encode the examples of ``read`` (by default, the dataset read now)."""
     read = read if read is not None else read_dataset(cfg.data)
     splits, train_examples, val_examples = select_examples(cfg, read)
-    train, train_skipped = encode_examples(train_examples, cfg.phase, encoder, cfg.training.max_length)
-    validation, _ = encode_examples(val_examples, cfg.phase, encoder, cfg.training.max_length)
+    fmt = cfg.data.box_format
+    train, train_skipped = encode_examples(train_examples, cfg.phase, encoder, cfg.training.max_length, fmt)
+    validation, _ = encode_examples(val_examples, cfg.phase, encoder, cfg.training.max_length, fmt)
     if not train:
         reasons = ", ".join(f"{k}={v}" for k, v in (read.skipped + train_skipped).items()) or "none"
         raise XrayTrainError(

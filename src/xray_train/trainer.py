@@ -16,7 +16,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 from xray_train.distributed import call_through_ddp
 from xray_train.distributed import state as distributed_state
 from xray_train.errors import XrayTrainError
-from xray_train.loss import full_logits_loss, targets_only_loss
+from xray_train.loss import LocTargets, full_logits_loss, targets_only_loss
 from xray_train.run_dir import RunDir, tidy_saved_adapter
 
 
@@ -59,12 +59,30 @@ class CheckpointCompleteCallback(TrainerCallback):
         return control
 
 
+class LoraStartCallback(TrainerCallback):
+    """Two-stage training (training.lora_start_step): before step ``start`` the optimizer skips LoRA.
+
+    Its gradients are dropped after clipping and before the step (AdamW skips a parameter without a
+    gradient: no moment, no decay), so parameters, DDP's reduction and compiled graphs stay as they are.
+    """
+
+    def __init__(self, params, start: int):
+        self.params, self.start = params, start
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step < self.start:
+            for p in self.params:
+                p.grad = None
+        return control
+
+
 class XrayTrainer(Trainer):
     """HF Trainer with the project's loss (targets-only LM head), token accuracy, length grouping
     without loading images, and a non-finite-loss guard."""
 
     def __init__(
-        self, *args, lengths, targets_only: bool, head_chunk_rows: int, head_grad_in_forward: bool, **kwargs
+        self, *args, lengths, targets_only: bool, head_chunk_rows: int, head_grad_in_forward: bool,
+        loc_targets: LocTargets | None = None, lora_start_step: int = 0, **kwargs
     ):
         super().__init__(*args, **kwargs)
         self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
@@ -73,10 +91,14 @@ class XrayTrainer(Trainer):
         flow = next(i for i, cb in enumerate(self.callback_handler.callbacks) if isinstance(cb, DefaultFlowCallback))
         self.callback_handler.callbacks.insert(flow + 1, FiniteLossCallback(self.loss_guard))
         self.add_callback(CheckpointCompleteCallback())
+        if lora_start_step > 0:
+            lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+            self.add_callback(LoraStartCallback(lora, lora_start_step))
         self._lengths = lengths
         self._targets_only = targets_only
         self._head_chunk_rows = head_chunk_rows
         self._head_grad_in_forward = head_grad_in_forward
+        self._loc_targets = loc_targets
         # compute_loss divides by the token count of the whole accumulated batch itself.
         self.model_accepts_loss_kwargs = True
         # One process sees several GPUs (plain `python`, or `accelerate launch --num_processes 1`):
@@ -112,8 +134,10 @@ class XrayTrainer(Trainer):
         if not self._targets_only:
             return call_through_ddp(model, full_logits_loss, inputs)
         # The module-level name is looked up per call so tests can substitute the loss.
+        loc = {"loc": self._loc_targets} if self._loc_targets is not None else {}
         return call_through_ddp(
-            model, lambda m, b: targets_only_loss(m, b, self._head_chunk_rows, self._head_grad_in_forward), inputs
+            model, lambda m, b: targets_only_loss(m, b, self._head_chunk_rows, self._head_grad_in_forward, **loc),
+            inputs,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -42,7 +42,7 @@ def show_collated_example(cfg: RunConfig, console: Console, read: ReadResult | N
         return
     encoder = PromptEncoder(processor, cfg.system_prompt)
     example = read.examples[0]
-    encoded = encoder.encode(PHASE_TASK[cfg.phase], build_target(example, cfg.phase))
+    encoded = encoder.encode(PHASE_TASK[cfg.phase], build_target(example, cfg.phase, cfg.data.box_format))
     n_sup = sum(1 for label in encoded["labels"] if label != -100)
     console.print(
         f"\nExample {example.image_id}: {len(encoded['input_ids'])} tokens, {n_sup} supervised "

@@ -52,3 +52,36 @@ def test_no_boxes_answer_and_several_boxes():
     assert text.count(" ; ") == 1
     assert [b.label for b in decode_boxes(text)] == ["a", "pleural effusion"]
     assert [b.label for b in decode_boxes("junk " + text + " <loc0001> trailing")] == ["a", "pleural effusion"]
+
+
+@given(*[st.floats(0, 1)] * 4)
+def test_text_format_round_trips_within_half_a_step(a, b, c, d):
+    box = Box("mass", min(a, b), min(c, d), max(a, b), max(c, d))
+    text = encode_box(box, "text")
+    assert "<loc" not in text
+    (back,) = decode_boxes(text)
+    for x, y in zip((box.x_min, box.y_min, box.x_max, box.y_max), (back.x_min, back.y_min, back.x_max, back.y_max)):
+        assert abs(x - y) <= 0.5 / 999 + 1e-12
+    assert back.label == "mass"
+
+
+def test_text_format_is_plain_integers_y_before_x():
+    text = encode_boxes([Box("mass", 0.1, 0.2, 0.3, 0.4), Box("pleural effusion", 0, 0.5, 1, 1)], "text")
+    assert text == "200 100 400 300 mass ; 500 0 999 999 pleural effusion"
+    assert [b.label for b in decode_boxes("noise 12 " + text)] == ["mass", "pleural effusion"]
+    with pytest.raises(ValueError):
+        encode_box(Box("mass", 0, 0, 1, 1), "json")
+
+
+def test_loc_groups_win_over_digits_in_the_label():
+    (b,) = decode_boxes("<loc0100><loc0200><loc0300><loc0400> mass 2")
+    assert b.label == "mass 2" and b.y_min == 100 / 1023
+
+
+def test_well_formed_answers_of_either_format():
+    from xray_train.evaluate import detect_answer_well_formed
+
+    assert detect_answer_well_formed("200 100 400 300 mass ; 500 0 999 999 pleural effusion")
+    assert detect_answer_well_formed("<loc0200><loc0100><loc0400><loc0300> mass")
+    assert not detect_answer_well_formed("200 100 400 mass")
+    assert not detect_answer_well_formed("200 100 400 300")

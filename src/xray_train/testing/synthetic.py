@@ -309,12 +309,13 @@ def generate_lateral(rng: np.random.Generator, size: tuple[int, int], bit_depth:
     return np.clip(np.rint(img * top), 0, top).astype(np.uint16 if bit_depth == 16 else np.uint8)
 
 
-def save_png(pixels: np.ndarray, path: Path) -> None:
-    """Grayscale PNG, 16-bit for uint16 arrays (12 significant bits stay as values < 4096)."""
+def save_png(pixels: np.ndarray, path: Path, compress_level: int = 9) -> None:
+    """Grayscale PNG, 16-bit for uint16 arrays (12 significant bits stay as values < 4096).
+    ``compress_level`` 9 keeps committed samples small; benchmarks write faster with 1."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # fromarray infers I;16 for uint16 and L for uint8 (its ``mode`` argument is deprecated).
     img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint16 if pixels.dtype == np.uint16 else np.uint8))
-    img.save(path, format="PNG", optimize=False, compress_level=9)
+    img.save(path, format="PNG", optimize=False, compress_level=compress_level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +368,7 @@ def _pylist(items: list[str]) -> str:
     return "[" + ", ".join(f"'{i}'" for i in items) + "]"
 
 
-def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -> Path:
+def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0, compress_level: int = 9, **findings) -> Path:
     """Write ``n`` images in the real PadChest layout under ``out_dir``; returns the CSV path.
 
     ``out_dir/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`` (all 36 columns, the real header with
@@ -430,7 +431,7 @@ def write_padchest(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) 
             h, w = pixels.shape
             image_id = f"{study_id}_{_alnum(rng, 6)}.png"
             image_dir = _IMAGE_DIRS[int(rng.integers(0, len(_IMAGE_DIRS)))]
-            save_png(pixels, out / "images" / str(image_dir) / image_id)
+            save_png(pixels, out / "images" / str(image_dir) / image_id, compress_level)
             view_pos = {"PA": "POSTEROANTERIOR", "L": "LATERAL", "AP": "ANTEROPOSTERIOR",
                         "AP_horizontal": "ANTEROPOSTERIOR", "EXCLUDE": "OBLICUA"}[proj]
             philips = rng.random() < 0.5
@@ -481,7 +482,9 @@ def _indiana_text(film: SyntheticFilm) -> tuple[str, str]:
     return " ".join(sentences), " ".join(s for s in sentences[1:]) or "Cardiomegaly."
 
 
-def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -> dict[str, Path]:
+def write_indiana(
+    out_dir: Path | str, n: int = 48, seed: int = 0, compress_level: int = 9, **findings
+) -> dict[str, Path]:
     """Write ``n`` frontal images (plus laterals for some studies) in Indiana's Kaggle layout.
 
     Returns the paths: ``reports_csv``, ``projections_csv``, ``image_root`` and ``box_file`` (exact pixel
@@ -499,11 +502,11 @@ def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -
         film = generate_film(rng, size=size, bit_depth=8, **findings)
         im = 4000 + int(rng.integers(1, 999))
         frontal = f"{uid}_IM-{im:04d}-1001.dcm.png"
-        save_png(film.pixels, image_root / frontal)
+        save_png(film.pixels, image_root / frontal, compress_level)
         projections.append([uid, frontal, "Frontal"])
         if rng.random() < 0.5:
             lateral = f"{uid}_IM-{im:04d}-2001.dcm.png"
-            save_png(generate_lateral(rng, (size[0] // 2, size[1] // 2), 8), image_root / lateral)
+            save_png(generate_lateral(rng, (size[0] // 2, size[1] // 2), 8), image_root / lateral, compress_level)
             projections.append([uid, lateral, "Lateral"])
         h, w = film.pixels.shape
         for f in film.findings:
@@ -538,7 +541,8 @@ def write_indiana(out_dir: Path | str, n: int = 48, seed: int = 0, **findings) -
 
 
 def write_benchmark(
-    out_dir: Path | str, n_train: int, n_test: int, seed_train: int, seed_test: int, workers: int = 1, **findings
+    out_dir: Path | str, n_train: int, n_test: int, seed_train: int, seed_test: int, workers: int = 1,
+    n_phase1: int | None = None, compress_level: int = 9, **findings
 ) -> dict[str, Path]:
     """Train and held-out data for ``benchmarks/bench_learning.py`` and ``tests/test_learning.py``.
 
@@ -547,13 +551,14 @@ def write_benchmark(
     ``seed_test``, so held-out positions and sizes were never seen. ``findings`` (``n_findings``, ``kinds``,
     ``blob_radius``) apply to all three. Returns ``padchest_csv``, ``padchest_images``, ``train`` and
     ``test`` (the latter two: ``write_indiana``'s path dicts). ``workers`` > 1 writes the three sets in
-    parallel processes (same files: each set has its own seed).
+    parallel processes (same files: each set has its own seed). ``n_phase1`` PadChest films (default
+    ``n_train``); ``compress_level`` of the PNGs.
     """
     if seed_test in (seed_train, seed_train + 1):
         raise ValueError("seed_test must differ from seed_train and seed_train + 1: test films would repeat training ones")
     out = Path(out_dir)
     jobs = {
-        "padchest_csv": (write_padchest, out / "train" / "padchest", n_train, seed_train + 1),
+        "padchest_csv": (write_padchest, out / "train" / "padchest", n_phase1 or n_train, seed_train + 1),
         "train": (write_indiana, out / "train" / "indiana", n_train, seed_train),
         "test": (write_indiana, out / "test" / "indiana", n_test, seed_test),
     }
@@ -563,8 +568,10 @@ def write_benchmark(
 
         # spawn, not fork: the caller may hold torch threads, which a forked child must not inherit.
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {k: pool.submit(fn, path, n=n, seed=seed, **findings) for k, (fn, path, n, seed) in jobs.items()}
+            futures = {k: pool.submit(fn, path, n=n, seed=seed, compress_level=compress_level, **findings)
+                       for k, (fn, path, n, seed) in jobs.items()}
             written = {k: f.result() for k, f in futures.items()}
     else:
-        written = {k: fn(path, n=n, seed=seed, **findings) for k, (fn, path, n, seed) in jobs.items()}
+        written = {k: fn(path, n=n, seed=seed, compress_level=compress_level, **findings)
+                   for k, (fn, path, n, seed) in jobs.items()}
     return written | {"padchest_images": written["padchest_csv"].parent / "images"}
