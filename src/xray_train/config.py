@@ -127,7 +127,7 @@ class ModelConfig(_Section):
     add_loc_tokens: bool | None = Field(
         None,
         description="Add the 1024 <locNNNN> tokens as single tokens with trainable rows. "
-        "Default: on for phase2, off for phase1.",
+        "Default: on for phase2 with data.box_format loc, off otherwise.",
     )
     train_projector: bool | None = Field(
         None,
@@ -138,13 +138,14 @@ class ModelConfig(_Section):
         description="Initial rows of the new <loc> tokens: 'mean' (all equal to the mean embedding), 'ordinal' "
         "(the mean plus a smooth code of the bin index, so neighbouring bins start alike and training one bin "
         "also moves its neighbours) or 'numbers' (the base's own embedding of the bin's number, written 0-999, "
-        "plus the ordinal code). See docs/learning.md.",
+        "plus the ordinal code; measured far below 'ordinal' on the learning benchmark). See docs/learning.md.",
     )
     loc_decode: Literal["argmax", "expected"] = Field(
         "argmax",
         description="How a <loc> token is chosen when generating: the most likely bin ('argmax'), or, once a "
         "<loc> token wins, the bin nearest the expected coordinate under the softmax over the <loc> rows "
-        "('expected'). See docs/learning.md.",
+        "('expected'; measured worse: where the model hesitates between two places, the expectation lands "
+        "between them). See docs/learning.md.",
     )
 
 
@@ -357,15 +358,15 @@ class TrainingSection(_Section):
         ge=0,
         description="Distance-aware <loc> targets: the cross-entropy of a <loc> position is taken against a "
         "Gaussian over the <loc> bins centred on the true bin, with this standard deviation in bins (e.g. 12 "
-        "of 1024, about 1.2 % of the image side), so a near miss costs less than a far one. 0 (default): "
-        "one-hot targets. Other positions are unchanged. See docs/learning.md.",
+        "of 1024, about 1.2 % of the image side), so a near miss costs less than a far one. 0: one-hot "
+        "targets. Other positions are unchanged. See docs/learning.md.",
     )
     loc_l1_weight: float = Field(
         1.0,
         ge=0,
         description="Adds weight x |expected coordinate - true coordinate| (0-1 units) at each <loc> position, "
-        "the expectation taken under the softmax over the <loc> rows. 0 (default): off. Other positions are "
-        "unchanged. See docs/learning.md.",
+        "the expectation taken under the softmax over the <loc> rows. 0: off. Other positions are unchanged. "
+        "See docs/learning.md.",
     )
     lora_start_step: int = Field(
         0,
