@@ -320,8 +320,8 @@ def _iou_and_hits(pred, ref) -> tuple[float, float]:
     return float(iou.mean()), float((iou >= 0.5).float().mean())
 
 
-def probe(base: Path, phase2_yaml: Path, data: dict, device: str) -> dict:
-    """Ridge and an attention readout on the frozen pooled features (the projector's input)."""
+def probe(base: Path, phase2_yaml: Path, data: dict, device: str, attention: bool = True) -> dict:
+    """Ridge and (``attention``) an attention readout on the frozen pooled features (the projector's input)."""
     import torch
 
     (xtr, ytr), (xte, yte) = _features_and_boxes(base, phase2_yaml, data, device)
@@ -341,7 +341,8 @@ def probe(base: Path, phase2_yaml: Path, data: dict, device: str) -> dict:
     w = _ridge(flat_tr, ytr, best[1])
     iou, hit = _iou_and_hits(_affine(flat_te, w), yte)
     result["ridge"] = {"alpha": best[1], "mean_iou": iou, "hit_rate_50": hit}
-    result["attention"] = _attention_readout(xtr, ytr, xte, yte, device=device)
+    if attention:
+        result["attention"] = _attention_readout(xtr, ytr, xte, yte, device=device)
     return result
 
 
@@ -584,7 +585,7 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
             record("mean_box", lambda: mean_box_baseline(data, p2_yaml[main_tower]))
         if "probe" in rows:
             record("probe", lambda: probe(bases[main_tower], p2_yaml[main_tower], data,
-                                          "cuda" if device == "cuda" else "cpu"))
+                                          "cuda" if device == "cuda" else "cpu", preset.get("probe_attention", True)))
 
     with ThreadPoolExecutor(1 + len(towers)) as side_pool, ThreadPoolExecutor(max(jobs, 1)) as pool:
         side = [side_pool.submit(baselines)]
@@ -632,7 +633,7 @@ def best_probe_hit_rate(results: dict) -> float | None:
     p = results.get("probe")
     if not p or "ridge" not in p:
         return None
-    return max(p["ridge"]["hit_rate_50"], p["attention"]["hit_rate_50"])
+    return max(p[k]["hit_rate_50"] for k in ("ridge", "attention") if k in p)
 
 
 def verdict(results: dict) -> dict:

@@ -2,12 +2,17 @@
 
 After Phase 1 -> Phase 2 ``--resume`` (through the CLI) the model answers held-out films drawn from another
 seed in the trained format, names the right finding, and its boxes overlap the truth clearly more than the
-trivial baseline's (the mean training box, labels given): at this size 0.06-0.08 mean IoU against 0.017
-(docs/learning.md). A break in label masking, loc tokens, box transform, continuation or decoding fails it.
+trivial baseline's (the mean training box, labels given) and reach a fixed share of what a ridge readout
+fitted directly on the same frozen tower finds (the probe ceiling). A break in label masking, loc tokens,
+box transform, continuation or decoding fails it.
 
-The base is the tiny random Gemma 3 with a random frozen tower and a pretrained-like output scale
-(``embedding_std``, ``final_norm_scale``): with HF's default init no frozen token can win the 262k-way
-softmax, so no answer could ever end. The pretrained stand-in of the benchmark is far too slow for CI.
+The base is the tiny random Gemma 3 with a pretrained-like output scale (``embedding_std``,
+``final_norm_scale``: with HF's default init no frozen token can win the 262k-way softmax, so no answer could
+ever end) carrying a tiny tower pretrained on coverage maps of other findings (``TowerRecipe``, seed 777,
+cached under ``XRAY_TRAIN_CACHE`` like the tokenizer). The tiny random LM keeps one-hot ``<loc>`` targets:
+with the Gaussian and L1 terms its answers stop ending (docs/learning.md). Measured at this size (32
+held-out films): mean IoU 0.047 against the mean box's 0.013 and the ridge probe's 0.135; the bars below
+still hold if one film's hit became a miss. The pretrained stand-in of the benchmark is far too slow for CI.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 CI_PRESET = {
     "lm": "tiny",
     "model": dict(hidden_size=128, num_layers=2, embedding_std=128**-0.5, final_norm_scale=4.0),
-    "tower": dict(image_size=64, patch_size=8, hidden_size=32, layers=2, heads=2),
-    "pretrain_tower": False,
-    "data": dict(n_train=64, n_test=16, n_phase1=64, kinds=("mass",), n_findings=1, blob_radius=(0.08, 0.12)),
+    "tower": dict(image_size=64, patch_size=8, hidden_size=32, layers=2, heads=2, n_films=400, steps=200,
+                  batch=32, learning_rate=2e-3, film_scale=0.5),
+    "data": dict(n_train=64, n_test=32, n_phase1=64, kinds=("mass",), n_findings=1, blob_radius=(0.08, 0.12)),
     "phase1": dict(max_steps=4, learning_rate=2e-2, batch=4),
     "phase2": dict(max_steps=150, learning_rate=5e-3, projector_learning_rate=5e-3, batch=8),
     "lora_r": 16,
     "compute_dtype": "float32",
+    "overrides": ["training.loc_label_sigma=0", "training.loc_l1_weight=0"],
+    "probe_attention": False,  # the ridge readout is the ceiling here (closed form: seconds on a CPU)
 }
 
 
@@ -108,19 +115,23 @@ def test_mean_box_baseline_scores_the_held_out_set(tmp_path):
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     bench = _bench()
-    return bench.run_benchmark(tmp_path_factory.mktemp("learning"), CI_PRESET, "cpu", rows=("main", "mean_box"),
-                               echo=lambda *a: None)
+    return bench.run_benchmark(tmp_path_factory.mktemp("learning"), CI_PRESET, "cpu",
+                               rows=("main", "mean_box", "probe"), echo=lambda *a: None)
 
 
 def test_answers_parse(learned):
     main = learned["rows"]["main"]
-    # 16 held-out films: each is 6.25 % of the rate. Summation-order changes that leave the loss and
-    # gradients equal to ~6e-6 (the LM-head gradient made in the forward) moved this preset between
-    # 0.875 and 0.938, so the bar allows two unparsed answers rather than one.
-    assert main["parse_rate"] >= 0.85, json.dumps(main)
+    # 32 held-out films: the bar allows three unparsed answers.
+    assert main["parse_rate"] >= 0.9, json.dumps(main)
     assert main["finding_f1"] >= 0.9, json.dumps(main)
 
 
-def test_boxes_beat_the_mean_box_on_held_out_films(learned):
+def test_boxes_beat_the_mean_box_by_a_wide_margin(learned):
     main, mean_box = learned["rows"]["main"], learned["rows"]["mean_box"]
-    assert main["mean_iou"] >= max(2.5 * mean_box["mean_iou"], mean_box["mean_iou"] + 0.03), json.dumps(learned["rows"])
+    assert main["mean_iou"] >= max(2 * mean_box["mean_iou"], mean_box["mean_iou"] + 0.015), json.dumps(learned["rows"])
+
+
+def test_boxes_reach_a_share_of_the_probe_ceiling(learned):
+    main, ceiling = learned["rows"]["main"], learned["probe"]["ridge"]["mean_iou"]
+    assert ceiling > 2 * learned["rows"]["mean_box"]["mean_iou"], json.dumps(learned["probe"])  # the tower carries the box
+    assert main["mean_iou"] >= 0.2 * ceiling, json.dumps({"main": main, "probe": learned["probe"]})
