@@ -219,3 +219,58 @@ def test_label_free_padding_rows_change_neither_loss_nor_gradients(tiny_model_di
     assert grads.keys() == reference_grads.keys()
     for name, grad in reference_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+
+def _features_batch(model, processor, answers, seed):
+    from xray_train.features import feature_row_shape
+
+    encoder = PromptEncoder(processor, "sys")
+    batch = Collator(encoder.ids)([encoder.encode("report", a) for a in answers])
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(answers), *feature_row_shape(unwrap_gemma3(model).model))
+    batch["image_features"] = torch.randn(shape, generator=generator)
+    return batch
+
+
+def test_compiled_layers_take_every_sequence_length_with_one_compile(tiny_model_dir, processor):
+    """training.torch_compile: batches of other lengths reuse the first step's graphs (the sequence length
+    is compiled as a dynamic size), with the eager path's loss and gradients; evaluation compiles nothing."""
+    from xray_train.model import compile_decoder_layers
+    from xray_train.train import compile_count
+    from xray_train.trainer import evaluation_context
+
+    model, proc = build_training_model(_config(tiny_model_dir, "phase1"))
+    _perturb_lora(model)
+    model.train()
+    answers = ["FINDINGS:\n- cardiomegaly: cardiac", "no finding", "IMPRESSION: normal"]
+    batches = [_features_batch(model, proc, [a * (1 + i) for a in answers], seed=i) for i in range(3)]
+    lengths = {b["input_ids"].shape[1] for b in batches}
+    assert len(lengths) == 3  # three different padded lengths
+    window = unwrap_gemma3(model).config.get_text_config().sliding_window
+    assert max(lengths) <= window  # the split-attention path (the default), as in a MedGemma batch
+    eager = [(out := targets_only_loss(model, b), _grads(model, out)) for b in batches]
+    with torch.no_grad():
+        model.eval()
+        eager_eval = targets_only_loss(model, batches[0]).loss_sum
+        model.train()
+
+    compile_decoder_layers(model, backend="eager")  # dynamo's graphs and guards, nothing generated
+    before = compile_count()
+    for i, (batch, (plain, plain_grads)) in enumerate(zip(batches, eager)):
+        out = targets_only_loss(model, batch)
+        grads = _grads(model, out)
+        if i == 0:
+            first = compile_count()
+            assert first > before
+        assert compile_count() == first, f"batch {i} (length {batch['input_ids'].shape[1]}) recompiled"
+        torch.testing.assert_close(out.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    model.eval()
+    with evaluation_context():
+        evaluated = targets_only_loss(model, batches[0]).loss_sum
+    model.train()
+    assert compile_count() == first
+    torch.testing.assert_close(evaluated, eager_eval)

@@ -7,6 +7,7 @@ last, and a non-finite-loss guard that never stalls the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -74,6 +75,18 @@ class LoraStartCallback(TrainerCallback):
             for p in self.params:
                 p.grad = None
         return control
+
+
+@contextlib.contextmanager
+def evaluation_context():
+    """No autograd, and the compiled decoder layers run eagerly unless a graph already matches.
+
+    Without autograd and dropout the training graphs' guards fail: compiling evaluation's own graphs
+    would cost more than the few hundred validation samples take eagerly, and would compile after the
+    first training steps.
+    """
+    with torch.no_grad(), torch.compiler.set_stance("eager_on_recompile"):
+        yield
 
 
 class XrayTrainer(Trainer):
@@ -164,7 +177,7 @@ class XrayTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with evaluation_context(), self.compute_loss_context_manager():
             out = self._loss(model, inputs)
         counts = torch.stack([out.n_correct, out.n_tokens]).to(self.args.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
