@@ -139,11 +139,12 @@ def test_cache_features_killed_midway_continues_and_gives_the_same_cache(tiny_mo
     partial = [p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".partial")]
     assert len(partial) == 1
     done = json.loads((partial[0] / "progress.json").read_text())["done"]
-    assert done == 12  # three whole batches of 4 were recorded; the one in flight was lost
+    # Killed while queueing the 4th batch of 4: the 2nd was recorded, the 3rd was with the writer.
+    assert done in (8, 12)
 
     again = _cache_features(tmp_path / "resumed", args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "continuing the vision-feature cache build at image 12" in again.stderr
+    assert f"continuing the vision-feature cache build at image {done}" in again.stderr
     fresh = _cache_features(tmp_path / "fresh", args)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
 

@@ -208,6 +208,7 @@ def _lock(fh) -> None:
 
 
 PROGRESS_FILE = "progress.json"
+BUILD_FILE = "build.json"
 
 
 def _read_progress(folder: Path) -> dict:
@@ -268,10 +269,16 @@ def build_features(  # noqa: PLR0913
 ) -> None:
     """Fill ``folder`` with one feature row per path (row i = paths[i]), continuing a killed build.
 
-    Images are read by ``workers`` processes ahead of the GPU; each batch goes to the GPU as uint8 and is
-    normalised there. Every batch has ``batch_size`` rows (the last one is padded) so a compiled tower
-    never sees a new shape. After each batch the rows are flushed and then ``progress.json`` records them.
+    Three things overlap, so the GPU never waits for the host: ``workers`` processes read images ahead
+    (each batch goes to the GPU as uint8 and is normalised there); the host collects batch k+1 while the GPU
+    runs batch k, whose features come back by an asynchronous copy; a writer thread puts batch k-1's rows
+    into ``features.bin``, syncs them to the disk and only then records them in ``progress.json``. A build
+    killed at any point therefore loses at most the two batches in flight (on the GPU, in the writer), and
+    never records a row that is not on the disk. Every batch has ``batch_size`` rows (the last one is padded) so a compiled
+    tower never sees a new shape.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from xray_train.data.loader import prepared_batches
@@ -285,57 +292,105 @@ def build_features(  # noqa: PLR0913
     bin_path = folder / "features.bin"
     expected = int(np.prod(shape)) * np.dtype(storage).itemsize
     if done and bin_path.is_file() and bin_path.stat().st_size == expected:
-        array = np.memmap(bin_path, dtype=storage, mode="r+", shape=shape)
         logger.info("continuing the vision-feature cache build at image %d of %d", done, len(paths))
     else:
         done, failed = 0, {}
-        array = _reserved_memmap(bin_path, storage, shape)
+        _reserved_memmap(bin_path, storage, shape)
     forward = _vision_forward(gemma3_model, compile_vision)
-    started, films = time.perf_counter(), 0
+    cuda = device.type == "cuda"
+    # Host copies of the features of the batches in flight: on the GPU, written back by the writer, free.
+    slots = [torch.empty((batch_size, *shape[1:]), dtype=dtype, pin_memory=cuda) for _ in range(3)]
+    started, films, first_batch_s = time.perf_counter(), 0, None
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("Caching vision features", total=len(paths), completed=done, rate="")
-        offset = done  # batch indices count from here
-        batches = prepared_batches(
-            paths[offset:], pixel_loader.prepare, batch_size, workers, pin_memory=device.type == "cuda"
-        )
-        for batch in batches:
-            for i, err in batch.failed.items():
-                failed[str(paths[offset + i])] = err
-                logger.warning("skipping unreadable image: %s", err)
-            if batch.pixels is not None:
-                n = len(batch.indices)
-                pixels = batch.pixels.to(device, non_blocking=True)
-                if n < batch_size:
-                    pixels = torch.cat([pixels, pixels[-1:].expand(batch_size - n, *pixels.shape[1:])])
-                feats = forward(pixel_loader.normalize(pixels, dtype))[:n].cpu()
-                raw = feats.view(torch.uint16) if dtype_name == "bfloat16" else feats.float()
-                rows = np.asarray(batch.indices) + offset
-                if rows[-1] - rows[0] + 1 == n:
-                    array[rows[0] : rows[-1] + 1] = raw.numpy()
-                else:
-                    array[rows] = raw.numpy()
-            step = len(batch.indices) + len(batch.failed)
-            done += step
-            films += step
-            array.flush()
-            _write_progress(folder, {"done": done, "failed": failed})
-            rate = films / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=step, rate=f"{rate:.1f} films/s")
+    fd = os.open(bin_path, os.O_WRONLY)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-cache-writer")
+    writes: list = []  # the writer's futures, oldest first
+
+    def write(slot: torch.Tensor | None, rows: np.ndarray, record: dict) -> None:
+        """In the writer thread: rows to the disk (GIL released), then the progress that covers them."""
+        if slot is not None and len(rows):
+            raw = slot[: len(rows)].view(torch.uint16) if dtype_name == "bfloat16" else slot[: len(rows)].float()
+            raw = raw.numpy()
+            row_bytes = raw[0].nbytes
+            runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
+            for run in runs:  # consecutive rows in one write; unreadable images leave gaps
+                data = memoryview(np.ascontiguousarray(raw[run[0] : run[-1] + 1])).cast("B")
+                offset, written = int(rows[run[0]]) * row_bytes, 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+            os.fdatasync(fd)
+        _write_progress(folder, record)
+
+    try:
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task("Caching vision features", total=len(paths), completed=done, rate="")
+            offset = done  # batch indices count from here
+            batches = prepared_batches(paths[offset:], pixel_loader.prepare, batch_size, workers, pin_memory=cuda)
+            in_flight = None  # the batch whose features the GPU is making: (slot, rows, event, record)
+            for number, batch in enumerate(batches):  # read while the GPU runs the batch in flight
+                for i, err in batch.failed.items():
+                    failed[str(paths[offset + i])] = err
+                    logger.warning("skipping unreadable image: %s", err)
+                if in_flight is not None:
+                    # Its features reach the host a moment before this batch is queued behind them: the GPU
+                    # idles for the time of a few kernel launches.
+                    _hand_to_writer(in_flight, writer, write, writes)
+                slot, event = None, None
+                rows = np.asarray(batch.indices, dtype=np.int64) + offset
+                if batch.pixels is not None:
+                    n = len(batch.indices)
+                    pixels = batch.pixels.to(device, non_blocking=True)
+                    if n < batch_size:
+                        pixels = torch.cat([pixels, pixels[-1:].expand(batch_size - n, *pixels.shape[1:])])
+                    slot = slots[number % len(slots)]
+                    slot[:n].copy_(forward(pixel_loader.normalize(pixels, dtype))[:n], non_blocking=cuda)
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record()
+                step = len(batch.indices) + len(batch.failed)
+                done += step
+                films += step
+                in_flight = (slot, rows, event, {"done": done, "failed": dict(failed)})
+                if first_batch_s is None:
+                    first_batch_s = time.perf_counter() - started
+                rate = films / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=step, rate=f"{rate:.1f} films/s")
+            if in_flight is not None:
+                _hand_to_writer(in_flight, writer, write, writes)
+            for future in writes:
+                future.result()
+    finally:
+        writer.shutdown(wait=True)
+        os.close(fd)
     elapsed = time.perf_counter() - started
     if films:
         logger.info("vision features: %d images in %.1f s (%.1f images/s)", films, elapsed, films / max(elapsed, 1e-9))
-    del array
     failed_paths = set(failed)
     index = {str(p): i for i, p in enumerate(paths) if str(p) not in failed_paths}
     if not index:
         raise XrayTrainError("no readable image to cache vision features for")
     # Unreadable images keep an unused row: rows stay at their path's position, which a resumed build needs.
     meta = {"shape": list(shape), "dtype": dtype_name, "index": index, "failed": failed}
+    # How fast the build (its last part, if continued) ran: the first batch, worker start-up included, and all.
+    build = {"films": films, "seconds": round(elapsed, 3), "first_batch_s": round(first_batch_s or 0.0, 3)}
+    (folder / BUILD_FILE).write_text(json.dumps(build))
     (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _hand_to_writer(batch, writer, write, writes: list) -> None:
+    """Wait for ``batch``'s features to reach the host, then queue them for the writer thread.
+
+    One write at most is pending when the next batch is queued, so a slot is free again three batches on.
+    """
+    slot, rows, event, record = batch
+    if event is not None:
+        event.synchronize()
+    while writes:
+        writes.pop(0).result()
+    writes.append(writer.submit(write, slot, rows, record))
 
 
 def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
