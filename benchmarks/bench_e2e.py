@@ -44,9 +44,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PADCHEST_CONFIG = REPO / "configs" / "phase1_padchest.yaml"
 INDIANA_CONFIG = REPO / "configs" / "phase2_indiana.yaml"
 PROJECTION_FILMS = 100_000
-#: Batch per peer: the largest that stays within 24 GB at MedGemma scale (bench_train.py's peaks: the seed
-#: recipe 22.9 GB at 8; TRL 9.9 GB at 8, so 16; Unsloth's offloaded checkpointing ~ TRL's).
-PEER_BATCH = {"seed": 8, "trl": 16, "unsloth": 16}
+#: Batches each peer tries before its epoch (one timed step each, on the same films); it trains with the
+#: fastest whose peak stays within PEER_MEMORY_GB. Earlier peaks: the seed recipe 21.3 GB at 8, TRL 16.3 at 16.
+PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16, 24, 32)}
+PEER_MEMORY_GB = 24.0
+#: The optimizer's state, made at the first real step, is not in a search step's peak: kept as headroom.
+SEARCH_HEADROOM_GB = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +236,12 @@ def split_stages(stages: dict, wall: float) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: dict) -> dict:
+def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: dict, timeout: float | None) -> dict:
     stages_out = workdir / f"stages-{name.replace(' ', '_')}.json"
     stages_out.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), **env_extra)
     started = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env=env,
-                          capture_output=True, text=True)
+    proc = _run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env, timeout)
     wall = time.time() - started
     row = {"name": name, "phase": phase, "wall_s": round(wall, 2)}
     (workdir / f"log-{name.replace(' ', '_')}.txt").write_text(proc.stdout + proc.stderr)
@@ -260,6 +262,7 @@ def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: d
     steady = [s["s"] for s in steps if not s["compiles"]][1:]  # the step after a compile also warms up
     row.update(
         films=films,
+        validation_films=summary["data"]["validation_examples_used"],
         epochs=epochs,
         batch=batch,
         stages=split,
@@ -267,13 +270,39 @@ def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: d
         samples_per_s_training_steps=round(batch / statistics.median(steady), 3) if steady else None,
         cache_films_per_s=round(cached / split["cache_build"], 1)
         if split["cache_build"] > 1 else None,
+        cache_build=_cache_build(Path(env_extra["XRAY_TRAIN_FEATURE_CACHE"]), started),
         compiles=sum(s["compiles"] for s in steps),
         compiles_after_step_3=sum(s["compiles"] for s in steps if s["step"] > 3),
         compile_steps=[s["step"] for s in steps if s["compiles"]],
+        compiles_outside_steps=(summary["metrics"].get("torch_compiles") or 0) - sum(s["compiles"] for s in steps),
         torch_compiles_in_summary=summary["metrics"].get("torch_compiles"),
         peak_mem_gb=round(stages["peak_mem_gb"], 2) if stages["peak_mem_gb"] else None,
     )
     return row
+
+
+def _cache_build(root: Path, since: float) -> dict | None:
+    """The build this command made (``build.json`` of a cache finished after ``since``): its films/s, whole
+    and after the first batch (whose time includes starting the reading workers)."""
+    from xray_train.features import BUILD_FILE
+
+    built = [p for p in root.glob(f"*/{BUILD_FILE}") if p.stat().st_mtime >= since]
+    if not built:
+        return None
+    b = json.loads(max(built, key=lambda p: p.stat().st_mtime).read_text())
+    rest_films, rest_s = b["films"] - b["first_batch_films"], b["seconds"] - b["first_batch_s"]
+    return {**b, "films_per_s": round(b["films"] / b["seconds"], 1),
+            "films_per_s_after_first_batch": round(rest_films / rest_s, 1) if rest_s > 0 and rest_films else None}
+
+
+def _run(cmd: list[str], env: dict, timeout: float | None):
+    """``subprocess.run`` whose timeout becomes a failed result with what the command printed so far."""
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return subprocess.CompletedProcess(cmd, -9, out, err + f"\nbench: stopped after {timeout:.0f} s (its time limit)")
 
 
 def _batch_of(argv: list[str]) -> int:
@@ -335,8 +364,9 @@ def peer_items(films: dict, base: Path, tiny: bool):
     return processor, encoder, prepare_data(cfg, encoder).train
 
 
-def run_peer(name: str, films: dict, base: Path, batch: int, out_dir: Path, tiny: bool) -> dict:
-    """One epoch over the training films; returns the row (timings from process start)."""
+def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_dir: Path, tiny: bool) -> dict:
+    """A batch search (``batches``), then one epoch over the training films at the batch it found; returns
+    the row (timings from process start; the search is a stage of its own)."""
     t0 = float(os.environ.get("BENCH_T0", time.time()))
     if name == "unsloth":
         import unsloth  # noqa: F401 - must precede transformers so its patches apply
@@ -364,6 +394,7 @@ def run_peer(name: str, films: dict, base: Path, batch: int, out_dir: Path, tiny
     dataset = TrainingDataset(items, PixelLoader(processor), None)  # decoded per item in the workers
     collate = Collator(encoder.ids)
     timer = Timer()
+    batch = batches[0]
     common = dict(output_dir=str(out_dir), per_device_train_batch_size=batch, num_train_epochs=1,
                   learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none",
                   remove_unused_columns=False, dataloader_num_workers=2, disable_tqdm=True, seed=0,
@@ -422,13 +453,23 @@ def run_peer(name: str, films: dict, base: Path, batch: int, out_dir: Path, tiny
                              peft_config=peft_config, processing_class=processor, callbacks=[timer])
     else:
         raise ValueError(name)
+    search_started = time.time()
+    search = batch_search(trainer.model, dataset, collate, batches)
+    fits = [t for t in search if t["peak_gb"] + SEARCH_HEADROOM_GB <= PEER_MEMORY_GB]
+    if fits:
+        batch = max(fits, key=lambda t: t["samples_per_s"])["batch"]
+    trainer.args.per_device_train_batch_size = trainer._train_batch_size = batch
+    search_s = time.time() - search_started
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the epoch's own peak, not the search's largest batch
     trainer.train()
     save_started = time.time()
     trainer.save_model(str(out_dir / "adapter"))
     ended = time.time()
     wall = ended - t0
     samples = (timer.steps * batch) if tiny else len(dataset)
-    stages = {"start_up": loaded_at - t0, "train": timer.end - timer.begin, "save": ended - save_started}
+    stages = {"start_up": loaded_at - t0, "batch_search": search_s, "train": timer.end - timer.begin,
+              "save": ended - save_started}
     stages["other"] = wall - sum(stages.values())
     return {
         "name": name, "phase": "phase1", "films": len(dataset), "batch": batch, "wall_s": round(wall, 2),
@@ -437,7 +478,48 @@ def run_peer(name: str, films: dict, base: Path, batch: int, out_dir: Path, tiny
         "samples_per_s_training_steps": round(samples / stages["train"], 3),
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
         "data_loading": "DataLoader over the PNG files, 2 decoding workers",
+        "batch_search": search,
     }
+
+
+def batch_search(model, dataset, collate, batches: tuple[int, ...]) -> list[dict]:
+    """One timed forward + backward per batch size (after one untimed at the first), on the same films:
+    samples/s and peak GB of each. Stops at the first that passes PEER_MEMORY_GB (larger ones need more)."""
+    import torch
+
+    n = min(max(batches), len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(n))  # the films decoded once, in parallel
+    items = list(torch.utils.data.DataLoader(subset, batch_size=None, num_workers=min(16, n)))
+    keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values")
+    cuda = torch.cuda.is_available()  # --tiny runs the same steps on the CPU (no memory figure)
+    device = "cuda" if cuda else "cpu"
+    model.train()
+
+    def step(b: int) -> tuple[float, float]:
+        batch = {k: v.to(device) for k, v in collate(items[:b]).items() if k in keep}
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**batch).loss
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        took = time.perf_counter() - started
+        model.zero_grad(set_to_none=True)
+        return took, torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
+
+    step(batches[0])
+    tried = []
+    for b in batches:
+        if b > len(dataset):
+            break
+        took, peak = step(b)
+        tried.append({"batch": b, "samples_per_s": round(b / took, 2), "peak_gb": round(peak, 2)})
+        if peak + SEARCH_HEADROOM_GB > PEER_MEMORY_GB:
+            break
+    return tried
 
 
 def _load_4bit(base: Path, quant_storage: bool = False):
@@ -453,18 +535,20 @@ def _load_4bit(base: Path, quant_storage: bool = False):
                                                        device_map={"": 0} if cuda else None, attn_implementation="sdpa")
 
 
-def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool) -> dict:
+def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool, timeout: float | None) -> dict:
     row_out = workdir / f"peer-{name}.json"
     row_out.unlink(missing_ok=True)
-    batch = 2 if tiny else PEER_BATCH[name]
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()))
+    batches = (2, 3) if tiny else PEER_BATCHES[name]
+    # Nothing outside the host can be reached: no hub look-ups, no usage statistics (Unsloth's).
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
-           "--model", str(base), "--workdir", str(workdir), "--batch", str(batch)] + (["--tiny"] if tiny else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+           "--model", str(base), "--workdir", str(workdir), "--batches", ",".join(map(str, batches))]
+    proc = _run(cmd + (["--tiny"] if tiny else []), env, timeout)
     (workdir / f"log-peer-{name}.txt").write_text(proc.stdout + proc.stderr)
     if row_out.is_file():
         return json.loads(row_out.read_text())
-    return {"name": name, "phase": "phase1", "batch": batch, "error": (proc.stderr or proc.stdout)[-1500:]}
+    return {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:]}
 
 
 def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
@@ -512,23 +596,46 @@ def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
 # Report
 
 
+#: Validation samples a PadChest-size run evaluates (configs/phase1_padchest.yaml: training.max_eval_samples).
+PROJECTION_EVAL_SAMPLES = 512
+
+
 def projection(rows: list[dict]) -> dict:
-    """100k films: start-up and compile stay, cache build and training scale with the films."""
-    out = {"films": PROJECTION_FILMS, "method": "start_up + compile + films / cache_films_per_s + films / "
-           "samples_per_s_training_steps (xray-train); films / samples_per_s_end_to_end (peers)"}
+    """100k films from the measured stages: fixed costs stay, per-film stages scale at their measured rates."""
+    out = {"films": PROJECTION_FILMS, "method": (
+        "xray-train: start_up + compile + save + other (fixed) + cache build's first batch and set-up (fixed) + "
+        "films / cache films/s after the first batch + films / samples/s in training steps + data read x films "
+        f"/ measured films + {PROJECTION_EVAL_SAMPLES} validation samples at the measured eval rate. Peers: "
+        "start_up + batch search + save + other (fixed) + films / their samples/s in training (their decoding "
+        "workers run alongside the steps)")}
     for row in rows:
         if row.get("error") or row.get("phase") != "phase1" or "stages" not in row:
             continue
+        st = row["stages"]
+        films = PROJECTION_FILMS
         if row["name"].startswith("xray-train"):
-            st = row["stages"]
-            hours = st["start_up"] + st["compile"]
-            if row.get("cache_films_per_s"):
-                hours += PROJECTION_FILMS / row["cache_films_per_s"]
-            if row.get("samples_per_s_training_steps"):
-                hours += PROJECTION_FILMS / row["samples_per_s_training_steps"]
+            seconds = st["start_up"] + st["compile"] + st["save"] + max(st["other"], 0.0)
+            seconds += st["data_read"] * films / row["films"]
+            build = row.get("cache_build")
+            if build and build.get("films_per_s_after_first_batch"):
+                steady = build["films_per_s_after_first_batch"]
+                cached = row["films"] + row.get("validation_films", 0)
+                seconds += max(st["cache_build"] - (cached - build["first_batch_films"]) / steady, 0.0)
+                seconds += films / steady
+            elif row.get("cache_films_per_s"):
+                seconds += films / row["cache_films_per_s"]
+            if row.get("validation_films") and st["eval"] > 0:
+                seconds += PROJECTION_EVAL_SAMPLES * st["eval"] / row["validation_films"]
+            seconds += films / row["samples_per_s_training_steps"]
         else:
-            hours = PROJECTION_FILMS / row["samples_per_s_end_to_end"]
-        out[row["name"]] = {"first_epoch_h": round(hours / 3600, 2)}
+            seconds = sum(v for k, v in st.items() if k != "train") + films / row["samples_per_s_training_steps"]
+        out[row["name"]] = {"first_epoch_h": round(seconds / 3600, 2)}
+    seed = out.get("seed", {}).get("first_epoch_h")
+    peers = [out[n]["first_epoch_h"] for n in ("trl", "unsloth") if n in out]  # the seed is no peer
+    for name, value in out.items():
+        if name.startswith("xray-train") and isinstance(value, dict):
+            value["x_seed"] = round(seed / value["first_epoch_h"], 2) if seed else None
+            value["x_best_peer"] = round(min(peers) / value["first_epoch_h"], 2) if peers else None
     return out
 
 
@@ -555,13 +662,15 @@ def main() -> None:
                     help="rows to run, in this order: vision, xray1 (first run), xray-rerun, xray2, seed, trl, unsloth")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
+    ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
+                    "(a row that would start later is skipped; a stopped row records what it printed)")
     # Internal: one row in this process.
     ap.add_argument("--cli-stages", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--peer-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--films-json", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
     ap.add_argument("--vision-out", type=Path, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
 
@@ -573,11 +682,11 @@ def main() -> None:
         return
     if args.peer:
         try:
-            row = run_peer(args.peer, json.loads(args.films_json.read_text()), args.model, args.batch,
-                           args.workdir / f"peer-{args.peer}", args.tiny)
+            row = run_peer(args.peer, json.loads(args.films_json.read_text()), args.model,
+                           tuple(int(b) for b in args.batches.split(",")), args.workdir / f"peer-{args.peer}", args.tiny)
         except Exception as exc:  # a failing peer must not lose the other rows
             traceback.print_exc()
-            row = {"name": args.peer, "phase": "phase1", "batch": args.batch,
+            row = {"name": args.peer, "phase": "phase1", "batches": args.batches,
                    "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
         args.peer_out.write_text(json.dumps(row))
         return
@@ -607,8 +716,8 @@ def main() -> None:
     print(f"model ready in {time.time() - started:.0f} s", flush=True)
 
     rows: list[dict] = []
-    for earlier in args.merge:
-        rows += json.loads(earlier.read_text())["rows"]
+    for earlier in args.merge:  # rows measured by an earlier invocation, marked as such
+        rows += [{**r, "earlier_run": True} for r in json.loads(earlier.read_text())["rows"]]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     def record(row: dict) -> None:
@@ -630,6 +739,10 @@ def main() -> None:
     cache = {"XRAY_TRAIN_FEATURE_CACHE": str(work / "feature-cache")}
     p1, p2 = work / "out-phase1", work / "out-phase2"
     for what in args.rows.split(","):
+        left = None if args.deadline_s is None else args.deadline_s - (time.time() - started) - 10
+        if left is not None and left < 30:
+            print(f"bench: no time left for row {what!r} within --deadline-s", flush=True)
+            continue
         if what == "vision":
             vision_out = work / "vision.json"
             cmd = [sys.executable, __file__, "--vision-out", str(vision_out), "--model", str(base)]
@@ -642,15 +755,16 @@ def main() -> None:
 
             shutil.rmtree(work / "feature-cache", ignore_errors=True)  # a user's first run: nothing cached
             record(xray_row("xray-train phase1 first run", "phase1",
-                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
+                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache, left))
         elif what == "xray-rerun":
             record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
-                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache))
+                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache, left))
         elif what == "xray2":
             record(xray_row("xray-train phase2 --resume", "phase2",
-                            xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache))
+                            xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,
+                            left))
         elif what in ("seed", "trl", "unsloth"):
-            record(peer_row(what, films_json, base, work, args.tiny))
+            record(peer_row(what, films_json, base, work, args.tiny, left))
         else:
             raise SystemExit(f"--rows: unknown row {what!r}")
     write()

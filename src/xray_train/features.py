@@ -300,7 +300,7 @@ def build_features(  # noqa: PLR0913
     cuda = device.type == "cuda"
     # Host copies of the features of the batches in flight: on the GPU, written back by the writer, free.
     slots = [torch.empty((batch_size, *shape[1:]), dtype=dtype, pin_memory=cuda) for _ in range(3)]
-    started, films, first_batch_s = time.perf_counter(), 0, None
+    started, films, first_batch_s, first_batch_films = time.perf_counter(), 0, None, 0
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
@@ -355,7 +355,7 @@ def build_features(  # noqa: PLR0913
                 films += step
                 in_flight = (slot, rows, event, {"done": done, "failed": dict(failed)})
                 if first_batch_s is None:
-                    first_batch_s = time.perf_counter() - started
+                    first_batch_s, first_batch_films = time.perf_counter() - started, step
                 rate = films / max(time.perf_counter() - started, 1e-9)
                 bar.update(task, advance=step, rate=f"{rate:.1f} films/s")
             if in_flight is not None:
@@ -375,7 +375,8 @@ def build_features(  # noqa: PLR0913
     # Unreadable images keep an unused row: rows stay at their path's position, which a resumed build needs.
     meta = {"shape": list(shape), "dtype": dtype_name, "index": index, "failed": failed}
     # How fast the build (its last part, if continued) ran: the first batch, worker start-up included, and all.
-    build = {"films": films, "seconds": round(elapsed, 3), "first_batch_s": round(first_batch_s or 0.0, 3)}
+    build = {"films": films, "seconds": round(elapsed, 3), "first_batch_s": round(first_batch_s or 0.0, 3),
+             "first_batch_films": first_batch_films}
     (folder / BUILD_FILE).write_text(json.dumps(build))
     (folder / "meta.json").write_text(json.dumps(meta))
 
