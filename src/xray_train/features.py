@@ -301,6 +301,7 @@ def build_features(  # noqa: PLR0913
     # Host copies of the features of the batches in flight: on the GPU, written back by the writer, free.
     slots = [torch.empty((batch_size, *shape[1:]), dtype=dtype, pin_memory=cuda) for _ in range(3)]
     started, films, first_batch_s, first_batch_films = time.perf_counter(), 0, None, 0
+    first_batch_done_s = None
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
@@ -338,6 +339,8 @@ def build_features(  # noqa: PLR0913
                     # Its features reach the host a moment before this batch is queued behind them: the GPU
                     # idles for the time of a few kernel launches.
                     _hand_to_writer(in_flight, writer, write, writes)
+                    if first_batch_done_s is None:
+                        first_batch_done_s = time.perf_counter() - started
                 slot, event = None, None
                 rows = np.asarray(batch.indices, dtype=np.int64) + offset
                 if batch.pixels is not None:
@@ -374,9 +377,11 @@ def build_features(  # noqa: PLR0913
         raise XrayTrainError("no readable image to cache vision features for")
     # Unreadable images keep an unused row: rows stay at their path's position, which a resumed build needs.
     meta = {"shape": list(shape), "dtype": dtype_name, "index": index, "failed": failed}
-    # How fast the build (its last part, if continued) ran: the first batch, worker start-up included, and all.
-    build = {"films": films, "seconds": round(elapsed, 3), "first_batch_s": round(first_batch_s or 0.0, 3),
-             "first_batch_films": first_batch_films}
+    # How fast the build (its last part, if continued) ran: the first batch (worker start-up and the GPU's
+    # first forward included), and all.
+    build = {"films": films, "seconds": round(elapsed, 3), "first_batch_films": first_batch_films,
+             "first_batch_s": round(first_batch_s or 0.0, 3),  # read and queued
+             "first_batch_done_s": round(first_batch_done_s or elapsed, 3)}  # its features back on the host
     (folder / BUILD_FILE).write_text(json.dumps(build))
     (folder / "meta.json").write_text(json.dumps(meta))
 
