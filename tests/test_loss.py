@@ -249,16 +249,16 @@ def test_compiled_layers_take_every_sequence_length_with_one_compile(tiny_model_
     assert len(lengths) == 3  # three different padded lengths
     window = unwrap_gemma3(model).config.get_text_config().sliding_window
     assert max(lengths) <= window  # the split-attention path (the default), as in a MedGemma batch
-    eager = [(out := targets_only_loss(model, b), _grads(model, out)) for b in batches]
+    eager = [(out := targets_only_loss(model, b, CHUNK, grad_in_forward=False), _grads(model, out)) for b in batches]
     with torch.no_grad():
         model.eval()
-        eager_eval = targets_only_loss(model, batches[0]).loss_sum
+        eager_eval = targets_only_loss(model, batches[0], CHUNK, grad_in_forward=False).loss_sum
         model.train()
 
     compile_decoder_layers(model, backend="eager")  # dynamo's graphs and guards, nothing generated
     before = compile_count()
     for i, (batch, (plain, plain_grads)) in enumerate(zip(batches, eager)):
-        out = targets_only_loss(model, batch)
+        out = targets_only_loss(model, batch, CHUNK, grad_in_forward=False)
         grads = _grads(model, out)
         if i == 0:
             first = compile_count()
@@ -270,7 +270,7 @@ def test_compiled_layers_take_every_sequence_length_with_one_compile(tiny_model_
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     model.eval()
     with evaluation_context():
-        evaluated = targets_only_loss(model, batches[0]).loss_sum
+        evaluated = targets_only_loss(model, batches[0], CHUNK, grad_in_forward=False).loss_sum
     model.train()
     assert compile_count() == first
     torch.testing.assert_close(evaluated, eager_eval)
