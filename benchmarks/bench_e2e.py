@@ -20,9 +20,12 @@ Rows, in one invocation, on the same films, each in its own process:
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
+  Before its epoch each peer times one forward + backward per candidate batch (``PEER_BATCHES``) and
+  trains at the fastest whose peak stays within 24 GB; the search is recorded in its row.
 
-``samples_per_s_end_to_end`` is training samples over the whole command's wall time. The 100k-film
-projection keeps start-up and compile fixed and scales the per-film stages (cache build, training).
+``samples_per_s_end_to_end`` is training samples over the whole command's wall time (a peer's batch search
+left out). The 100k-film projection keeps the fixed stages and scales the per-film ones (data read, cache
+build after its first batch, training steps, evaluation batches) at their measured rates.
 """
 
 from __future__ import annotations
