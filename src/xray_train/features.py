@@ -9,6 +9,9 @@ language model's forward and backward together, so this roughly halves a step.
 The cache key covers the vision weights (a numeric fingerprint of every tensor), the vision config,
 the preprocessing settings and every image file's path, size and mtime: changing any of them builds a
 new cache instead of reusing a stale one.
+
+Over 400 lines because it is one contract: the cache's key, its files and the build that writes them (and
+continues after a kill) all describe the same folder.
 """
 
 from __future__ import annotations

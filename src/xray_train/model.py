@@ -357,11 +357,8 @@ def compile_decoder_layers(model, backend: str | None = None) -> int:
     with their dequantisation, two LoRA branches, six RMSNorms and RoPE each cost tens of microseconds
     of host time. Compiling the layers fuses the elementwise work and removes most of that overhead.
     The LM head and loss stay eager (they run once per step). Returns the number of layers compiled.
-
-    The sequence length changes from batch to batch, so it is compiled as a dynamic size from the first
-    step (:func:`_sequence_dynamic`); otherwise the first step compiles graphs for its one length and the
-    second step compiles again, the dynamic graphs every later step runs anyway. ``backend``: tests pass
-    ``"eager"`` (the same graphs and guards, nothing generated).
+    The sequence length is a dynamic size from the first step (:func:`_sequence_dynamic`), not a second
+    compile at step 2. ``backend``: tests pass ``"eager"`` (the same graphs and guards, nothing generated).
     """
     from xray_train.loss import unwrap_gemma3
 
@@ -374,30 +371,24 @@ def compile_decoder_layers(model, backend: str | None = None) -> int:
 
 
 def _sequence_dynamic(compiled_call):
-    """``compiled_call`` with the sequence size of its tensor inputs marked dynamic before it runs.
-
-    A decoder layer's inputs (hidden states [b, s, h], rotary cos/sin [1, s, d], position ids [1, s], a
-    dense mask [b, 1, s, s]) are made in transformers' eager code, so each call marks their sequence
-    dimensions (those of the hidden states' length: dimension 1, and 2 and 3 of a mask). A mark only
-    decides how a first compile treats that size; it costs nothing once a graph exists.
-    """
+    """``compiled_call`` with the sequence dimensions of its tensor inputs (hidden states [b, s, h], rotary
+    cos/sin [1, s, d], position ids [1, s], a dense mask [b, 1, s, s]: those of the hidden states' length)
+    marked dynamic before it runs. A mark only decides how a first compile treats that size."""
     from torch._dynamo import maybe_mark_dynamic
 
     def mark(value, length: int) -> None:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                mark(v, length)
+        elif isinstance(value, torch.Tensor):
             for dim in (1, 2, 3) if value.dim() == 4 else (1,) if value.dim() >= 2 else ():
                 if value.shape[dim] == length:
                     maybe_mark_dynamic(value, dim)
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                mark(v, length)
 
     def call(*args, **kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[1] > 1:
-            length = hidden.shape[1]
-            mark(args, length)
-            mark(tuple(kwargs.values()), length)
+            mark((args, tuple(kwargs.values())), hidden.shape[1])
         return compiled_call(*args, **kwargs)
 
     return call
