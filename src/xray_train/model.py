@@ -6,6 +6,9 @@ What it guarantees:
 - Phase 2 continues the Phase-1 LoRA weights instead of re-initialising them;
 - ``<locNNNN>`` are single added tokens whose embedding rows, and only those, are trained (peft
   ``trainable_token_indices``: no copy of the 262k-row embedding or the tied LM head is saved).
+
+Over 400 lines because it is one contract: the model a run trains, from the base to what is applied to its
+decoder layers (loc rows, LoRA, checkpointing, compiling), built in one order.
 """
 
 from __future__ import annotations
