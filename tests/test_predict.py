@@ -185,3 +185,20 @@ def test_image_note_says_why_a_picture_has_no_box():
     assert image_note({"boxes": [], "detect_well_formed": True}) == "no box: no localisable finding"
     assert image_note({"boxes": [], "detect_well_formed": False}) == "no box: answer not in the box format"
     assert "report only" in image_note({"boxes": None, "detect_well_formed": None})
+
+
+def test_console_lists_a_few_boxes_and_counts_the_rest():
+    from xray_train.predict import ECHOED_BOXES, echo_record
+
+    box = {"label": "mass", "x_min": 1.0, "x_max": 5.0, "y_min": 2.0, "y_max": 6.0}
+    record = {"image": "a.png", "boxes": [box] * (ECHOED_BOXES + 3), "detect_well_formed": True,
+              "annotated": "a_pred.png"}
+    lines: list[str] = []
+    echo_record(record, lines.append)
+    assert sum(line.startswith("box: mass") for line in lines) == ECHOED_BOXES
+    assert any("3 more boxes" in line for line in lines)
+
+    lines.clear()
+    echo_record({**record, "boxes": [box] * 2}, lines.append)
+    assert sum(line.startswith("box: mass") for line in lines) == 2
+    assert not any("more boxes" in line for line in lines)

@@ -300,10 +300,16 @@ def echo_record(record: dict, echo=print) -> None:
         if not record["boxes"]:
             echo("boxes: none" + (" (no localisable finding)" if record["detect_well_formed"]
                                   else f" (answer not in the box format: {preview(record['raw']['detect'])})"))
-        for b in record["boxes"]:
+        for b in record["boxes"][:ECHOED_BOXES]:
             echo(f"box: {b['label'] or '(no label)'}  x {b['x_min']:.0f}-{b['x_max']:.0f}, "
                  f"y {b['y_min']:.0f}-{b['y_max']:.0f} px")
+        if len(record["boxes"]) > ECHOED_BOXES:
+            echo(f"... and {len(record['boxes']) - ECHOED_BOXES} more boxes (all of them are in the JSONL and the image)")
     echo(f"   -> {record['annotated']}")
+
+
+#: Boxes of one image listed on the console; an untrained model can write dozens.
+ECHOED_BOXES = 8
 
 
 #: Characters of an answer in an unexpected format shown on the console; the whole text is in the JSONL.
