@@ -253,14 +253,16 @@ def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: d
         return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
     stages = json.loads(stages_out.read_text())
     out_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
-    from xray_train.run_dir import SUMMARY
+    from xray_train.run_dir import SUMMARY, RunDir
 
-    summary = json.loads((out_dir / SUMMARY).read_text())
+    run = RunDir(out_dir)
+    summary = json.loads(run.file(SUMMARY).read_text())
+    training = run.config().training  # the settings the command ran with, as it saved them
     steps = stages["steps"]
-    batch = _batch_of(argv)
+    batch = training.per_device_train_batch_size
     films = summary["data"]["train_examples_used"]
     cached = films + summary["data"]["validation_examples_used"]
-    epochs = _epochs_of(argv, phase)
+    epochs = training.num_train_epochs
     samples = films * epochs
     split = split_stages(stages, wall)
     steady = [s["s"] for s in steps if not s["compiles"]][1:]  # the step after a compile also warms up
@@ -269,7 +271,7 @@ def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: d
         validation_films=summary["data"]["validation_examples_used"],
         epochs=epochs,
         batch=batch,
-        eval_batch=_eval_batch_of(argv),
+        eval_batch=training.per_device_eval_batch_size,
         stages=split,
         samples_per_s_end_to_end=round(samples / wall, 3),
         samples_per_s_training_steps=round(batch / statistics.median(steady), 3) if steady else None,
@@ -310,36 +312,6 @@ def _run(cmd: list[str], env: dict, timeout: float | None):
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         return subprocess.CompletedProcess(cmd, -9, out, err + f"\nbench: stopped after {timeout:.0f} s (its time limit)")
-
-
-def _batch_of(argv: list[str]) -> int:
-    import yaml
-
-    for a in argv:
-        if a.startswith("training.per_device_train_batch_size="):
-            return int(a.split("=", 1)[1])
-    config = Path(argv[argv.index("--config") + 1])
-    return int(yaml.safe_load(config.read_text())["training"]["per_device_train_batch_size"])
-
-
-def _eval_batch_of(argv: list[str]) -> int:
-    import yaml
-
-    for a in argv:
-        if a.startswith("training.per_device_eval_batch_size="):
-            return int(a.split("=", 1)[1])
-    config = Path(argv[argv.index("--config") + 1])
-    return int(yaml.safe_load(config.read_text())["training"]["per_device_eval_batch_size"])
-
-
-def _epochs_of(argv: list[str], phase: str) -> float:
-    import yaml
-
-    for a in argv:
-        if a.startswith("training.num_train_epochs="):
-            return float(a.split("=", 1)[1])
-    config = Path(argv[argv.index("--config") + 1])
-    return float(yaml.safe_load(config.read_text())["training"].get("num_train_epochs", 1))
 
 
 def xray_argv(phase: str, films: dict, base: Path, out: Path, tiny: bool, extra: list[str]) -> list[str]:
