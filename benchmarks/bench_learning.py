@@ -23,7 +23,8 @@ Rows written to ``benchmarks/results/learns_boxes.json`` (``rows``), each with t
 - ``random_tower``: the same chain on the base with a random frozen tower;
 - ``text_format``: ``data.box_format=text`` (plain integers 0-999, no added tokens);
 - ``numbers_init``, ``no_label_smoothing``, ``no_l1``, ``two_stage``, ``expected_decode`` (the main
-  adapter re-scored): one ``<loc>`` lever moved away from its default each;
+  adapter re-scored): one ``<loc>`` lever moved away from its default each; ``l1_weight_3``: the L1 term
+  three times its default weight;
 - ``mean_box``: no model: each held-out film gets the mean training box (labels given);
 
 and ``probe``: ridge regression and a non-linear attention readout fitted on the frozen tower's pooled
@@ -67,6 +68,8 @@ VARIANTS = {
     "no_label_smoothing": ("pretrained", ["training.loc_label_sigma=0"], []),
     "no_l1": ("pretrained", ["training.loc_l1_weight=0"], []),
     "two_stage": ("pretrained", ["training.lora_start_step={lora_start}"], []),
+    # Not a lever switched off: the L1 term three times as strong, to see which way its default should move.
+    "l1_weight_3": ("pretrained", ["training.loc_l1_weight=3"], []),
 }
 #: Rows that re-score another row's adapter with other evaluation settings: (adapter's row, overrides).
 RESCORED = {"expected_decode": ("main", ["model.loc_decode=expected"])}
