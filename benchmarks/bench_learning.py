@@ -24,7 +24,8 @@ Rows written to ``benchmarks/results/learns_boxes.json`` (``rows``), each with t
 - ``text_format``: ``data.box_format=text`` (plain integers 0-999, no added tokens);
 - ``numbers_init``, ``no_label_smoothing``, ``no_l1``, ``two_stage``, ``expected_decode`` (the main
   adapter re-scored): one ``<loc>`` lever moved away from its default each; ``l1_weight_3``: the L1 term
-  three times its default weight;
+  three times its default weight; ``main_seed_1``, ``main_seed_2``: ``main`` with other
+  training seeds (the spread a lever's difference must exceed);
 - ``mean_box``: no model: each held-out film gets the mean training box (labels given);
 
 and ``probe``: ridge regression and a non-linear attention readout fitted on the frozen tower's pooled
@@ -70,6 +71,10 @@ VARIANTS = {
     "two_stage": ("pretrained", ["training.lora_start_step={lora_start}"], []),
     # Not a lever switched off: the L1 term three times as strong, to see which way its default should move.
     "l1_weight_3": ("pretrained", ["training.loc_l1_weight=3"], []),
+    # ``main`` again with other training seeds (Phase 2's data order and dropout): how far a row moves by
+    # chance, which a lever's difference must exceed to mean anything.
+    "main_seed_1": ("pretrained", ["training.seed=1"], []),
+    "main_seed_2": ("pretrained", ["training.seed=2"], []),
 }
 #: Rows that re-score another row's adapter with other evaluation settings: (adapter's row, overrides).
 RESCORED = {"expected_decode": ("main", ["model.loc_decode=expected"])}

