@@ -77,3 +77,31 @@ def test_workers_default_to_the_cpus_and_respect_a_setting(monkeypatch):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_no_paths_reads_nothing(workers):
     assert list(prepared_batches([], functools.partial(_prepare, size=8), 4, workers)) == []
+
+
+
+def _slow_first(done, seen, path):
+    """Film 0 takes long, and records how many films were finished by the time it is."""
+    import time
+
+    if path.name == "0":
+        time.sleep(1.5)
+        seen.value = done.value
+    with done.get_lock():
+        done.value += 1
+    return np.full((4, 4), int(path.name), dtype=np.uint8)
+
+
+def test_a_slow_film_does_not_stop_the_other_workers(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    done, seen = ctx.Value("i", 0), ctx.Value("i", -1)
+    paths = [tmp_path / str(i) for i in range(60)]
+    batches = list(prepared_batches(paths, functools.partial(_slow_first, done, seen), 16, workers=2,
+                                    prefetch_per_worker=2))
+    pixels = torch.cat([b.pixels for b in batches])
+    assert [i for b in batches for i in b.indices] == list(range(60)) and pixels[:, 0, 0].tolist() == list(range(60))
+    # While film 0 decoded, the other worker went on through the films (1.5 s is time for all of them),
+    # instead of stopping after the few handed out before film 0 was done.
+    assert seen.value >= 40

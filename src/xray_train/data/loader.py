@@ -96,7 +96,9 @@ def prepared_batches(
     Indices are positions in ``paths``. Unreadable files (``ImageError``) come back in ``failed`` instead
     of stopping the iteration. Workers take one film at a time and keep ``prefetch_per_worker`` ready, so
     all of them are busy from the first batch on (a worker per batch would leave the GPU waiting for a whole
-    batch's decoding at the start) and decoding overlaps with what the caller does with a batch.
+    batch's decoding at the start) and decoding overlaps with what the caller does with a batch. A film
+    that takes long holds back only its own position: the others finish and wait here, at most a few
+    seconds' worth of films.
     """
     if not paths:
         return
@@ -107,13 +109,22 @@ def prepared_batches(
         shuffle=False,
         num_workers=workers,
         prefetch_factor=prefetch_per_worker if workers else None,
+        # Films take unequal times (their sizes differ by 2x): delivered in order, one slow film would hold
+        # every worker's finished films and stop new ones being handed out. Out of order, each finished film
+        # frees its worker for the next; they are put back in order here.
+        in_order=False,
     )
     pending: list = []
+    early: dict[int, tuple] = {}  # films finished before an earlier one, by position
+    wanted = 0
     for item in loader:
-        pending.append(item)
-        if len(pending) == batch_size:
-            yield _batch(pending, pin_memory)
-            pending = []
+        early[item[0]] = item
+        while wanted in early:
+            pending.append(early.pop(wanted))
+            wanted += 1
+            if len(pending) == batch_size:
+                yield _batch(pending, pin_memory)
+                pending = []
     if pending:
         yield _batch(pending, pin_memory)
 

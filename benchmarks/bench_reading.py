@@ -1,0 +1,94 @@
+"""Where a cache build's host side tops out: reading full-size films, alone and through the project's reader.
+
+    python benchmarks/bench_reading.py --out benchmarks/results/reading_speed.json     # a GPU host
+    python benchmarks/bench_reading.py --films 8 --out /tmp/reading.json              # a quick local run
+
+The vision-feature cache build overlaps reading with SigLIP, so it runs at the slower of the two. This
+separates the host's part, on PadChest-size 16-bit films (``bench_e2e.make_films``), each figure in films/s:
+
+- ``decode_1_process`` / ``prepare_1_process``: PIL's decode alone, and ``PixelLoader.prepare`` (decode,
+  window, pad, resize: what a worker does per film), in this process;
+- ``prepare_pool_N``: ``prepare`` in a plain process pool of N, results discarded: the cores' capacity;
+- ``reader_N``: ``data.loader.prepared_batches`` with N workers, batches of 32 stacked and pinned, as the
+  cache build reads them (N = the CPUs, the default, and fewer, leaving cores to the main process);
+- ``reader_N_to_gpu``: the same, each batch copied to the GPU (asynchronously, as the build does).
+
+A reader rate well under the pool's points at the reader's own plumbing (the main process collecting,
+stacking and pinning); a pool rate near the reader's points at the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _decode(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return img.size
+
+
+def _rate(n: int, fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return round(n / (time.perf_counter() - started), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "reading_speed.json")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/xray-reading"))
+    ap.add_argument("--films", type=int, default=96, help="distinct films; every pass reads each twice")
+    args = ap.parse_args()
+
+    from multiprocessing import Pool
+
+    import torch
+
+    from bench_e2e import make_films
+    from xray_train.data.loader import available_cpus, prepared_batches
+    from xray_train.inputs import PixelLoader
+
+    cpus = available_cpus()
+    films = make_films(args.workdir, args.films, 2, (2000, 3000), cpus)
+    paths = sorted(Path(films["padchest_images"]).rglob("*.png"))[: args.films] * 2
+    loader = PixelLoader(SimpleNamespace(image_processor=None), 896)  # prepare() needs only the size
+    cuda = torch.cuda.is_available()
+    results = {"decode_1_process": _rate(8, lambda: [_decode(p) for p in paths[:8]]),
+               "prepare_1_process": _rate(8, lambda: [loader.prepare(p) for p in paths[:8]])}
+    with Pool(cpus) as pool:
+        pool.map(loader.prepare, paths[:cpus])  # workers started and warm
+        results[f"prepare_pool_{cpus}"] = _rate(len(paths), lambda: pool.map(loader.prepare, paths, chunksize=1))
+
+    def read(workers: int, to_gpu: bool) -> None:
+        for batch in prepared_batches(paths, loader.prepare, 32, workers, pin_memory=cuda):
+            if to_gpu:
+                batch.pixels.to("cuda", non_blocking=True)
+        if to_gpu:
+            torch.cuda.synchronize()
+
+    for workers in sorted({cpus, max(1, cpus - 2), max(1, cpus // 2)}, reverse=True):
+        results[f"reader_{workers}"] = _rate(len(paths), lambda w=workers: read(w, False))
+    if cuda:
+        results[f"reader_{cpus}_to_gpu"] = _rate(len(paths), lambda: read(cpus, True))
+    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpus": cpus,
+              "film_px": films["film_px"], "film_mb_median": films["film_mb_median"],
+              "paths_per_pass": len(paths), "films_per_s": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
