@@ -17,6 +17,9 @@ Rows, in one invocation, on the same films, each in its own process:
   ``configs/phase2_indiana.yaml``. Each command's wall time is split into start-up (imports, load and
   quantise), data read (CSV, split, tokenise), cache build, compile (the extra time of steps that
   compiled), train, eval and save, from timers put around those functions in the command's process.
+- ``xray-train cache-features`` over thousands of film paths (each PadChest film listed ``CACHE_ROW_COPIES``
+  times under new names hard-linked to it, decoded afresh each time) with SigLIP compiled, as auto settings
+  compile it from 8000 images: the cache build's rate at scale, which the 100k projection uses.
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
