@@ -24,7 +24,8 @@ Rows, in one invocation, on the same films, each in its own process:
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
   Before its epoch each peer times one forward + backward per candidate batch (``PEER_BATCHES``) and
-  trains at the fastest whose peak stays within 24 GB; the search is recorded in its row.
+  trains at the fastest whose peak stays within 24 GB; the search is recorded in its row (Unsloth
+  trains at 16 with no search: it recompiles after any step run before its trainer's).
 
 ``samples_per_s_end_to_end`` is training samples over the whole command's wall time (a peer's batch search
 left out). The 100k-film projection keeps the fixed stages and scales the per-film ones (data read, cache
@@ -57,7 +58,8 @@ CACHE_ROW_COPIES = 6
 CACHE_ROW = "xray-train cache-features (compiled SigLIP)"
 #: Batches each peer tries before its epoch (one timed step each, on the same films); it trains with the
 #: fastest whose peak stays within PEER_MEMORY_GB. Earlier peaks: the seed recipe 21.3 GB at 8, TRL 16.3 at 16.
-PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16, 24, 32)}
+#: Unsloth trains at 16 without a search (see run_peer); its trainer adds gradient accumulation 2 itself.
+PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16,)}
 PEER_MEMORY_GB = 24.0
 #: The optimizer's state, made at the first real step, is not in a search step's peak: kept as headroom.
 SEARCH_HEADROOM_GB = 0.5
@@ -506,7 +508,9 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
     search_started = time.time()
     if trainer.args.gradient_checkpointing:  # what train() would switch on: the search must see its memory
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    search = batch_search(trainer.model, dataset, collate, batches)
+    # Unsloth throws away the torch.compile graphs of any forward/backward run before train() and compiles
+    # again; a search would only add its compiles to the row. It trains at its first candidate.
+    search = [] if name == "unsloth" and len(batches) == 1 else batch_search(trainer.model, dataset, collate, batches)
     fits = [t for t in search if t["peak_gb"] + SEARCH_HEADROOM_GB <= PEER_MEMORY_GB]
     if fits:
         batch = max(fits, key=lambda t: t["samples_per_s"])["batch"]
