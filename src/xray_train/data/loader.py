@@ -97,8 +97,8 @@ def prepared_batches(
     of stopping the iteration. Workers take one film at a time and keep ``prefetch_per_worker`` ready, so
     all of them are busy from the first batch on (a worker per batch would leave the GPU waiting for a whole
     batch's decoding at the start) and decoding overlaps with what the caller does with a batch. A film
-    that takes long holds back only its own position: the others finish and wait here, at most a few
-    seconds' worth of films.
+    that takes long holds back only its own position: the films the other workers finish meanwhile wait
+    here (0.8 MB each at 896 px).
     """
     if not paths:
         return
