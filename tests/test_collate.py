@@ -97,3 +97,39 @@ def test_describe_supervision_marks_only_the_answer(processor):
     supervised = "".join(text for text, sup in runs if sup)
     assert supervised == "Answer text.<end_of_turn>"
     assert any(text.startswith("<image_soft_token> x") for text, _ in runs)
+
+
+def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_place(monkeypatch):
+    from types import SimpleNamespace
+
+    from xray_train.collate import FeatureRef, SpecialIds
+    from xray_train.trainer import XrayTrainer
+
+    table = torch.arange(5 * 2 * 3, dtype=torch.float32).reshape(5, 2, 3)  # cache rows: 2 tokens x 3 wide
+    cache = SimpleNamespace(rows=lambda rows: table[rows])
+    ids = SpecialIds(bos=2, pad=0, start_of_turn=105, end_of_turn=106, boi=255999, eoi=256000, image=262144)
+    tokens = {"input_ids": [2, 262144, 262144, 7], "labels": [-100, -100, -100, 7]}
+    items = [
+        {**tokens, "fill_pixels": torch.full((4, 4), 10, dtype=torch.uint8), "fill_row": 3},
+        {**tokens, "image_features": FeatureRef(cache, 1)},
+        {**tokens, "fill_pixels": torch.full((4, 4), 20, dtype=torch.uint8), "fill_row": 0},
+    ]
+    batch = Collator(ids)(items)
+    assert batch["fill_rows"].tolist() == [3, 0] and batch["fill_positions"].tolist() == [0, 2]
+    assert batch["feature_positions"].tolist() == [1] and torch.equal(batch["image_features"], table[[1]])
+
+    # The step makes the missing rows (here: from the pixel value), hands them to the cache and gives the
+    # loss one tensor in the batch's order.
+    written = []
+    fake = SimpleNamespace(
+        _pixel_loader=SimpleNamespace(normalize=lambda px, dtype: px.to(dtype)),
+        _feature_fill=SimpleNamespace(write=lambda rows, feats: written.append((rows.tolist(), feats.clone()))),
+    )
+    tower = torch.nn.Linear(1, 1)
+    monkeypatch.setattr("xray_train.loss.unwrap_gemma3", lambda model: SimpleNamespace(model=SimpleNamespace(vision_tower=tower)))
+    monkeypatch.setattr("xray_train.features.pooled_vision_features", lambda gemma, px: px[:, :2, :3].float())
+    out = XrayTrainer.fill_features(fake, None, batch)
+    assert "fill_pixels" not in out and out["image_features"].shape == (3, 2, 3)
+    assert (out["image_features"][0] == 10).all() and (out["image_features"][2] == 20).all()
+    assert torch.equal(out["image_features"][1], table[1])
+    assert written[0][0] == [3, 0] and torch.equal(written[0][1], out["image_features"][[0, 2]])

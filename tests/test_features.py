@@ -166,3 +166,80 @@ def test_compiled_vision_layers_give_transformers_features(tiny_model_dir):
     compiled = features._vision_forward(model, compile_vision=True)
     torch.testing.assert_close(compiled(pixels), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled(pixels[:1]), reference[:1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# training.fill_cache_during_epoch: the steps fill the cache instead of a build before them
+
+
+def _train_and_read(make_config, root: Path, out: Path, monkeypatch, *overrides: str) -> list[float]:
+    from transformers import TrainerCallback
+
+    from xray_train.train import run
+
+    losses: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(root))
+    # Two epochs: the first fills (or reads the built cache), the second reads rows either way.
+    cfg = make_config("phase1", "training.max_steps=-1", "training.num_train_epochs=2", *overrides, output_dir=out)
+    run(cfg, callbacks=[Losses()])
+    return losses
+
+
+def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make_config, tmp_path, monkeypatch):
+    from xray_train.trainer import XrayTrainer
+
+    built_losses = _train_and_read(make_config, tmp_path / "built", tmp_path / "out-built", monkeypatch)
+    fills: list[tuple[float, list[int]]] = []  # (epoch, cache rows) of each step that made features
+    real_fill = XrayTrainer.fill_features
+
+    def counted(self, model, inputs):
+        if "fill_rows" in inputs and self.model.training:
+            fills.append((self.state.epoch, inputs["fill_rows"].tolist()))
+        return real_fill(self, model, inputs)
+
+    monkeypatch.setattr(XrayTrainer, "fill_features", counted)
+    filled_losses = _train_and_read(make_config, tmp_path / "filled", tmp_path / "out-filled", monkeypatch,
+                                    "training.fill_cache_during_epoch=true", "training.dataloader_num_workers=2")
+    summary = json.loads((tmp_path / "out-filled" / "training_summary.json").read_text())
+    # Every training image got its row from a step of the first epoch (the last batch's padding copies
+    # made a few twice); the second epoch read them.
+    assert len({row for _, rows in fills for row in rows}) == summary["data"]["train_examples_used"]
+    assert all(epoch < 1 for epoch, _ in fills)
+    built, filled = _only_cache(tmp_path / "built"), _only_cache(tmp_path / "filled")
+    assert built.name == filled.name  # the same key: a rerun of either setting finds the other's cache
+    assert not [p for p in (tmp_path / "filled").iterdir() if p.name.startswith(".")]  # finished, moved in place
+    assert json.loads((filled / "meta.json").read_text()) == json.loads((built / "meta.json").read_text())
+    a = np.fromfile(built / "features.bin", dtype=np.float32)
+    b = np.fromfile(filled / "features.bin", dtype=np.float32)
+    # SigLIP ran on batches of another size: equal up to float rounding.
+    assert a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-6) and np.abs(a).mean() > 0
+    assert np.allclose(built_losses, filled_losses, rtol=1e-4) and len(built_losses) >= 4
+
+
+
+def test_a_fill_stopped_midway_keeps_the_rows_it_wrote_and_a_build_never_trusts_its_marks(tmp_path, fake_tower):
+    from xray_train.features import FILLED_FILE, CacheFill, build_features
+
+    paths = [tmp_path / f"{i}.png" for i in range(5)]
+    fill = CacheFill(tmp_path / "cache", "k", _fake_model(), paths)
+    rows = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6) + 1
+    fill.write([4, 1], rows)
+    fill.flush()
+    fill._lock.close()  # the process is gone: its lock with it
+
+    again = CacheFill(tmp_path / "cache", "k", _fake_model(), paths)
+    assert [again.is_filled(r) for r in range(5)] == [False, True, False, False, True]
+    assert torch.equal(again.rows([4, 1]), rows)
+    again._lock.close()
+
+    # A build in the same folder starts its rows afresh: the fill's marks are dropped with them.
+    partial = tmp_path / "cache" / ".k.partial"
+    loader = SimpleNamespace(prepare=lambda p: np.zeros((8, 8), np.uint8), normalize=lambda px, dtype: px[:, None].to(dtype))
+    build_features(partial, _fake_model(), paths, loader, batch_size=2, workers=0, progress=False)
+    assert not (partial / FILLED_FILE).exists()

@@ -10,8 +10,8 @@ The cache key covers the vision weights (a numeric fingerprint of every tensor),
 the preprocessing settings and every image file's path, size and mtime: changing any of them builds a
 new cache instead of reusing a stale one.
 
-Over 400 lines because it is one contract: the cache's key, its files and the build that writes them (and
-continues after a kill) all describe the same folder.
+Over 400 lines because it is one contract: the cache's key, its files, the build that writes them (and
+continues after a kill) and the training steps that can fill them instead all describe the same folder.
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ def _lock(fh) -> None:
 
 PROGRESS_FILE = "progress.json"
 BUILD_FILE = "build.json"
+FILLED_FILE = "filled.bin"  # CacheFill's marks: one byte per row, 1 once the row is on the disk
 
 
 def _read_progress(folder: Path) -> dict:
@@ -299,6 +300,8 @@ def build_features(  # noqa: PLR0913
     else:
         done, failed = 0, {}
         _reserved_memmap(bin_path, storage, shape)
+    # Rows a training run had filled here (CacheFill) are recomputed; its marks would now lie.
+    (folder / FILLED_FILE).unlink(missing_ok=True)
     forward = _vision_forward(gemma3_model, compile_vision)
     cuda = device.type == "cuda"
     # Host copies of the features of the batches in flight: on the GPU, written back by the writer, free.
@@ -418,9 +421,143 @@ def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
 
-def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path], progress: bool = True):
+class CacheFill:
+    """A vision-feature cache that the training steps fill (``training.fill_cache_during_epoch``).
+
+    Instead of a pass over every image before the first step, each step's SigLIP forward runs on the images
+    of its batch that have no row yet and hands the rows here; later epochs and reruns read them. It lives in
+    the same ``.{key}.partial`` folder, with the same ``features.bin`` layout, as a build would (row i =
+    sorted path i), plus ``filled.bin`` (one byte per row, set once its row is on the disk). ``finish``
+    computes the rows no step reached (validation images that were never evaluated, a run stopped early)
+    and moves the folder into place as a finished cache, the same files a build makes. One process: several
+    would each write rows of the same folder, which the lock forbids.
+    """
+
+    def __init__(self, root: Path, key: str, gemma3_model, paths: list[Path]):
+        """``paths``: sorted, unique (the order of the rows); ``key``: the cache key of them and the model."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.paths = paths
+        self.final, self.partial = Path(root) / key, Path(root) / f".{key}.partial"
+        self.index = {str(p): i for i, p in enumerate(self.paths)}
+        self.failed: dict[str, str] = {}  # unreadable images are found by the steps, and counted at the end
+        self.dtype_name, self._storage = _storage(gemma3_model)
+        self.torch_dtype = getattr(torch, self.dtype_name)
+        self.shape = (len(self.paths), *feature_row_shape(gemma3_model))
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.partial / "lock", "a")  # noqa: SIM115 - held until finish()
+        _lock(self._lock)
+        bin_path, filled_path = self.partial / "features.bin", self.partial / FILLED_FILE
+        expected = int(np.prod(self.shape)) * np.dtype(self._storage).itemsize
+        if not (bin_path.is_file() and bin_path.stat().st_size == expected):
+            check_free_space(self.partial, len(self.paths), feature_row_bytes(gemma3_model))
+            _reserved_memmap(bin_path, self._storage, self.shape)
+            filled_path.unlink(missing_ok=True)
+        if not (filled_path.is_file() and filled_path.stat().st_size == len(self.paths)):
+            filled = np.zeros(len(self.paths), dtype=np.uint8)
+            filled[: _read_progress(self.partial).get("done", 0)] = 1  # a build stopped part-way
+            filled.tofile(filled_path)
+        self._open(writable=True)
+        self._fd = os.open(bin_path, os.O_WRONLY)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-cache-fill")
+        self._writes: list = []
+
+    def _open(self, writable: bool = False) -> None:
+        self._array = np.memmap(self.partial / "features.bin", dtype=self._storage, mode="r", shape=self.shape)
+        self._filled = np.memmap(self.partial / FILLED_FILE, dtype=np.uint8, mode="r+" if writable else "r",
+                                 shape=(self.shape[0],))
+
+    def __getstate__(self):
+        # DataLoader workers only read: fresh memmaps, no lock, no writer.
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_array", "_filled", "_lock", "_fd", "_writer", "_writes")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __contains__(self, image_path) -> bool:
+        return str(image_path) in self.index
+
+    def row_of(self, image_path) -> int:
+        return self.index[str(image_path)]
+
+    def is_filled(self, row: int) -> bool:
+        return bool(self._filled[row])
+
+    def rows(self, rows: list[int]) -> torch.Tensor:
+        block = torch.from_numpy(np.ascontiguousarray(self._array[np.asarray(rows)]))
+        return block.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else block
+
+    def write(self, rows, features: torch.Tensor) -> None:
+        """Queue ``features`` (pooled rows, on any device) for ``rows``; returns before they reach the disk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        host = features.detach().to("cpu", non_blocking=features.is_cuda)
+        event = None
+        if features.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        while len(self._writes) > 2:  # at most a few steps' rows in host memory
+            self._writes.pop(0).result()
+        self._writes.append(self._writer.submit(self._write, rows, host, event))
+
+    def _write(self, rows: np.ndarray, host: torch.Tensor, event) -> None:
+        if event is not None:
+            event.synchronize()
+        raw = (host.view(torch.uint16) if self.dtype_name == "bfloat16" else host.float()).numpy()
+        row_bytes = raw[0].nbytes
+        for i, row in enumerate(rows):
+            data = memoryview(np.ascontiguousarray(raw[i])).cast("B")
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], int(row) * row_bytes + written)
+        os.fdatasync(self._fd)
+        self._filled[rows] = 1  # only once the rows are on the disk
+
+    def flush(self) -> None:
+        while self._writes:
+            self._writes.pop(0).result()
+
+    def finish(self, gemma3_model, pixel_loader, batch_size: int, workers: int) -> "VisionFeatureCache":
+        """Compute the rows no step filled, then move the folder into place: a finished cache."""
+        from xray_train.data.loader import prepared_batches
+
+        self.flush()
+        missing = np.flatnonzero(self._filled == 0)
+        failed: dict[str, str] = {}
+        if len(missing):
+            device = next(gemma3_model.vision_tower.parameters()).device
+            dtype = next(gemma3_model.vision_tower.parameters()).dtype
+            paths = [self.paths[i] for i in missing]
+            with torch.no_grad():
+                for batch in prepared_batches(paths, pixel_loader.prepare, batch_size, workers):
+                    failed.update({str(paths[i]): err for i, err in batch.failed.items()})
+                    if batch.pixels is not None:
+                        pixels = pixel_loader.normalize(batch.pixels.to(device), dtype)
+                        self.write(missing[batch.indices], pooled_vision_features(gemma3_model, pixels))
+            self.flush()
+            logger.info("vision features: %d images no step reached, computed at the end", len(missing))
+        self._writer.shutdown(wait=True)
+        os.close(self._fd)
+        del self._filled, self._array
+        index = {str(p): i for i, p in enumerate(self.paths) if str(p) not in failed}
+        meta = {"shape": list(self.shape), "dtype": self.dtype_name, "index": index, "failed": failed}
+        (self.partial / FILLED_FILE).unlink()
+        (self.partial / "meta.json").write_text(json.dumps(meta))
+        os.replace(self.partial, self.final)
+        self._lock.close()
+        return VisionFeatureCache(self.final)
+
+
+def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path], progress: bool = True,
+                       fill: bool = False):
     """The run's vision-feature cache, built (or continued) with the resolved config's reading, batching and
-    compile settings."""
+    compile settings; with ``fill``, a finished cache if there is one, else a ``CacheFill`` for the steps."""
+    if fill:
+        unique = sorted({Path(p) for p in image_paths}, key=str)
+        key = cache_key(vision_fingerprint(gemma3_model), pixel_loader.preprocessing(), unique)
+        return VisionFeatureCache._load_existing(feature_cache_root() / key) or CacheFill(
+            feature_cache_root(), key, gemma3_model, unique)
     return VisionFeatureCache.build_or_load(
         feature_cache_root(),
         gemma3_model,

@@ -89,8 +89,9 @@ def resolve(
     workers = t.dataloader_num_workers
     if workers is None:
         # Cached features are gathered per batch in the collator, in-process: worker processes would only
-        # add inter-process copies (measured: +30 % step time at MedGemma scale). Pixels need workers.
-        workers = 0 if t.cache_vision_features else device.cpu_count
+        # add inter-process copies (measured: +30 % step time at MedGemma scale). Pixels need workers, also
+        # while the steps fill the cache.
+        workers = 0 if t.cache_vision_features and not t.fill_cache_during_epoch else device.cpu_count
     compile_vision = t.compile_vision_cache
     if compile_vision is None:
         compile_vision = device.cuda and t.cache_vision_features and images >= COMPILE_VISION_MIN_IMAGES

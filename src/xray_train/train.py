@@ -76,7 +76,8 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
     from transformers import set_seed
 
     from xray_train import trainer as trainer_module
-    from xray_train.loss import LocTargets
+    from xray_train.features import CacheFill
+    from xray_train.loss import LocTargets, unwrap_gemma3
     from xray_train.model import build_training_model, loc_token_ids
 
     set_seed(cfg.training.seed)
@@ -103,6 +104,8 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
             cfg.training.loc_label_sigma, cfg.training.loc_l1_weight,
         ),
         lora_start_step=cfg.training.lora_start_step,
+        feature_fill=train_set.feature_cache if isinstance(train_set.feature_cache, CacheFill) else None,
+        pixel_loader=train_set.pixel_loader,
         optimizers=(optimizer_groups(cfg, model), None),
         callbacks=callbacks,
     )
@@ -118,6 +121,9 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
         metrics = dict(result.metrics)
         if val_set is not None and len(val_set):
             metrics.update(trainer.evaluate())
+        if isinstance(train_set.feature_cache, CacheFill):
+            train_set.feature_cache.finish(unwrap_gemma3(model).model, train_set.pixel_loader,
+                                           cfg.training.feature_cache_batch_size, cfg.data.decode_workers)
     metrics["torch_compiles"] = compile_count() - compiles_before
     logger.info("torch.compile compiled %d graphs in this run (training and evaluation)", metrics["torch_compiles"])
     if trainer.is_world_process_zero():
@@ -268,7 +274,8 @@ def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
         state = distributed_state()
         # Rank 0 computes the cache; the other ranks then find it complete and memory-map it.
         with state.main_process_first():
-            cache = open_feature_cache(cfg, unwrap_gemma3(model).model, pixel_loader, paths, state.is_main_process)
+            cache = open_feature_cache(cfg, unwrap_gemma3(model).model, pixel_loader, paths, state.is_main_process,
+                                       fill=cfg.training.fill_cache_during_epoch and state.num_processes == 1)
         if cache.failed:
             data.counts["unreadable_images"] = len(cache.failed)
     train = TrainingDataset(data.train, pixel_loader, cache)

@@ -95,9 +95,12 @@ class XrayTrainer(Trainer):
 
     def __init__(
         self, *args, lengths, targets_only: bool, head_chunk_rows: int, head_grad_in_forward: bool,
-        loc_targets: LocTargets | None = None, lora_start_step: int = 0, **kwargs
+        loc_targets: LocTargets | None = None, lora_start_step: int = 0, feature_fill=None, pixel_loader=None,
+        **kwargs
     ):
         super().__init__(*args, **kwargs)
+        self._feature_fill = feature_fill  # features.CacheFill, when the steps fill the vision-feature cache
+        self._pixel_loader = pixel_loader
         self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
         self.loss_guard.on_bad_loss = self._stop_on_bad_loss
         # Right after the flow callback (which decides should_save), before any that writes files.
@@ -142,7 +145,32 @@ class XrayTrainer(Trainer):
         # the decoder and the LM head separately), so the mixed-precision context is entered here.
         return self.accelerator.autocast(autocast_handler=None)
 
+    def fill_features(self, model, inputs: dict) -> dict:
+        """The batch as the loss takes it from a finished cache: the rows the cache is still missing are made
+        here (SigLIP on their uint8 images, as a cache build makes them) and handed to the cache."""
+        if "fill_pixels" not in inputs:
+            return inputs
+        from xray_train.features import pooled_vision_features
+        from xray_train.loss import unwrap_gemma3
+
+        gemma = unwrap_gemma3(model).model
+        inputs = dict(inputs)
+        pixels, rows = inputs.pop("fill_pixels"), inputs.pop("fill_rows")
+        fill_at, cached_at = inputs.pop("fill_positions"), inputs.pop("feature_positions")
+        dtype = next(gemma.vision_tower.parameters()).dtype
+        # The build's numbers: the tower in its own dtype, outside the step's mixed-precision autocast.
+        with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
+            made = pooled_vision_features(gemma, self._pixel_loader.normalize(pixels, dtype))
+        self._feature_fill.write(rows.cpu().numpy(), made)
+        features = made.new_empty((len(fill_at) + len(cached_at), *made.shape[1:]))
+        features[fill_at] = made
+        if len(cached_at):
+            features[cached_at] = inputs["image_features"].to(made.device, made.dtype)
+        inputs["image_features"] = features
+        return inputs
+
     def _loss(self, model, inputs):
+        inputs = self.fill_features(model, inputs)
         # Through DDP's own forward: a loss on the unwrapped model would never all-reduce gradients.
         if not self._targets_only:
             return call_through_ddp(model, full_logits_loss, inputs)
