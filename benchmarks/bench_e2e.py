@@ -20,6 +20,7 @@ Rows, in one invocation, on the same films, each in its own process:
 - ``xray-train cache-features`` over thousands of film paths (each PadChest film listed ``CACHE_ROW_COPIES``
   times under new names hard-linked to it, decoded afresh each time) with SigLIP compiled, as auto settings
   compile it from 8000 images: the cache build's rate at scale, which the 100k projection uses.
+- The first run again with ``training.fill_cache_during_epoch`` (the steps fill the cache; no build first).
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
@@ -713,7 +714,8 @@ def ratios(rows: list[dict]) -> dict:
     seed = by.get("seed", {}).get("samples_per_s_end_to_end")
     peers = [by[n]["samples_per_s_end_to_end"] for n in ("trl", "unsloth") if n in by]
     out = {}
-    for name in ("xray-train phase1 first run", "xray-train phase1 rerun (cache built)"):
+    for name in ("xray-train phase1 first run", "xray-train phase1 first run, cache filled during the epoch",
+                 "xray-train phase1 rerun (cache built)"):
         if name in by:
             sps = by[name]["samples_per_s_end_to_end"]
             out[name] = {"x_seed": round(sps / seed, 2) if seed else None,
@@ -727,9 +729,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/xray-e2e"))
     ap.add_argument("--padchest-films", type=int, default=320)
     ap.add_argument("--indiana-films", type=int, default=200)
-    ap.add_argument("--rows", default="vision,cache,xray1,seed,xray-rerun,xray2,trl,unsloth",
+    ap.add_argument("--rows", default="vision,cache,xray1,xray1-fill,seed,xray-rerun,xray2,trl,unsloth",
                     help="rows to run, in this order: vision, cache (cache-features on linked films), xray1 "
-                    "(first run), xray-rerun, xray2, seed, trl, unsloth")
+                    "(first run), xray1-fill (first run, training.fill_cache_during_epoch), xray-rerun, xray2, "
+                    "seed, trl, unsloth")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
@@ -837,6 +840,13 @@ def main() -> None:
             argv[0] = "cache-features"
             argv.remove("--overwrite")
             record(cache_row(argv, work, {"XRAY_TRAIN_FEATURE_CACHE": str(cache_root)}, left))
+        elif what == "xray1-fill":
+            import shutil
+
+            shutil.rmtree(work / "feature-cache", ignore_errors=True)  # a first run, the cache filled by its steps
+            record(xray_row("xray-train phase1 first run, cache filled during the epoch", "phase1",
+                            xray_argv("phase1", films, base, p1, args.tiny, ["training.fill_cache_during_epoch=true"]),
+                            work, cache, left))
         elif what == "xray-rerun":
             record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
                             xray_argv("phase1", films, base, p1, args.tiny, []), work, cache, left))
