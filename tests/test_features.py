@@ -243,3 +243,25 @@ def test_a_fill_stopped_midway_keeps_the_rows_it_wrote_and_a_build_never_trusts_
     loader = SimpleNamespace(prepare=lambda p: np.zeros((8, 8), np.uint8), normalize=lambda px, dtype: px[:, None].to(dtype))
     build_features(partial, _fake_model(), paths, loader, batch_size=2, workers=0, progress=False)
     assert not (partial / FILLED_FILE).exists()
+
+
+def test_a_fill_that_waited_for_a_build_uses_the_finished_cache(tmp_path, fake_tower, monkeypatch):
+    # `xray-train cache-features` finished the cache while the training run waited for its lock.
+    from xray_train.features import VisionFeatureCache, open_feature_cache
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    loader = SimpleNamespace(preprocessing=lambda: {}, prepare=lambda p: np.zeros((8, 8), np.uint8),
+                             normalize=lambda px, dtype: px[:, None].to(dtype))
+    real_lock = features._lock
+
+    def build_meanwhile(fh):  # the lock is granted only once the build is done
+        if "partial" in fh.name and not features.feature_cache_root().joinpath("built").exists():
+            features.feature_cache_root().joinpath("built").touch()
+            VisionFeatureCache.build_or_load(features.feature_cache_root(), _fake_model(), paths, loader, {},
+                                             batch_size=2, progress=False)
+        real_lock(fh)
+
+    monkeypatch.setattr(features, "_lock", build_meanwhile)
+    cache = open_feature_cache(None, _fake_model(), loader, paths, fill=True)
+    assert isinstance(cache, VisionFeatureCache) and len(cache.index) == 3

@@ -447,6 +447,11 @@ class CacheFill:
         self.partial.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.partial / "lock", "a")  # noqa: SIM115 - held until finish()
         _lock(self._lock)
+        # A build that held the lock meanwhile (`xray-train cache-features`) may have finished the cache.
+        self.superseded = (self.final / "meta.json").is_file()
+        if self.superseded:
+            self._lock.close()
+            return
         bin_path, filled_path = self.partial / "features.bin", self.partial / FILLED_FILE
         expected = int(np.prod(self.shape)) * np.dtype(self._storage).itemsize
         if not (bin_path.is_file() and bin_path.stat().st_size == expected):
@@ -556,8 +561,13 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
     if fill:
         unique = sorted({Path(p) for p in image_paths}, key=str)
         key = cache_key(vision_fingerprint(gemma3_model), pixel_loader.preprocessing(), unique)
-        return VisionFeatureCache._load_existing(feature_cache_root() / key) or CacheFill(
-            feature_cache_root(), key, gemma3_model, unique)
+        folder = feature_cache_root() / key
+        cache = VisionFeatureCache._load_existing(folder)
+        if cache is None:
+            cache = CacheFill(feature_cache_root(), key, gemma3_model, unique)
+            if cache.superseded:
+                cache = VisionFeatureCache(folder)
+        return cache
     return VisionFeatureCache.build_or_load(
         feature_cache_root(),
         gemma3_model,
