@@ -205,7 +205,7 @@ class TrainingDataset(torch.utils.data.Dataset):
     def _image(self, path: Path) -> dict:
         if self.feature_cache is not None:
             row = self.feature_cache.row_of(path)
-            if getattr(self.feature_cache, "is_filled", None) is not None and not self.feature_cache.is_filled(row):
+            if hasattr(self.feature_cache, "is_filled") and not self.feature_cache.is_filled(row):  # a CacheFill
                 # No row yet: the step makes it from the uint8 image (see trainer.XrayTrainer.fill_features).
                 return {"fill_pixels": torch.from_numpy(self.pixel_loader.prepare(path)), "fill_row": row}
             # The collator gathers the whole batch's rows at once (see collate.FeatureRef).
