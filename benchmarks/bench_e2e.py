@@ -283,18 +283,25 @@ def split_stages(stages: dict, wall: float) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: dict, timeout: float | None) -> dict:
-    stages_out = workdir / f"stages-{name.replace(' ', '_')}.json"
+def _timed_cli(label: str, argv: list[str], workdir: Path, env_extra: dict, timeout: float | None):
+    """``xray-train <argv>`` in a child process timed by ``--cli-stages``: (process, start time, wall seconds,
+    its stages or None). Its output goes to ``log-<label>.txt``."""
+    stages_out = workdir / f"stages-{label}.json"
     stages_out.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), **env_extra)
     started = time.time()
     proc = _run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env, timeout)
     wall = time.time() - started
+    (workdir / f"log-{label}.txt").write_text(proc.stdout + proc.stderr)
+    ok = proc.returncode == 0 and stages_out.is_file()
+    return proc, started, wall, json.loads(stages_out.read_text()) if ok else None
+
+
+def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: dict, timeout: float | None) -> dict:
+    proc, started, wall, stages = _timed_cli(name.replace(" ", "_"), argv, workdir, env_extra, timeout)
     row = {"name": name, "phase": phase, "wall_s": round(wall, 2)}
-    (workdir / f"log-{name.replace(' ', '_')}.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not stages_out.is_file():
+    if stages is None:
         return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
-    stages = json.loads(stages_out.read_text())
     out_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
     from xray_train.run_dir import SUMMARY, RunDir
 
@@ -333,18 +340,11 @@ def xray_row(name: str, phase: str, argv: list[str], workdir: Path, env_extra: d
 
 def cache_row(argv: list[str], workdir: Path, env_extra: dict, timeout: float | None) -> dict:
     """``xray-train cache-features`` on the linked films: start-up, then the build's rate (``build.json``)."""
-    stages_out = workdir / "stages-cache.json"
-    stages_out.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), **env_extra)
-    started = time.time()
-    proc = _run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env, timeout)
-    wall = time.time() - started
-    (workdir / "log-cache.txt").write_text(proc.stdout + proc.stderr)
+    proc, started, wall, stages = _timed_cli("cache", argv, workdir, env_extra, timeout)
     row = {"name": CACHE_ROW, "phase": "cache", "wall_s": round(wall, 2), "copies_per_film": CACHE_ROW_COPIES}
     build = _cache_build(Path(env_extra["XRAY_TRAIN_FEATURE_CACHE"]), started)
-    if proc.returncode != 0 or not stages_out.is_file() or build is None:
+    if stages is None or build is None:
         return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
-    stages = json.loads(stages_out.read_text())
     start_up = stages["marks"].get("model_ready", 0.0)
     cache_s = stages["spans"].get("cache_build", 0.0)
     return {**row, "films": build["films"], "stages": {"start_up": round(start_up, 2), "cache_build": round(cache_s, 2),

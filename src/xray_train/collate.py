@@ -141,11 +141,12 @@ class Collator:
         filling = [row for row, it in enumerate(items) if "fill_pixels" in it]
         if filling:
             # A cache being filled: these rows' features are made in the step from their uint8 images.
+            cached = [row for row, it in enumerate(items) if "fill_pixels" not in it]
             out["fill_pixels"] = torch.stack([items[row]["fill_pixels"] for row in filling])
             out["fill_rows"] = torch.tensor([items[row]["fill_row"] for row in filling])
             out["fill_positions"] = torch.tensor(filling)
-            items = [it for it in items if "fill_pixels" not in it]
-            out["feature_positions"] = torch.tensor(sorted(set(range(batch)) - set(filling)), dtype=torch.long)
+            out["feature_positions"] = torch.tensor(cached, dtype=torch.long)
+            items = [items[row] for row in cached]
         if items and "image_features" in items[0]:
             first = items[0]["image_features"]
             if isinstance(first, FeatureRef):

@@ -97,7 +97,24 @@ def cache_key(vision_fp: str, preprocessing: dict, image_paths: list[Path]) -> s
     return h.hexdigest()[:24]
 
 
-class VisionFeatureCache:
+class _FeatureRows:
+    """Reading rows by image path; the subclass sets ``index``, ``torch_dtype`` and the memmap ``_array``."""
+
+    index: dict[str, int]
+
+    def row_of(self, image_path) -> int:
+        return self.index[str(image_path)]
+
+    def rows(self, rows: list[int]) -> torch.Tensor:
+        """Features of several images in one gather (one copy, instead of one per image)."""
+        block = torch.from_numpy(np.ascontiguousarray(self._array[np.asarray(rows)]))
+        return block.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else block
+
+    def __contains__(self, image_path) -> bool:
+        return str(image_path) in self.index
+
+
+class VisionFeatureCache(_FeatureRows):
     """Pooled vision features, one row per image, memory-mapped (workers and ranks share the pages)."""
 
     def __init__(self, folder: Path):
@@ -120,17 +137,6 @@ class VisionFeatureCache:
         shape = tuple(json.loads((self.folder / "meta.json").read_text())["shape"])
         storage = np.uint16 if self.torch_dtype == torch.bfloat16 else np.float32
         self._array = np.memmap(self.folder / "features.bin", dtype=storage, mode="r", shape=shape)
-
-    def row_of(self, image_path) -> int:
-        return self.index[str(image_path)]
-
-    def rows(self, rows: list[int]) -> torch.Tensor:
-        """Features of several images in one gather (one copy, instead of one per image)."""
-        block = torch.from_numpy(np.ascontiguousarray(self._array[np.asarray(rows)]))
-        return block.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else block
-
-    def __contains__(self, image_path) -> bool:
-        return str(image_path) in self.index
 
     def __getitem__(self, image_path) -> torch.Tensor:
         row = np.array(self._array[self.index[str(image_path)]])
@@ -319,16 +325,7 @@ def build_features(  # noqa: PLR0913
     def write(slot: torch.Tensor | None, rows: np.ndarray, record: dict) -> None:
         """In the writer thread: rows to the disk (GIL released), then the progress that covers them."""
         if slot is not None and len(rows):
-            raw = slot[: len(rows)].view(torch.uint16) if dtype_name == "bfloat16" else slot[: len(rows)].float()
-            raw = raw.numpy()
-            row_bytes = raw[0].nbytes
-            runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
-            for run in runs:  # consecutive rows in one write; unreadable images leave gaps
-                data = memoryview(np.ascontiguousarray(raw[run[0] : run[-1] + 1])).cast("B")
-                offset, written = int(rows[run[0]]) * row_bytes, 0
-                while written < len(data):
-                    written += os.pwrite(fd, data[written:], offset + written)
-            os.fdatasync(fd)
+            _write_rows(fd, slot[: len(rows)], rows)
         _write_progress(folder, record)
 
     try:
@@ -392,6 +389,19 @@ def build_features(  # noqa: PLR0913
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def _write_rows(fd: int, features: torch.Tensor, rows: np.ndarray) -> None:
+    """``features[i]`` (host memory) into row ``rows[i]`` of ``features.bin``, then synced to the disk."""
+    raw = (features.view(torch.uint16) if features.dtype == torch.bfloat16 else features.float()).numpy()
+    row_bytes = raw[0].nbytes
+    runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
+    for run in runs:  # consecutive rows in one write; unreadable images (or a batch's order) leave gaps
+        data = memoryview(np.ascontiguousarray(raw[run[0] : run[-1] + 1])).cast("B")
+        offset, written = int(rows[run[0]]) * row_bytes, 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset + written)
+    os.fdatasync(fd)
+
+
 def _hand_to_writer(batch, writer, write, writes: list) -> None:
     """Wait for ``batch``'s features to reach the host, then queue them for the writer thread.
 
@@ -421,7 +431,7 @@ def _reserved_memmap(path: Path, dtype, shape: tuple) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
 
-class CacheFill:
+class CacheFill(_FeatureRows):
     """A vision-feature cache that the training steps fill (``training.fill_cache_during_epoch``).
 
     Instead of a pass over every image before the first step, each step's SigLIP forward runs on the images
@@ -481,18 +491,8 @@ class CacheFill:
         self.__dict__.update(state)
         self._open()
 
-    def __contains__(self, image_path) -> bool:
-        return str(image_path) in self.index
-
-    def row_of(self, image_path) -> int:
-        return self.index[str(image_path)]
-
     def is_filled(self, row: int) -> bool:
         return bool(self._filled[row])
-
-    def rows(self, rows: list[int]) -> torch.Tensor:
-        block = torch.from_numpy(np.ascontiguousarray(self._array[np.asarray(rows)]))
-        return block.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else block
 
     def write(self, rows, features: torch.Tensor) -> None:
         """Queue ``features`` (pooled rows, on any device) for ``rows``; returns before they reach the disk."""
@@ -509,14 +509,7 @@ class CacheFill:
     def _write(self, rows: np.ndarray, host: torch.Tensor, event) -> None:
         if event is not None:
             event.synchronize()
-        raw = (host.view(torch.uint16) if self.dtype_name == "bfloat16" else host.float()).numpy()
-        row_bytes = raw[0].nbytes
-        for i, row in enumerate(rows):
-            data = memoryview(np.ascontiguousarray(raw[i])).cast("B")
-            written = 0
-            while written < len(data):
-                written += os.pwrite(self._fd, data[written:], int(row) * row_bytes + written)
-        os.fdatasync(self._fd)
+        _write_rows(self._fd, host, rows)
         self._filled[rows] = 1  # only once the rows are on the disk
 
     def flush(self) -> None:

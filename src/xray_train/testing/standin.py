@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from xray_train.testing.tiny import (
     cache_root,
     cached_from_gguf,
     reference_tokenizer_dir,
+    save_model_dir,
     seeded,
 )
 
@@ -295,17 +293,7 @@ def make_standin_model(
     # Everything saved (the random projector and pad rows too): two bases with the same record are the same.
     record["base_sha256"] = weight_fingerprint(model.state_dict())
     processor = build_processor(reference_tokenizer_dir(), recipe.image_size, tokens)
-    tmp = Path(tempfile.mkdtemp(prefix=".standin-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        (tmp / "standin.json").write_text(json.dumps(record, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(model, processor, out_dir, ".standin-", {"standin.json": json.dumps(record, indent=2)})
     return out_dir, record
 
 

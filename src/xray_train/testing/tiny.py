@@ -314,15 +314,22 @@ def make_tiny_model(
     processor = build_processor(
         reference_tokenizer_dir(), config.vision_config.image_size, config.mm_tokens_per_image
     )
+    return save_model_dir(model, processor, out_dir, ".tiny-")
+
+
+def save_model_dir(model, processor, out_dir: Path, prefix: str, extra_files: dict[str, str] | None = None) -> Path:
+    """Save ``model`` + ``processor`` (+ ``extra_files``: name -> text) next to ``out_dir``, then move the
+    folder into place, replacing what was there: a reader never sees a half-written model."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out_dir.parent, ".tiny-")
+    tmp = staging_dir(out_dir.parent, prefix)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         share_like_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
