@@ -20,7 +20,8 @@ Rows, in one invocation, on the same films, each in its own process:
 - ``xray-train cache-features`` over thousands of film paths (each PadChest film listed ``CACHE_ROW_COPIES``
   times under new names hard-linked to it, decoded afresh each time) with SigLIP compiled, as auto settings
   compile it from 8000 images: the cache build's rate at scale, which the 100k projection uses.
-- The first run again with ``training.fill_cache_during_epoch`` (the steps fill the cache; no build first).
+- The first run again with ``training.fill_cache_during_epoch=true``: the steps fill the cache instead of
+  a build before the first one.
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
@@ -57,6 +58,11 @@ PROJECTION_FILMS = 100_000
 #: films, enough for a steady rate, with SigLIP compiled as a run of PadChest's size compiles it.
 CACHE_ROW_COPIES = 6
 CACHE_ROW = "xray-train cache-features (compiled SigLIP)"
+#: The two ways a first run can make its vision-feature cache: row key -> (row name, config overrides).
+FIRST_RUN_ROWS = {
+    "xray1": ("xray-train phase1 first run, cache built first", []),
+    "xray1-fill": ("xray-train phase1 first run, cache filled during the epoch", ["training.fill_cache_during_epoch=true"]),
+}
 #: Batches each peer tries before its epoch (one timed step each, on the same films); it trains with the
 #: fastest whose peak stays within PEER_MEMORY_GB. Earlier peaks: the seed recipe 21.3 GB at 8, TRL 16.3 at 16.
 #: Unsloth trains at 16 without a search (see run_peer); its trainer adds gradient accumulation 2 itself.
@@ -714,8 +720,7 @@ def ratios(rows: list[dict]) -> dict:
     seed = by.get("seed", {}).get("samples_per_s_end_to_end")
     peers = [by[n]["samples_per_s_end_to_end"] for n in ("trl", "unsloth") if n in by]
     out = {}
-    for name in ("xray-train phase1 first run", "xray-train phase1 first run, cache filled during the epoch",
-                 "xray-train phase1 rerun (cache built)"):
+    for name in (*(name for name, _ in FIRST_RUN_ROWS.values()), "xray-train phase1 rerun (cache built)"):
         if name in by:
             sps = by[name]["samples_per_s_end_to_end"]
             out[name] = {"x_seed": round(sps / seed, 2) if seed else None,
@@ -731,8 +736,8 @@ def main() -> None:
     ap.add_argument("--indiana-films", type=int, default=200)
     ap.add_argument("--rows", default="vision,cache,xray1,xray1-fill,seed,xray-rerun,xray2,trl,unsloth",
                     help="rows to run, in this order: vision, cache (cache-features on linked films), xray1 "
-                    "(first run), xray1-fill (first run, training.fill_cache_during_epoch), xray-rerun, xray2, "
-                    "seed, trl, unsloth")
+                    "(first run, defaults: the cache built before the first step), xray1-fill (first run, the "
+                    "steps fill the cache), xray-rerun, xray2, seed, trl, unsloth")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
@@ -823,12 +828,14 @@ def main() -> None:
                                   capture_output=True, text=True)
             record(json.loads(vision_out.read_text()) if proc.returncode == 0 else
                    {"name": "siglip forward (cache build, GPU only)", "error": proc.stderr[-1500:]})
-        elif what == "xray1":
+        elif what in FIRST_RUN_ROWS:
             import shutil
 
-            shutil.rmtree(work / "feature-cache", ignore_errors=True)  # a user's first run: nothing cached
-            record(xray_row("xray-train phase1 first run", "phase1",
-                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache, left))
+            # A user's first run, nothing cached: with the defaults the cache is built before the first step;
+            # ``xray1-fill`` has the steps fill it instead.
+            shutil.rmtree(work / "feature-cache", ignore_errors=True)
+            name, sets = FIRST_RUN_ROWS[what]
+            record(xray_row(name, "phase1", xray_argv("phase1", films, base, p1, args.tiny, sets), work, cache, left))
         elif what == "cache":
             import shutil
 
@@ -840,13 +847,6 @@ def main() -> None:
             argv[0] = "cache-features"
             argv.remove("--overwrite")
             record(cache_row(argv, work, {"XRAY_TRAIN_FEATURE_CACHE": str(cache_root)}, left))
-        elif what == "xray1-fill":
-            import shutil
-
-            shutil.rmtree(work / "feature-cache", ignore_errors=True)  # a first run, the cache filled by its steps
-            record(xray_row("xray-train phase1 first run, cache filled during the epoch", "phase1",
-                            xray_argv("phase1", films, base, p1, args.tiny, ["training.fill_cache_during_epoch=true"]),
-                            work, cache, left))
         elif what == "xray-rerun":
             record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
                             xray_argv("phase1", films, base, p1, args.tiny, []), work, cache, left))

@@ -25,7 +25,8 @@ Rows written to ``benchmarks/results/learns_boxes.json`` (``rows``), each with t
 - ``numbers_init``, ``no_label_smoothing``, ``no_l1``, ``two_stage``, ``expected_decode`` (the main
   adapter re-scored): one ``<loc>`` lever moved away from its default each; ``l1_weight_3``: the L1 term
   three times its default weight; ``main_seed_1``, ``main_seed_2``: ``main`` with other
-  training seeds (the spread a lever's difference must exceed);
+  training seeds (the spread a lever's difference must exceed); ``text_format_seed_1``: ``text_format``
+  with another seed;
 - ``mean_box``: no model: each held-out film gets the mean training box (labels given);
 
 and ``probe``: ridge regression and a non-linear attention readout fitted on the frozen tower's pooled
@@ -75,6 +76,7 @@ VARIANTS = {
     # chance, which a lever's difference must exceed to mean anything.
     "main_seed_1": ("pretrained", ["training.seed=1"], []),
     "main_seed_2": ("pretrained", ["training.seed=2"], []),
+    "text_format_seed_1": ("pretrained", ["data.box_format=text", "training.seed=1"], ["data.box_format=text"]),
 }
 #: Rows that re-score another row's adapter with other evaluation settings: (adapter's row, overrides).
 RESCORED = {"expected_decode": ("main", ["model.loc_decode=expected"])}

@@ -116,6 +116,8 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     ]
     batch = Collator(ids)(items)
     assert batch["fill_rows"].tolist() == [3, 0] and batch["fill_positions"].tolist() == [0, 2]
+    # Not a tensor: the Trainer leaves the cache rows on the host, so writing them needs no wait for the GPU.
+    assert not isinstance(batch["fill_rows"], torch.Tensor)
     assert batch["feature_positions"].tolist() == [1] and torch.equal(batch["image_features"], table[[1]])
 
     # The step makes the missing rows (here: from the pixel value), hands them to the cache and gives the

@@ -265,3 +265,21 @@ def test_a_fill_that_waited_for_a_build_uses_the_finished_cache(tmp_path, fake_t
     monkeypatch.setattr(features, "_lock", build_meanwhile)
     cache = open_feature_cache(None, _fake_model(), loader, paths, fill=True)
     assert isinstance(cache, VisionFeatureCache) and len(cache.index) == 3
+
+
+@pytest.mark.parametrize("compile_vision", [True, False])
+def test_a_fill_compiles_the_tower_as_a_build_would(tmp_path, fake_tower, monkeypatch, compile_vision):
+    # training.compile_vision_cache covers the cache however it is made: the steps that fill it run the same
+    # compiled layers a build would.
+    from xray_train.features import CacheFill, open_feature_cache
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
+    compiled = []
+    monkeypatch.setattr(features, "compile_vision_layers", compiled.append)
+    model = _fake_model()
+    loader = SimpleNamespace(preprocessing=lambda: {})
+    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=compile_vision))
+    cache = open_feature_cache(cfg, model, loader, [tmp_path / "0.png"], fill=True)
+    assert isinstance(cache, CacheFill)
+    assert compiled == ([model] if compile_vision else [])
+    cache._lock.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -143,7 +144,9 @@ class Collator:
             # A cache being filled: these rows' features are made in the step from their uint8 images.
             cached = [row for row, it in enumerate(items) if "fill_pixels" not in it]
             out["fill_pixels"] = torch.stack([items[row]["fill_pixels"] for row in filling])
-            out["fill_rows"] = torch.tensor([items[row]["fill_row"] for row in filling])
+            # Cache rows stay on the host (numpy: the Trainer moves only tensors), where the cache writes them:
+            # reading them back from the GPU would make every step wait for the one before.
+            out["fill_rows"] = np.array([items[row]["fill_row"] for row in filling], dtype=np.int64)
             out["fill_positions"] = torch.tensor(filling)
             out["feature_positions"] = torch.tensor(cached, dtype=torch.long)
             items = [items[row] for row in cached]

@@ -262,13 +262,18 @@ def check_free_space(root: Path, films: int, row_bytes: int) -> None:
         )
 
 
+def compile_vision_layers(gemma3_model) -> None:
+    """Compile each SigLIP encoder layer in place (fused layer norms, GELU and residual adds around the SDPA
+    attention): ``training.compile_vision_cache``, for a cache build or the steps that fill the cache."""
+    tower = gemma3_model.vision_tower
+    for layer in getattr(tower, "vision_model", tower).encoder.layers:  # transformers 5 drops vision_model
+        layer.compile()
+
+
 def _vision_forward(gemma3_model, compile_vision: bool):
-    """Pixel values -> pooled features; with ``compile_vision`` each SigLIP encoder layer is compiled
-    (fused layer norms, GELU and residual adds around the SDPA attention)."""
+    """Pixel values -> pooled features, through compiled encoder layers with ``compile_vision``."""
     if compile_vision:
-        tower = gemma3_model.vision_tower
-        for layer in getattr(tower, "vision_model", tower).encoder.layers:  # transformers 5 drops vision_model
-            layer.compile()
+        compile_vision_layers(gemma3_model)
     return lambda pixel_values: pooled_vision_features(gemma3_model, pixel_values)
 
 
@@ -560,6 +565,9 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
             cache = CacheFill(feature_cache_root(), key, gemma3_model, unique)
             if cache.superseded:
                 cache = VisionFeatureCache(folder)
+            elif cfg.training.compile_vision_cache:
+                # The steps run SigLIP on full batches (the last one is padded), so it compiles once.
+                compile_vision_layers(gemma3_model)
         return cache
     return VisionFeatureCache.build_or_load(
         feature_cache_root(),
