@@ -445,6 +445,8 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
 
         def on_step_end(self, args, state, control, **kw):
             self.steps = state.global_step
+            # On the log, so a row stopped by its time limit shows whether its steps were slow or absent.
+            print(f"bench: step {state.global_step} done {time.time() - t0:.0f} s after start", flush=True)
 
         def on_train_end(self, args, state, control, **kw):
             self.end = time.time()
@@ -606,13 +608,20 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     # Nothing outside the host can be reached: no hub look-ups, no usage statistics (Unsloth's).
     env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    stacks = workdir / f"stacks-peer-{name}.txt"
+    stacks.unlink(missing_ok=True)
+    if timeout is not None:
+        env.update(BENCH_STACKS_FILE=str(stacks), BENCH_STACKS_AFTER_S=str(max(timeout - 20, 5)))
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
            "--model", str(base), "--workdir", str(workdir), "--batches", ",".join(map(str, batches))]
     proc = _run(cmd + (["--tiny"] if tiny else []), env, timeout)
     (workdir / f"log-peer-{name}.txt").write_text(proc.stdout + proc.stderr)
     if row_out.is_file():
         return json.loads(row_out.read_text())
-    return {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:]}
+    row = {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:]}
+    if stacks.is_file() and stacks.stat().st_size:
+        row["stacks_before_stop"] = stacks.read_text()[-6000:]
+    return row
 
 
 def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
@@ -759,6 +768,13 @@ def main() -> None:
         run_cli_with_stages(args.cli_stages, [a for a in rest if a != "--"])
         return
     if args.peer:
+        if os.environ.get("BENCH_STACKS_FILE"):
+            # A peer that stops reporting (Unsloth twice on the H200 host) leaves where every thread was
+            # shortly before its time limit, instead of only its last lines of output.
+            import faulthandler
+
+            stacks = open(os.environ["BENCH_STACKS_FILE"], "w")  # noqa: SIM115 - open until the process ends
+            faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS_AFTER_S"]), exit=False, file=stacks)
         try:
             row = run_peer(args.peer, json.loads(args.films_json.read_text()), args.model,
                            tuple(int(b) for b in args.batches.split(",")), args.workdir / f"peer-{args.peer}", args.tiny)
