@@ -126,7 +126,9 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     fake = SimpleNamespace(
         _pixel_loader=SimpleNamespace(normalize=lambda px, dtype: px.to(dtype)),
         _feature_fill=SimpleNamespace(write=lambda rows, feats: written.append((rows.tolist(), feats.clone()))),
+        _feature_rows_from=cache,
     )
+    fake.gather_features = lambda inputs: XrayTrainer.gather_features(fake, inputs)
     tower = torch.nn.Linear(1, 1)
     monkeypatch.setattr("xray_train.loss.unwrap_gemma3", lambda model: SimpleNamespace(model=SimpleNamespace(vision_tower=tower)))
     monkeypatch.setattr("xray_train.features.pooled_vision_features", lambda gemma, px: px[:, :2, :3].float())
@@ -135,3 +137,11 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     assert (out["image_features"][0] == 10).all() and (out["image_features"][2] == 20).all()
     assert torch.equal(out["image_features"][1], table[1])
     assert written[0][0] == [3, 0] and torch.equal(written[0][1], out["image_features"][[0, 2]])
+
+    # A collator in DataLoader workers names the cached rows instead of gathering them; the trainer gathers
+    # them in its own process, and the loss gets the same tensor.
+    by_number = Collator(ids, gather_features=False)(items)
+    assert "image_features" not in by_number and by_number["feature_rows"].tolist() == [1]
+    assert not isinstance(by_number["feature_rows"], torch.Tensor)
+    here = XrayTrainer.fill_features(fake, None, by_number)
+    assert "feature_rows" not in here and torch.equal(here["image_features"], out["image_features"])

@@ -198,9 +198,13 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
     fills: list[tuple[float, list[int]]] = []  # (epoch, cache rows) of each step that made features
     real_fill = XrayTrainer.fill_features
 
+    named: list[float] = []  # epochs of the steps whose cached rows came by number, gathered in the trainer
+
     def counted(self, model, inputs):
         if "fill_rows" in inputs and self.model.training:
             fills.append((self.state.epoch, inputs["fill_rows"].tolist()))
+        if "feature_rows" in inputs and self.model.training:
+            named.append(self.state.epoch)
         return real_fill(self, model, inputs)
 
     monkeypatch.setattr(XrayTrainer, "fill_features", counted)
@@ -211,6 +215,8 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
     # made a few twice); the second epoch read them.
     assert len({row for _, rows in fills for row in rows}) == summary["data"]["train_examples_used"]
     assert all(epoch < 1 for epoch, _ in fills)
+    # The DataLoader workers only named the second epoch's cached rows; the training process read them.
+    assert any(epoch >= 1 for epoch in named)
     built, filled = _only_cache(tmp_path / "built"), _only_cache(tmp_path / "filled")
     assert built.name == filled.name  # the same key: a rerun of either setting finds the other's cache
     assert not [p for p in (tmp_path / "filled").iterdir() if p.name.startswith(".")]  # finished, moved in place

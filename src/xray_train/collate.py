@@ -107,9 +107,13 @@ class Collator:
     [mm_tokens, vision_hidden] (the cached, pooled vision output).
     """
 
-    def __init__(self, special_ids: SpecialIds, pad_to_multiple_of: int | None = 8):
+    def __init__(self, special_ids: SpecialIds, pad_to_multiple_of: int | None = 8, gather_features: bool = True):
         self.ids = special_ids
         self.pad_to_multiple_of = pad_to_multiple_of
+        # False where the collator runs in DataLoader worker processes: cached rows then travel as row numbers
+        # (``feature_rows``) and the training process gathers them itself (``XrayTrainer``), instead of a
+        # worker sending every batch's features through shared memory.
+        self.gather_features = gather_features
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(it["input_ids"]) for it in items)
@@ -152,7 +156,9 @@ class Collator:
             items = [items[row] for row in cached]
         if items and "image_features" in items[0]:
             first = items[0]["image_features"]
-            if isinstance(first, FeatureRef):
+            if isinstance(first, FeatureRef) and not self.gather_features:
+                out["feature_rows"] = np.array([it["image_features"].row for it in items], dtype=np.int64)
+            elif isinstance(first, FeatureRef):
                 out["image_features"] = first.cache.rows([it["image_features"].row for it in items])
             else:
                 out["image_features"] = torch.stack([torch.as_tensor(it["image_features"]) for it in items])

@@ -334,9 +334,10 @@ class TrainingSection(_Section):
         description="Fill the vision-feature cache during the first epoch instead of building it before the first "
         "step: each step runs SigLIP on the images of its batch that have no row yet, and later epochs and "
         "reruns read the rows. Images no step reached are computed when training ends, which leaves the same "
-        "cache a build makes. Images are then read by DataLoader workers, alongside the steps; the workers stay "
-        "for the later epochs, which gather cached rows faster in-process (why it is off by default). One "
-        "process only: with several, the cache is built first. `xray-train cache-features` always builds.",
+        "cache a build makes. Images are then read by DataLoader workers, alongside the steps; they stay for the "
+        "later epochs, where they only name the cached rows and the training process reads them. Off by "
+        "default until a GPU run times those later epochs. One process only: with several, the cache is built "
+        "first. `xray-train cache-features` always builds.",
     )
     feature_cache_batch_size: int = Field(
         32, gt=0, description="Images per SigLIP forward while building the vision-feature cache (bf16)."

@@ -89,12 +89,15 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
         train_set.pad_to_multiple(cfg.training.per_device_train_batch_size * distributed_state().num_processes)
     echo(f"{cfg.phase}: {len(train_set.items)} training / {len(val_set) if val_set else 0} validation examples")
 
+    # With DataLoader workers (reading images while the steps fill the cache, or asked for), cached rows are
+    # gathered in this process: features sent from workers cost more step time than they save.
+    rows_here = train_set.feature_cache is not None and cfg.training.dataloader_num_workers > 0
     trainer = trainer_module.XrayTrainer(
         model=model,
         args=training_arguments(cfg, has_eval=val_set is not None and len(val_set) > 0),
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=Collator(encoder.ids),
+        data_collator=Collator(encoder.ids, gather_features=not rows_here),
         lengths=train_set.lengths(),
         targets_only=cfg.training.loss_on_targets_only,
         head_chunk_rows=cfg.training.head_chunk_rows,
@@ -105,6 +108,7 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
         ),
         lora_start_step=cfg.training.lora_start_step,
         feature_fill=train_set.feature_cache if isinstance(train_set.feature_cache, CacheFill) else None,
+        feature_rows_from=train_set.feature_cache if rows_here else None,
         pixel_loader=train_set.pixel_loader,
         optimizers=(optimizer_groups(cfg, model), None),
         callbacks=callbacks,

@@ -96,10 +96,12 @@ class XrayTrainer(Trainer):
     def __init__(
         self, *args, lengths, targets_only: bool, head_chunk_rows: int, head_grad_in_forward: bool,
         loc_targets: LocTargets | None = None, lora_start_step: int = 0, feature_fill=None, pixel_loader=None,
-        **kwargs
+        feature_rows_from=None, **kwargs
     ):
         super().__init__(*args, **kwargs)
         self._feature_fill = feature_fill  # features.CacheFill, when the steps fill the vision-feature cache
+        # The feature cache whose rows batches name by number (``feature_rows``: a collator in worker processes).
+        self._feature_rows_from = feature_rows_from
         self._pixel_loader = pixel_loader
         self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
         self.loss_guard.on_bad_loss = self._stop_on_bad_loss
@@ -145,9 +147,22 @@ class XrayTrainer(Trainer):
         # the decoder and the LM head separately), so the mixed-precision context is entered here.
         return self.accelerator.autocast(autocast_handler=None)
 
+    def gather_features(self, inputs: dict) -> dict:
+        """The batch with the cached rows it names (``feature_rows``) read here, in the training process."""
+        if "feature_rows" not in inputs:
+            return inputs
+        inputs = dict(inputs)
+        rows = self._feature_rows_from.rows(inputs.pop("feature_rows").tolist())
+        device = inputs["input_ids"].device
+        if device.type == "cuda":
+            rows = rows.pin_memory()  # the copy to the GPU then does not wait for the steps queued before it
+        inputs["image_features"] = rows.to(device, non_blocking=device.type == "cuda")
+        return inputs
+
     def fill_features(self, model, inputs: dict) -> dict:
         """The batch as the loss takes it from a finished cache: the rows the cache is still missing are made
         here (SigLIP on their uint8 images, as a cache build makes them) and handed to the cache."""
+        inputs = self.gather_features(inputs)
         if "fill_pixels" not in inputs:
             return inputs
         from xray_train.features import pooled_vision_features
