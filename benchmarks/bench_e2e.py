@@ -21,7 +21,8 @@ Rows, in one invocation, on the same films, each in its own process:
   times under new names hard-linked to it, decoded afresh each time) with SigLIP compiled, as auto settings
   compile it from 8000 images: the cache build's rate at scale, which the 100k projection uses.
 - The first run again with ``training.fill_cache_during_epoch=true``: the steps fill the cache instead of
-  a build before the first one.
+  a build before the first one; and the rerun with that setting (``xray-rerun-fill``), whose DataLoader
+  workers stay as in a fill run's later epochs.
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
@@ -58,6 +59,14 @@ PROJECTION_FILMS = 100_000
 #: films, enough for a steady rate, with SigLIP compiled as a run of PadChest's size compiles it.
 CACHE_ROW_COPIES = 6
 CACHE_ROW = "xray-train cache-features (compiled SigLIP)"
+#: A run over a finished cache (a rerun, or what a later epoch costs): row key -> (row name, config overrides).
+#: With ``fill_cache_during_epoch`` the run keeps DataLoader workers, as a fill run's later epochs do: they
+#: name the cached rows and the training process reads them.
+RERUN_ROWS = {
+    "xray-rerun": ("xray-train phase1 rerun (cache built)", []),
+    "xray-rerun-fill": ("xray-train phase1 rerun (cache built), fill_cache_during_epoch's DataLoader workers",
+                        ["training.fill_cache_during_epoch=true"]),
+}
 #: The two ways a first run can make its vision-feature cache: row key -> (row name, config overrides).
 FIRST_RUN_ROWS = {
     "xray1": ("xray-train phase1 first run, cache built first", []),
@@ -729,7 +738,7 @@ def ratios(rows: list[dict]) -> dict:
     seed = by.get("seed", {}).get("samples_per_s_end_to_end")
     peers = [by[n]["samples_per_s_end_to_end"] for n in ("trl", "unsloth") if n in by]
     out = {}
-    for name in (*(name for name, _ in FIRST_RUN_ROWS.values()), "xray-train phase1 rerun (cache built)"):
+    for name in (*(name for name, _ in FIRST_RUN_ROWS.values()), *(name for name, _ in RERUN_ROWS.values())):
         if name in by:
             sps = by[name]["samples_per_s_end_to_end"]
             out[name] = {"x_seed": round(sps / seed, 2) if seed else None,
@@ -743,10 +752,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/xray-e2e"))
     ap.add_argument("--padchest-films", type=int, default=320)
     ap.add_argument("--indiana-films", type=int, default=200)
-    ap.add_argument("--rows", default="vision,cache,xray1,xray1-fill,seed,xray-rerun,xray2,trl,unsloth",
+    ap.add_argument("--rows", default="vision,cache,xray1,xray1-fill,seed,xray-rerun,xray-rerun-fill,xray2,trl,unsloth",
                     help="rows to run, in this order: vision, cache (cache-features on linked films), xray1 "
                     "(first run, defaults: the cache built before the first step), xray1-fill (first run, the "
-                    "steps fill the cache), xray-rerun, xray2, seed, trl, unsloth")
+                    "steps fill the cache), xray-rerun, xray-rerun-fill (a rerun with the fill setting's "
+                    "DataLoader workers: a fill run's later epochs), xray2, seed, trl, unsloth")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
@@ -863,9 +873,9 @@ def main() -> None:
             argv[0] = "cache-features"
             argv.remove("--overwrite")
             record(cache_row(argv, work, {"XRAY_TRAIN_FEATURE_CACHE": str(cache_root)}, left))
-        elif what == "xray-rerun":
-            record(xray_row("xray-train phase1 rerun (cache built)", "phase1",
-                            xray_argv("phase1", films, base, p1, args.tiny, []), work, cache, left))
+        elif what in RERUN_ROWS:
+            name, sets = RERUN_ROWS[what]
+            record(xray_row(name, "phase1", xray_argv("phase1", films, base, p1, args.tiny, sets), work, cache, left))
         elif what == "xray2":
             record(xray_row("xray-train phase2 --resume", "phase2",
                             xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,
