@@ -59,21 +59,19 @@ PROJECTION_FILMS = 100_000
 #: films, enough for a steady rate, with SigLIP compiled as a run of PadChest's size compiles it.
 CACHE_ROW_COPIES = 6
 CACHE_ROW = "xray-train cache-features (compiled SigLIP)"
-#: A run over a finished cache (a rerun, or what a later epoch costs): row key -> (row name, config overrides).
-#: With ``fill_cache_during_epoch`` the run keeps DataLoader workers, as a fill run's later epochs do: they
-#: name the cached rows and the training process reads them.
-RERUN_ROWS = {
-    "xray-rerun": ("xray-train phase1 rerun (cache built)", []),
+#: Phase-1 rows through the CLI: row key -> (row name, config overrides, first run). A first run starts with
+#: no cache: with the defaults it is built before the first step; with ``fill_cache_during_epoch`` the steps
+#: fill it. A rerun finds it finished (what a later epoch costs); with ``fill_cache_during_epoch`` the rerun
+#: keeps DataLoader workers, as a fill run's later epochs do: they name the cached rows and the training
+#: process reads them.
+FILL = "training.fill_cache_during_epoch=true"
+PHASE1_ROWS = {
+    "xray1": ("xray-train phase1 first run, cache built first", [], True),
+    "xray1-fill": ("xray-train phase1 first run, cache filled during the epoch", [FILL], True),
+    "xray-rerun": ("xray-train phase1 rerun (cache built)", [], False),
     "xray-rerun-fill": ("xray-train phase1 rerun (cache built), fill_cache_during_epoch's DataLoader workers",
-                        ["training.fill_cache_during_epoch=true"]),
+                        [FILL], False),
 }
-#: The two ways a first run can make its vision-feature cache: row key -> (row name, config overrides).
-FIRST_RUN_ROWS = {
-    "xray1": ("xray-train phase1 first run, cache built first", []),
-    "xray1-fill": ("xray-train phase1 first run, cache filled during the epoch", ["training.fill_cache_during_epoch=true"]),
-}
-#: Batches each peer tries before its epoch (one timed step each, on the same films); it trains with the
-#: fastest whose peak stays within PEER_MEMORY_GB. Earlier peaks: the seed recipe 21.3 GB at 8, TRL 16.3 at 16.
 #: Unsloth trains at 16 without a search (see run_peer); its trainer adds gradient accumulation 2 itself.
 PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16,)}
 PEER_MEMORY_GB = 24.0
@@ -738,7 +736,7 @@ def ratios(rows: list[dict]) -> dict:
     seed = by.get("seed", {}).get("samples_per_s_end_to_end")
     peers = [by[n]["samples_per_s_end_to_end"] for n in ("trl", "unsloth") if n in by]
     out = {}
-    for name in (*(name for name, _ in FIRST_RUN_ROWS.values()), *(name for name, _ in RERUN_ROWS.values())):
+    for name, _, _ in PHASE1_ROWS.values():
         if name in by:
             sps = by[name]["samples_per_s_end_to_end"]
             out[name] = {"x_seed": round(sps / seed, 2) if seed else None,
@@ -854,13 +852,12 @@ def main() -> None:
                                   capture_output=True, text=True)
             record(json.loads(vision_out.read_text()) if proc.returncode == 0 else
                    {"name": "siglip forward (cache build, GPU only)", "error": proc.stderr[-1500:]})
-        elif what in FIRST_RUN_ROWS:
+        elif what in PHASE1_ROWS:
             import shutil
 
-            # A user's first run, nothing cached: with the defaults the cache is built before the first step;
-            # ``xray1-fill`` has the steps fill it instead.
-            shutil.rmtree(work / "feature-cache", ignore_errors=True)
-            name, sets = FIRST_RUN_ROWS[what]
+            name, sets, first_run = PHASE1_ROWS[what]
+            if first_run:  # a user's first run: nothing cached
+                shutil.rmtree(work / "feature-cache", ignore_errors=True)
             record(xray_row(name, "phase1", xray_argv("phase1", films, base, p1, args.tiny, sets), work, cache, left))
         elif what == "cache":
             import shutil
@@ -873,9 +870,6 @@ def main() -> None:
             argv[0] = "cache-features"
             argv.remove("--overwrite")
             record(cache_row(argv, work, {"XRAY_TRAIN_FEATURE_CACHE": str(cache_root)}, left))
-        elif what in RERUN_ROWS:
-            name, sets = RERUN_ROWS[what]
-            record(xray_row(name, "phase1", xray_argv("phase1", films, base, p1, args.tiny, sets), work, cache, left))
         elif what == "xray2":
             record(xray_row("xray-train phase2 --resume", "phase2",
                             xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,

@@ -97,6 +97,13 @@ def cache_key(vision_fp: str, preprocessing: dict, image_paths: list[Path]) -> s
     return h.hexdigest()[:24]
 
 
+def cache_rows_and_key(gemma3_model, preprocessing: dict, image_paths) -> tuple[list[Path], str]:
+    """The cache's images in row order (sorted, each once) and its key: a build and a fill of the same run
+    agree on both, so either finds the other's cache."""
+    unique = sorted({Path(p) for p in image_paths}, key=str)
+    return unique, cache_key(vision_fingerprint(gemma3_model), preprocessing, unique)
+
+
 class _FeatureRows:
     """Reading rows by image path; the subclass sets ``index``, ``torch_dtype`` and the memmap ``_array``."""
 
@@ -105,8 +112,9 @@ class _FeatureRows:
     def row_of(self, image_path) -> int:
         return self.index[str(image_path)]
 
-    def rows(self, rows: list[int]) -> torch.Tensor:
-        """Features of several images in one gather (one copy, instead of one per image)."""
+    def rows(self, rows) -> torch.Tensor:
+        """Features of several images (``rows``: a list or an integer array) in one gather (one copy, instead
+        of one per image)."""
         block = torch.from_numpy(np.ascontiguousarray(self._array[np.asarray(rows)]))
         return block.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else block
 
@@ -162,8 +170,7 @@ class VisionFeatureCache(_FeatureRows):
         that is killed loses at most the batch in flight and the next call continues it. A lock on the
         partial folder keeps two processes from writing the same cache at once.
         """
-        unique = sorted({Path(p) for p in image_paths}, key=str)
-        key = cache_key(vision_fingerprint(gemma3_model), preprocessing, unique)
+        unique, key = cache_rows_and_key(gemma3_model, preprocessing, image_paths)
         root = Path(root)
         folder = root / key
         cache = cls._load_existing(folder)
@@ -557,8 +564,7 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
     """The run's vision-feature cache, built (or continued) with the resolved config's reading, batching and
     compile settings; with ``fill``, a finished cache if there is one, else a ``CacheFill`` for the steps."""
     if fill:
-        unique = sorted({Path(p) for p in image_paths}, key=str)
-        key = cache_key(vision_fingerprint(gemma3_model), pixel_loader.preprocessing(), unique)
+        unique, key = cache_rows_and_key(gemma3_model, pixel_loader.preprocessing(), image_paths)
         folder = feature_cache_root() / key
         cache = VisionFeatureCache._load_existing(folder)
         if cache is None:

@@ -152,7 +152,7 @@ class XrayTrainer(Trainer):
         if "feature_rows" not in inputs:
             return inputs
         inputs = dict(inputs)
-        rows = self._feature_rows_from.rows(inputs.pop("feature_rows").tolist())
+        rows = self._feature_rows_from.rows(inputs.pop("feature_rows"))
         device = inputs["input_ids"].device
         if device.type == "cuda":
             rows = rows.pin_memory()  # the copy to the GPU then does not wait for the steps queued before it
