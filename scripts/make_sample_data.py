@@ -1,7 +1,7 @@
 """Regenerate the committed synthetic sample data (deterministic; same output on every run).
 
-    /work/venv/bin/python scripts/make_sample_data.py            # writes data/samples/{padchest,indiana}
-    /work/venv/bin/python scripts/make_sample_data.py --out DIR  # elsewhere (tests compare the two)
+    python scripts/make_sample_data.py            # writes data/samples/{padchest,indiana}
+    python scripts/make_sample_data.py --out DIR  # elsewhere (tests compare the two)
 
 ``data/samples/padchest/``: PadChest layout (real 36-column CSV, nested ImageDir folders, 16-bit PNGs).
 ``data/samples/indiana/``: Indiana Kaggle layout (reports, projections, 8-bit PNGs) + exact ``boxes.csv``.
