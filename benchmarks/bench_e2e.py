@@ -28,7 +28,10 @@ Rows, in one invocation, on the same films, each in its own process:
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
   Before its epoch each peer times one forward + backward per candidate batch (``PEER_BATCHES``) and
   trains at the fastest whose peak stays within 24 GB; the search is recorded in its row (Unsloth
-  trains at 16 with no search: it recompiles after any step run before its trainer's).
+  trains at 16 with no search: it recompiles after any step run before its trainer's). ``unsloth-eager``
+  is Unsloth with its torch.compile regions switched off (``UNSLOTH_COMPILE_DISABLE=1``), for a host where
+  its compiles outlast a row. A peer's process dumps every thread's stack at regular times, and a row
+  stopped by its time limit keeps the steps it reported.
 
 ``samples_per_s_end_to_end`` is training samples over the whole command's wall time (a peer's batch search
 left out). The 100k-film projection keeps the fixed stages and scales the per-film ones (data read, cache
@@ -41,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -73,7 +77,12 @@ PHASE1_ROWS = {
                         [FILL], False),
 }
 #: Unsloth trains at 16 without a search (see run_peer); its trainer adds gradient accumulation 2 itself.
-PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16,)}
+PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16,), "unsloth-eager": (16,)}
+#: Peers beside the seed recipe (the seed is what they are compared with, not one of them).
+PEERS = ("trl", "unsloth", "unsloth-eager")
+#: Environment of a peer's process beyond the offline switches: Unsloth with its torch.compile regions
+#: off (its kernels, 4-bit loading and gradient checkpointing stay), for when its compiles outlast a row.
+PEER_ENV = {"unsloth-eager": {"UNSLOTH_COMPILE_DISABLE": "1"}}
 PEER_MEMORY_GB = 24.0
 #: The optimizer's state, made at the first real step, is not in a search step's peak: kept as headroom.
 SEARCH_HEADROOM_GB = 0.5
@@ -434,7 +443,8 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
     """A batch search (``batches``), then one epoch over the training films at the batch it found; returns
     the row (timings from process start; the search is a stage of its own)."""
     t0 = float(os.environ.get("BENCH_T0", time.time()))
-    if name == "unsloth":
+    unsloth_peer = name.startswith("unsloth")
+    if unsloth_peer:
         import unsloth  # noqa: F401 - must precede transformers so its patches apply
     import torch
     from transformers import TrainerCallback
@@ -481,7 +491,7 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
                                                  target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
         trainer = Trainer(model=model, args=TrainingArguments(gradient_checkpointing=True, **common),
                           train_dataset=dataset, data_collator=collate, callbacks=[timer])
-    elif name in ("trl", "unsloth"):
+    elif name == "trl" or unsloth_peer:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -526,7 +536,7 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Unsloth throws away the torch.compile graphs of any forward/backward run before train() and compiles
     # again; a search would only add its compiles to the row. It trains at its first candidate.
-    search = [] if name == "unsloth" and len(batches) == 1 else batch_search(trainer.model, dataset, collate, batches)
+    search = [] if unsloth_peer and len(batches) == 1 else batch_search(trainer.model, dataset, collate, batches)
     fits = [t for t in search if t["peak_gb"] + SEARCH_HEADROOM_GB <= PEER_MEMORY_GB]
     if fits:
         batch = max(fits, key=lambda t: t["samples_per_s"])["batch"]
@@ -614,21 +624,28 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     batches = (2, 3) if tiny else PEER_BATCHES[name]
     # Nothing outside the host can be reached: no hub look-ups, no usage statistics (Unsloth's).
     env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", **PEER_ENV.get(name, {}))
     stacks = workdir / f"stacks-peer-{name}.txt"
     stacks.unlink(missing_ok=True)
     if timeout is not None:
-        env.update(BENCH_STACKS_FILE=str(stacks), BENCH_STACKS_AFTER_S=str(max(timeout - 20, 5)))
+        env.update(BENCH_STACKS_FILE=str(stacks), BENCH_STACKS_EVERY_S=str(max(min(90.0, timeout / 4), 5)))
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
            "--model", str(base), "--workdir", str(workdir), "--batches", ",".join(map(str, batches))]
     proc = _run(cmd + (["--tiny"] if tiny else []), env, timeout)
     (workdir / f"log-peer-{name}.txt").write_text(proc.stdout + proc.stderr)
     if row_out.is_file():
         return json.loads(row_out.read_text())
-    row = {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:]}
+    row = {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:],
+           "steps_reported": reported_steps(proc.stdout + proc.stderr)}
     if stacks.is_file() and stacks.stat().st_size:
         row["stacks_before_stop"] = stacks.read_text()[-6000:]
     return row
+
+
+def reported_steps(log: str) -> list[list[float]]:
+    """``[step, seconds after start]`` of each "bench: step" line: a peer stopped by its time limit still
+    shows when its steps began and how fast they came."""
+    return [[int(m[1]), float(m[2])] for m in re.finditer(r"bench: step (\d+) done (\d+(?:\.\d+)?) s after start", log)]
 
 
 def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
@@ -723,7 +740,7 @@ def projection(rows: list[dict]) -> dict:
             fixed = sum(v for k, v in st.items() if k not in ("train", "batch_search"))
             out[row["name"]] = {"first_epoch_h": round((fixed + films / row["samples_per_s_training_steps"]) / 3600, 2)}
     seed = out.get("seed", {}).get("first_epoch_h")
-    peers = [out[n]["first_epoch_h"] for n in ("trl", "unsloth") if n in out]  # the seed is no peer
+    peers = [out[n]["first_epoch_h"] for n in PEERS if n in out]  # the seed is no peer
     for name, value in out.items():
         if name.startswith("xray-train") and isinstance(value, dict):
             value["x_seed"] = round(seed / value["first_epoch_h"], 2) if seed else None
@@ -734,7 +751,7 @@ def projection(rows: list[dict]) -> dict:
 def ratios(rows: list[dict]) -> dict:
     by = {r["name"]: r for r in rows if not r.get("error")}
     seed = by.get("seed", {}).get("samples_per_s_end_to_end")
-    peers = [by[n]["samples_per_s_end_to_end"] for n in ("trl", "unsloth") if n in by]
+    peers = [by[n]["samples_per_s_end_to_end"] for n in PEERS if n in by]
     out = {}
     for name, _, _ in PHASE1_ROWS.values():
         if name in by:
@@ -754,7 +771,8 @@ def main() -> None:
                     help="rows to run, in this order: vision, cache (cache-features on linked films), xray1 "
                     "(first run, defaults: the cache built before the first step), xray1-fill (first run, the "
                     "steps fill the cache), xray-rerun, xray-rerun-fill (a rerun with the fill setting's "
-                    "DataLoader workers: a fill run's later epochs), xray2, seed, trl, unsloth")
+                    "DataLoader workers: a fill run's later epochs), xray2, seed, trl, unsloth, unsloth-eager (its "
+                    "torch.compile regions off)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
@@ -777,12 +795,14 @@ def main() -> None:
         return
     if args.peer:
         if os.environ.get("BENCH_STACKS_FILE"):
-            # A peer that stops reporting (Unsloth twice on the H200 host) leaves where every thread was
-            # shortly before its time limit, instead of only its last lines of output.
+            # A peer that stops reporting (Unsloth twice on the H200 host) leaves where every thread was at
+            # regular times, instead of only its last lines of output: a stuck process repeats one stack, a
+            # slow one (compiling) moves.
             import faulthandler
 
             stacks = open(os.environ["BENCH_STACKS_FILE"], "w")  # noqa: SIM115 - open until the process ends
-            faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS_AFTER_S"]), exit=False, file=stacks)
+            faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS_EVERY_S"]), repeat=True, exit=False,
+                                              file=stacks)
         try:
             row = run_peer(args.peer, json.loads(args.films_json.read_text()), args.model,
                            tuple(int(b) for b in args.batches.split(",")), args.workdir / f"peer-{args.peer}", args.tiny)
@@ -874,7 +894,7 @@ def main() -> None:
             record(xray_row("xray-train phase2 --resume", "phase2",
                             xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,
                             left))
-        elif what in ("seed", "trl", "unsloth"):
+        elif what in PEER_BATCHES:
             record(peer_row(what, films_json, base, work, args.tiny, left))
         else:
             raise SystemExit(f"--rows: unknown row {what!r}")
