@@ -20,9 +20,10 @@ Rows, in one invocation, on the same films, each in its own process:
 - ``xray-train cache-features`` over thousands of film paths (each PadChest film listed ``CACHE_ROW_COPIES``
   times under new names hard-linked to it, decoded afresh each time) with SigLIP compiled, as auto settings
   compile it from 8000 images: the cache build's rate at scale, which the 100k projection uses.
-- The first run again with ``training.fill_cache_during_epoch=true``: the steps fill the cache instead of
-  a build before the first one; and the rerun with that setting (``xray-rerun-fill``), whose DataLoader
-  workers stay as in a fill run's later epochs.
+- The first run again with SigLIP compiled (``xray1-compiled``: what the defaults do from 8000 images) and
+  with ``training.fill_cache_during_epoch=false`` (``xray1-build``: the cache built before the first step
+  instead of filled by the steps); the rerun with that setting (``xray-rerun-build``), which trains with no
+  DataLoader workers.
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
@@ -64,17 +65,19 @@ PROJECTION_FILMS = 100_000
 CACHE_ROW_COPIES = 6
 CACHE_ROW = "xray-train cache-features (compiled SigLIP)"
 #: Phase-1 rows through the CLI: row key -> (row name, config overrides, first run). A first run starts with
-#: no cache: with the defaults it is built before the first step; with ``fill_cache_during_epoch`` the steps
-#: fill it. A rerun finds it finished (what a later epoch costs); with ``fill_cache_during_epoch`` the rerun
-#: keeps DataLoader workers, as a fill run's later epochs do: they name the cached rows and the training
-#: process reads them.
-FILL = "training.fill_cache_during_epoch=true"
+#: no cache: with the defaults the steps fill it; with ``fill_cache_during_epoch=false`` it is built before
+#: the first step. A rerun finds it finished (what a later epoch costs); with the defaults the rerun keeps
+#: DataLoader workers, as a fill run's later epochs do (they name the cached rows and the training process
+#: reads them); built first, it trains with no workers.
+BUILD_FIRST = "training.fill_cache_during_epoch=false"
 PHASE1_ROWS = {
-    "xray1": ("xray-train phase1 first run, cache built first", [], True),
-    "xray1-fill": ("xray-train phase1 first run, cache filled during the epoch", [FILL], True),
-    "xray-rerun": ("xray-train phase1 rerun (cache built)", [], False),
-    "xray-rerun-fill": ("xray-train phase1 rerun (cache built), fill_cache_during_epoch's DataLoader workers",
-                        [FILL], False),
+    "xray1": ("xray-train phase1 first run, cache filled during the epoch", [], True),
+    # What a run of PadChest's size does (compile_vision_cache resolves on from 8000 images), at 221 films.
+    "xray1-compiled": ("xray-train phase1 first run, cache filled during the epoch, SigLIP compiled",
+                       ["training.compile_vision_cache=true"], True),
+    "xray1-build": ("xray-train phase1 first run, cache built first", [BUILD_FIRST], True),
+    "xray-rerun": ("xray-train phase1 rerun (cache built), fill_cache_during_epoch's DataLoader workers", [], False),
+    "xray-rerun-build": ("xray-train phase1 rerun (cache built)", [BUILD_FIRST], False),
 }
 #: Unsloth trains at 16 without a search (see run_peer); its trainer adds gradient accumulation 2 itself.
 PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16,), "unsloth-eager": (16,)}
@@ -767,12 +770,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/xray-e2e"))
     ap.add_argument("--padchest-films", type=int, default=320)
     ap.add_argument("--indiana-films", type=int, default=200)
-    ap.add_argument("--rows", default="vision,cache,xray1,xray1-fill,seed,xray-rerun,xray-rerun-fill,xray2,trl,unsloth",
+    ap.add_argument("--rows",
+                    default="vision,cache,xray1,xray1-compiled,xray1-build,seed,xray-rerun,xray-rerun-build,xray2,trl,unsloth",
                     help="rows to run, in this order: vision, cache (cache-features on linked films), xray1 "
-                    "(first run, defaults: the cache built before the first step), xray1-fill (first run, the "
-                    "steps fill the cache), xray-rerun, xray-rerun-fill (a rerun with the fill setting's "
-                    "DataLoader workers: a fill run's later epochs), xray2, seed, trl, unsloth, unsloth-eager (its "
-                    "torch.compile regions off)")
+                    "(first run, defaults: the steps fill the cache), xray1-compiled (the same, SigLIP compiled), "
+                    "xray1-build (first run, the cache built before the first step), xray-rerun (defaults: a "
+                    "fill run's later epochs), xray-rerun-build (a rerun with no DataLoader workers), xray2, seed, "
+                    "trl, unsloth, unsloth-eager (its torch.compile regions off)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
@@ -878,7 +882,8 @@ def main() -> None:
             name, sets, first_run = PHASE1_ROWS[what]
             if first_run:  # a user's first run: nothing cached
                 shutil.rmtree(work / "feature-cache", ignore_errors=True)
-            record(xray_row(name, "phase1", xray_argv("phase1", films, base, p1, args.tiny, sets), work, cache, left))
+            row = xray_row(name, "phase1", xray_argv("phase1", films, base, p1, args.tiny, sets), work, cache, left)
+            record(row | {"overrides": sets})  # what it ran with, beyond the shipped config
         elif what == "cache":
             import shutil
 

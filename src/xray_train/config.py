@@ -308,8 +308,9 @@ class TrainingSection(_Section):
     dataloader_num_workers: int | None = Field(
         None,
         ge=0,
-        description="Data-loading worker processes. Default: 0 with cached vision features (batches are "
-        "gathered in-process, workers only add copies), else one per CPU for image decoding.",
+        description="Data-loading worker processes. Default: one per CPU to decode images, including while the "
+        "steps fill the vision-feature cache (fill_cache_during_epoch); 0 when that cache is built before the "
+        "steps (batches are gathered in-process, workers would only add copies).",
     )
     pad_last_batch: bool = Field(
         True,
@@ -330,14 +331,16 @@ class TrainingSection(_Section):
         description="Precompute the frozen vision tower's pooled output once per image and train on it.",
     )
     fill_cache_during_epoch: bool = Field(
-        False,
+        True,
         description="Fill the vision-feature cache during the first epoch instead of building it before the first "
         "step: each step runs SigLIP on the images of its batch that have no row yet, and later epochs and "
         "reruns read the rows. Images no step reached are computed when training ends, which leaves the same "
-        "cache a build makes. Images are then read by DataLoader workers, alongside the steps; they stay for the "
-        "later epochs, where they only name the cached rows and the training process reads them. Off by "
-        "default until a GPU run times those later epochs. One process only: with several, the cache is built "
-        "first. `xray-train cache-features` always builds.",
+        "cache a build makes. Images are read by DataLoader workers, alongside the steps; they stay for the "
+        "later epochs, where they only name the cached rows and the training process reads them. On by default: "
+        "a first epoch overlaps reading with the GPU instead of waiting for a build (measured 0.75 h against "
+        "0.89 h projected for 100k films on one H200), for about 10 % slower steps in later epochs. false builds "
+        "first. One process only: with several, the cache is built first. `xray-train cache-features` always "
+        "builds.",
     )
     feature_cache_batch_size: int = Field(
         32, gt=0, description="Images per SigLIP forward while building the vision-feature cache (bf16)."
