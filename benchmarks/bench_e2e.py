@@ -778,6 +778,8 @@ def main() -> None:
                     "fill run's later epochs), xray-rerun-build (a rerun with no DataLoader workers), xray2, seed, "
                     "trl, unsloth, unsloth-eager (its torch.compile regions off)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
+    ap.add_argument("--cache-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for the cache row's cache-features (repeatable), e.g. training.vision_attention=cudnn")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
                     "(a row that would start later is skipped; a stopped row records what it printed)")
@@ -891,10 +893,11 @@ def main() -> None:
             shutil.rmtree(cache_root, ignore_errors=True)
             csv_path = linked_padchest(films, CACHE_ROW_COPIES, work / "films" / "linked")
             argv = xray_argv("phase1", films, base, work / "unused", args.tiny,
-                             [f"data.csv={csv_path}", "training.compile_vision_cache=true"])
+                             [f"data.csv={csv_path}", "training.compile_vision_cache=true", *args.cache_set])
             argv[0] = "cache-features"
             argv.remove("--overwrite")
-            record(cache_row(argv, work, {"XRAY_TRAIN_FEATURE_CACHE": str(cache_root)}, left))
+            row = cache_row(argv, work, {"XRAY_TRAIN_FEATURE_CACHE": str(cache_root)}, left)
+            record(row | {"overrides": args.cache_set})
         elif what == "xray2":
             record(xray_row("xray-train phase2 --resume", "phase2",
                             xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,

@@ -125,13 +125,14 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     written = []
     fake = SimpleNamespace(
         _pixel_loader=SimpleNamespace(normalize=lambda px, dtype: px.to(dtype)),
-        _feature_fill=SimpleNamespace(write=lambda rows, feats: written.append((rows.tolist(), feats.clone()))),
+        _feature_fill=SimpleNamespace(write=lambda rows, feats: written.append((rows.tolist(), feats.clone())),
+                                     attention="default"),
         _feature_rows_from=cache,
     )
     fake.gather_features = lambda inputs: XrayTrainer.gather_features(fake, inputs)
     tower = torch.nn.Linear(1, 1)
     monkeypatch.setattr("xray_train.loss.unwrap_gemma3", lambda model: SimpleNamespace(model=SimpleNamespace(vision_tower=tower)))
-    monkeypatch.setattr("xray_train.features.pooled_vision_features", lambda gemma, px: px[:, :2, :3].float())
+    monkeypatch.setattr("xray_train.features.pooled_vision_features", lambda gemma, px, attention="default": px[:, :2, :3].float())
     out = XrayTrainer.fill_features(fake, None, batch)
     assert "fill_pixels" not in out and out["image_features"].shape == (3, 2, 3)
     assert (out["image_features"][0] == 10).all() and (out["image_features"][2] == 20).all()

@@ -27,7 +27,7 @@ def _fake_model():
     return SimpleNamespace(vision_tower=torch.nn.Linear(2, 2), config=config)
 
 
-def _features_of(model, pixel_values):
+def _features_of(model, pixel_values, attention="default"):
     """A stand-in tower whose output depends on every image's own pixels (so a row mix-up shows)."""
     b = pixel_values.shape[0]
     cells = torch.nn.functional.adaptive_avg_pool2d(pixel_values.float().mean(1, keepdim=True), (4, 6))
@@ -100,11 +100,11 @@ import os, signal, sys
 import xray_train.features as features
 real = features.pooled_vision_features
 calls = [0]
-def counted(model, pixel_values):
+def counted(model, pixel_values, attention="default"):
     calls[0] += 1
     if calls[0] > {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(model, pixel_values)
+    return real(model, pixel_values, attention)
 features.pooled_vision_features = counted
 from xray_train.cli import main
 sys.argv = ["xray-train", *sys.argv[1:]]
@@ -166,6 +166,48 @@ def test_compiled_vision_layers_give_transformers_features(tiny_model_dir):
     compiled = features._vision_forward(model, compile_vision=True)
     torch.testing.assert_close(compiled(pixels), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled(pixels[:1]), reference[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_attention_tries_its_kernel_first_and_gives_the_same_features(tiny_model_dir):
+    # training.vision_attention: the SDPA kernel SigLIP's attention tries first. On a CPU the memory-efficient
+    # kernel cannot run: held to it alone SDPA refuses, tried first it hands over to the next kernel.
+    from transformers import Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).model.eval()
+    size = model.config.vision_config.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = features.pooled_vision_features(model, pixels)
+    for kernel in ("flash", "math", "efficient"):
+        torch.testing.assert_close(features.pooled_vision_features(model, pixels, kernel), reference,
+                                   rtol=1e-5, atol=1e-5)
+    q = torch.rand(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match="No viable backend"), features.vision_attention("efficient", only=True):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_the_configured_attention_reaches_a_builds_and_a_fills_forward(tmp_path, processor, monkeypatch):
+    from xray_train.features import CacheFill, open_feature_cache
+
+    used = []
+
+    def forward(model, pixel_values, attention="default"):
+        used.append(attention)
+        return _features_of(model, pixel_values)
+
+    monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
+    monkeypatch.setattr(features, "pooled_vision_features", forward)
+    paths, loader = [p for p in _films(tmp_path, 3) if p.name != "03.png"], PixelLoader(processor)
+    features.VisionFeatureCache.build_or_load(tmp_path / "built", _fake_model(), paths, loader, {}, batch_size=2,
+                                              progress=False, attention="cudnn")
+    assert used and set(used) == {"cudnn"}
+
+    used.clear()
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "filled"))
+    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=False, vision_attention="flash"))
+    fill = open_feature_cache(cfg, _fake_model(), loader, paths, fill=True)
+    assert isinstance(fill, CacheFill) and fill.attention == "flash"
+    fill.finish(_fake_model(), loader, batch_size=2, workers=0)  # no step ran: every row made here
+    assert used and set(used) == {"flash"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +311,8 @@ def test_a_fill_that_waited_for_a_build_uses_the_finished_cache(tmp_path, fake_t
         real_lock(fh)
 
     monkeypatch.setattr(features, "_lock", build_meanwhile)
-    cache = open_feature_cache(None, _fake_model(), loader, paths, fill=True)
+    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=False, vision_attention="default"))
+    cache = open_feature_cache(cfg, _fake_model(), loader, paths, fill=True)
     assert isinstance(cache, VisionFeatureCache) and len(cache.index) == 3
 
 
@@ -284,7 +327,7 @@ def test_a_fill_compiles_the_tower_as_a_build_would(tmp_path, fake_tower, monkey
     monkeypatch.setattr(features, "compile_vision_layers", compiled.append)
     model = _fake_model()
     loader = SimpleNamespace(preprocessing=lambda: {})
-    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=compile_vision))
+    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=compile_vision, vision_attention="default"))
     cache = open_feature_cache(cfg, model, loader, [tmp_path / "0.png"], fill=True)
     assert isinstance(cache, CacheFill)
     assert compiled == ([model] if compile_vision else [])

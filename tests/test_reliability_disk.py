@@ -110,7 +110,7 @@ def test_disk_full_while_caching_features_is_a_clear_error(tmp_path, monkeypatch
     earlier.mkdir(parents=True)
     (earlier / "meta.json").write_text("{}")
     monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
-    monkeypatch.setattr(features, "pooled_vision_features", lambda model, px: torch.ones(px.shape[0], 4, 6))
+    monkeypatch.setattr(features, "pooled_vision_features", lambda model, px, attention="default": torch.ones(px.shape[0], 4, 6))
 
     def full(fd, offset, length):
         raise enospc(root)
@@ -129,14 +129,14 @@ def test_disk_full_while_caching_features_is_a_clear_error(tmp_path, monkeypatch
     # With room on the disk the same call builds a usable cache.
     monkeypatch.undo()
     monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
-    monkeypatch.setattr(features, "pooled_vision_features", lambda model, px: torch.ones(px.shape[0], 4, 6))
+    monkeypatch.setattr(features, "pooled_vision_features", lambda model, px, attention="default": torch.ones(px.shape[0], 4, 6))
     cache = features.VisionFeatureCache.build_or_load(root, model, images, _Loader(), {"v": 1}, progress=False)
     assert cache[images[1]].shape == (4, 6)
 
 
 def test_damaged_feature_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "vision_fingerprint", lambda model: "fp")
-    monkeypatch.setattr(features, "pooled_vision_features", lambda model, px: torch.ones(px.shape[0], 4, 6))
+    monkeypatch.setattr(features, "pooled_vision_features", lambda model, px, attention="default": torch.ones(px.shape[0], 4, 6))
     model = _fake_model()
     images = [tmp_path / f"{i}.png" for i in range(3)]
     cache = features.VisionFeatureCache.build_or_load(tmp_path / "c", model, images, _Loader(), {}, progress=False)

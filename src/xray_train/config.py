@@ -350,6 +350,12 @@ class TrainingSection(_Section):
         description="torch.compile SigLIP's encoder layers for the vision-feature cache build. Default: on "
         "with CUDA when there are at least 8000 images to cache (below that the compile costs more than it saves).",
     )
+    vision_attention: Literal["default", "flash", "cudnn", "efficient", "math"] = Field(
+        "default",
+        description="The SDPA kernel SigLIP's attention tries first wherever the cache's features are made (a "
+        "build, or the steps that fill it); the others follow in PyTorch's order when it cannot run. "
+        "`default`: PyTorch's own choice.",
+    )
     loss_on_targets_only: bool = Field(
         True, description="Compute the LM head only at supervised positions (chunked cross-entropy)."
     )

@@ -61,11 +61,35 @@ def project_pooled(projector, pooled: torch.Tensor) -> torch.Tensor:
     return torch.matmul(normed, projector.mm_input_projection_weight).type_as(pooled)
 
 
+#: ``training.vision_attention`` -> the SDPA backend SigLIP's attention tries first.
+VISION_ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def vision_attention(backend: str = "default", only: bool = False):
+    """A context in which SDPA tries ``backend`` first, then PyTorch's other backends in its usual order
+    (``default``: PyTorch's own choice); ``only``: no fallback, so a backend that cannot run raises.
+
+    SigLIP-896's 16 heads of 72 channels over 4096 patches are most of the tower's work; the backends
+    differ in how well they handle a head size that is not a power of two.
+    """
+    import contextlib
+
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, f"{name.upper()}_ATTENTION" if name != "math" else "MATH")
+             for name in (backend, *(b for b in VISION_ATTENTION_BACKENDS if b != backend))]
+    return sdpa_kernel(order[:1]) if only else sdpa_kernel(order, set_priority=True)
+
+
 @torch.no_grad()
-def pooled_vision_features(gemma3_model, pixel_values: torch.Tensor) -> torch.Tensor:
+def pooled_vision_features(gemma3_model, pixel_values: torch.Tensor, attention: str = "default") -> torch.Tensor:
+    """Pixel values -> pooled SigLIP features (what the cache stores), with ``attention`` tried first."""
     tower = gemma3_model.vision_tower
     dtype = next(tower.parameters()).dtype
-    out = tower(pixel_values=pixel_values.to(dtype), return_dict=True).last_hidden_state
+    with vision_attention(attention):
+        out = tower(pixel_values=pixel_values.to(dtype), return_dict=True).last_hidden_state
     return pool_vision_outputs(active_projector(gemma3_model), out)
 
 
@@ -163,6 +187,7 @@ class VisionFeatureCache(_FeatureRows):
         workers: int = 0,
         compile_vision: bool = False,
         progress: bool = True,
+        attention: str = "default",
     ) -> "VisionFeatureCache":
         """Load the cache for exactly these images and weights, or compute it (then rename into place).
 
@@ -188,7 +213,8 @@ class VisionFeatureCache(_FeatureRows):
                 if cache is not None:
                     shutil.rmtree(partial, ignore_errors=True)
                     return cache
-                build_features(partial, gemma3_model, unique, pixel_loader, batch_size, workers, compile_vision, progress)
+                build_features(partial, gemma3_model, unique, pixel_loader, batch_size, workers, compile_vision,
+                               progress, attention)
                 os.replace(partial, folder)
         except OSError as exc:
             if not _read_progress(partial).get("done"):
@@ -277,17 +303,17 @@ def compile_vision_layers(gemma3_model) -> None:
         layer.compile()
 
 
-def _vision_forward(gemma3_model, compile_vision: bool):
+def _vision_forward(gemma3_model, compile_vision: bool, attention: str = "default"):
     """Pixel values -> pooled features, through compiled encoder layers with ``compile_vision``."""
     if compile_vision:
         compile_vision_layers(gemma3_model)
-    return lambda pixel_values: pooled_vision_features(gemma3_model, pixel_values)
+    return lambda pixel_values: pooled_vision_features(gemma3_model, pixel_values, attention)
 
 
 @torch.no_grad()
 def build_features(  # noqa: PLR0913
     folder: Path, gemma3_model, paths: list[Path], pixel_loader, batch_size: int, workers: int,
-    compile_vision: bool = False, progress: bool = True,
+    compile_vision: bool = False, progress: bool = True, attention: str = "default",
 ) -> None:
     """Fill ``folder`` with one feature row per path (row i = paths[i]), continuing a killed build.
 
@@ -320,7 +346,7 @@ def build_features(  # noqa: PLR0913
         _reserved_memmap(bin_path, storage, shape)
     # Rows a training run had filled here (CacheFill) are recomputed; its marks would now lie.
     (folder / FILLED_FILE).unlink(missing_ok=True)
-    forward = _vision_forward(gemma3_model, compile_vision)
+    forward = _vision_forward(gemma3_model, compile_vision, attention)
     cuda = device.type == "cuda"
     # Host copies of the features of the batches in flight: on the GPU, written back by the writer, free.
     slots = [torch.empty((batch_size, *shape[1:]), dtype=dtype, pin_memory=cuda) for _ in range(3)]
@@ -455,11 +481,13 @@ class CacheFill(_FeatureRows):
     would each write rows of the same folder, which the lock forbids.
     """
 
-    def __init__(self, root: Path, key: str, gemma3_model, paths: list[Path]):
-        """``paths``: sorted, unique (the order of the rows); ``key``: the cache key of them and the model."""
+    def __init__(self, root: Path, key: str, gemma3_model, paths: list[Path], attention: str = "default"):
+        """``paths``: sorted, unique (the order of the rows); ``key``: the cache key of them and the model;
+        ``attention``: the SDPA kernel the steps' SigLIP forward tries first, as a build's would."""
         from concurrent.futures import ThreadPoolExecutor
 
         self.paths = paths
+        self.attention = attention
         self.final, self.partial = Path(root) / key, Path(root) / f".{key}.partial"
         self.index = {str(p): i for i, p in enumerate(self.paths)}
         self.failed: dict[str, str] = {}  # unreadable images are found by the steps, and counted at the end
@@ -544,7 +572,7 @@ class CacheFill(_FeatureRows):
                     failed.update({str(paths[i]): err for i, err in batch.failed.items()})
                     if batch.pixels is not None:
                         pixels = pixel_loader.normalize(batch.pixels.to(device), dtype)
-                        self.write(missing[batch.indices], pooled_vision_features(gemma3_model, pixels))
+                        self.write(missing[batch.indices], pooled_vision_features(gemma3_model, pixels, self.attention))
             self.flush()
             logger.info("vision features: %d images no step reached, computed at the end", len(missing))
         self._writer.shutdown(wait=True)
@@ -568,7 +596,7 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
         folder = feature_cache_root() / key
         cache = VisionFeatureCache._load_existing(folder)
         if cache is None:
-            cache = CacheFill(feature_cache_root(), key, gemma3_model, unique)
+            cache = CacheFill(feature_cache_root(), key, gemma3_model, unique, cfg.training.vision_attention)
             if cache.superseded:
                 cache = VisionFeatureCache(folder)
             elif cfg.training.compile_vision_cache:
@@ -585,4 +613,5 @@ def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path],
         workers=cfg.data.decode_workers,
         compile_vision=cfg.training.compile_vision_cache,
         progress=progress,
+        attention=cfg.training.vision_attention,
     )

@@ -175,7 +175,8 @@ class XrayTrainer(Trainer):
         dtype = next(gemma.vision_tower.parameters()).dtype
         # The build's numbers: the tower in its own dtype, outside the step's mixed-precision autocast.
         with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
-            made = pooled_vision_features(gemma, self._pixel_loader.normalize(pixels, dtype))
+            made = pooled_vision_features(gemma, self._pixel_loader.normalize(pixels, dtype),
+                                          self._feature_fill.attention)
         self._feature_fill.write(rows, made)
         features = made.new_empty((len(fill_at) + len(cached_at), *made.shape[1:]))
         features[fill_at] = made

@@ -1,0 +1,142 @@
+"""How fast MedGemma's SigLIP-896 tower (plus the projector's pooling) runs: the GPU side of a cache build.
+
+    python benchmarks/bench_vision.py --out benchmarks/results/vision_speed.json     # a GPU host, ~2 min
+
+A cache build overlaps reading films with this forward, so it runs at the slower of the two
+(``bench_reading.py`` measures the reading). The tower is MedGemma's shape (27 layers, width 1152, 16 heads of
+72, 4096 patches) with random weights: speed does not depend on the values. Each variant runs the same
+inputs; ``max_abs_diff`` is against transformers' own forward.
+
+- ``attention_only``: one layer's ``scaled_dot_product_attention`` alone for each SDPA backend (ms per batch);
+- ``eager_<backend>``: transformers' forward with SDPA held to one backend (``default``: PyTorch's choice);
+- ``compiled_<backend>``: ``features.compile_vision_layers`` (each encoder layer compiled), for PyTorch's choice
+  and for the fastest eager backend, tried first (``features.vision_attention``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, pixels, repeats: int) -> tuple[float, object]:
+    import torch
+
+    out = fn(pixels)
+    fn(pixels)
+    _sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(pixels)
+    _sync()
+    return (time.perf_counter() - started) / repeats, out
+
+
+def attention_only(batch: int, heads: int, tokens: int, dim: int, device: str, repeats: int = 10) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(batch, heads, tokens, dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * batch * heads * tokens * tokens * dim
+    rows = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                seconds, _ = _timed(lambda x: F.scaled_dot_product_attention(x, k, v), q, repeats)
+            rows[backend.name.lower()] = {"ms": round(seconds * 1e3, 3), "tflops": round(flops / seconds / 1e12, 1)}
+        except RuntimeError as exc:  # a backend that does not take this shape says why
+            rows[backend.name.lower()] = {"error": str(exc).splitlines()[0][:200]}
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vision_speed.json")
+    ap.add_argument("--batches", default="32,64")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer tower at 112 px on the CPU: a shake-out")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    from medgemma_arch import medgemma_config
+    from xray_train.features import compile_vision_layers, pooled_vision_features, vision_attention
+
+    config = medgemma_config()
+    config.text_config.num_hidden_layers = 1  # only the tower and the projector run here
+    config.vision_config._attn_implementation = "sdpa"
+    device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        config.vision_config.num_hidden_layers, config.vision_config.image_size = 2, 112
+        config.mm_tokens_per_image = 16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16).model.eval()
+    v = config.vision_config
+    tokens, heads = (v.image_size // v.patch_size) ** 2, v.num_attention_heads
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "tower": {"layers": v.num_hidden_layers, "width": v.hidden_size, "heads": heads,
+                        "head_dim": v.hidden_size // heads, "patches": tokens},
+              "attention_only": {}, "films_per_s": {}, "max_abs_diff": {}}
+    batches = [int(b) for b in args.batches.split(",")]
+    pixels = {b: torch.rand(b, 3, v.image_size, v.image_size, device=device, dtype=torch.bfloat16) * 2 - 1
+              for b in batches}
+    for b in batches:
+        report["attention_only"][str(b)] = attention_only(b, heads, tokens, v.hidden_size // heads, device)
+    reference = {}
+    for name in ("default", "flash", "cudnn", "efficient"):
+        for b in batches:
+            key = f"eager_{name}_b{b}"
+            try:
+                with vision_attention(name, only=name != "default"):
+                    seconds, out = _timed(lambda px: pooled_vision_features(model, px), pixels[b], args.repeats)
+            except RuntimeError as exc:
+                report["films_per_s"][key] = {"error": str(exc).splitlines()[0][:200]}
+                continue
+            reference.setdefault(b, out)
+            report["films_per_s"][key] = round(b / seconds, 1)
+            report["max_abs_diff"][key] = float((out.float() - reference[b].float()).abs().max())
+        print(json.dumps(report["films_per_s"]), flush=True)
+    # Inductor picks the SDPA kernel when it compiles: each compiled variant compiles afresh, inside its context.
+    best = max(("flash", "cudnn", "efficient"),
+               key=lambda n: report["films_per_s"].get(f"eager_{n}_b{batches[0]}") if isinstance(
+                   report["films_per_s"].get(f"eager_{n}_b{batches[0]}"), float) else 0.0)
+    report["compile_s"] = {}
+    for name in ("default", best):
+        torch._dynamo.reset()
+        started = time.perf_counter()
+        compile_vision_layers(model)
+        pooled_vision_features(model, pixels[batches[0]], attention=name)
+        _sync()
+        report["compile_s"][name] = round(time.perf_counter() - started, 1)
+        for b in batches:
+            key = f"compiled_{name}_b{b}"
+            seconds, out = _timed(lambda px: pooled_vision_features(model, px, attention=name), pixels[b],
+                                  args.repeats)
+            report["films_per_s"][key] = round(b / seconds, 1)
+            report["max_abs_diff"][key] = float((out.float() - reference[b].float()).abs().max())
+        print(json.dumps(report["films_per_s"]), flush=True)
+    report["mean_abs_value"] = float(reference[batches[0]].float().abs().mean())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
