@@ -337,7 +337,7 @@ class TrainingSection(_Section):
         "reruns read the rows. Images no step reached are computed when training ends, which leaves the same "
         "cache a build makes. Images are read by DataLoader workers, alongside the steps; they stay for the "
         "later epochs, where they only name the cached rows and the training process reads them. On by default: "
-        "a first epoch overlaps reading with the GPU instead of waiting for a build (0.75 h against 0.96 h "
+        "a first epoch overlaps reading with the GPU instead of waiting for a build (0.75 h against 0.84 h "
         "projected for 100k films from one H200's measurements), for about 10 % slower steps in later epochs. "
         "false builds first. One process only: with several, the cache is built first. `xray-train "
         "cache-features` always builds.",
