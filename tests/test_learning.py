@@ -26,27 +26,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small enough for a 2-core CI machine; one 8-px patch per image token (8x8 grid on a 64-px image).
-CI_PRESET = {
-    "lm": "tiny",
-    "model": dict(hidden_size=128, num_layers=2, embedding_std=128**-0.5, final_norm_scale=4.0),
-    "tower": dict(image_size=64, patch_size=8, hidden_size=32, layers=2, heads=2, n_films=400, steps=200,
-                  batch=32, learning_rate=2e-3, film_scale=0.5),
-    "data": dict(n_train=64, n_test=32, n_phase1=64, kinds=("mass",), n_findings=1, blob_radius=(0.08, 0.12)),
-    "phase1": dict(max_steps=4, learning_rate=2e-2, batch=4),
-    "phase2": dict(max_steps=150, learning_rate=5e-3, projector_learning_rate=5e-3, batch=8),
-    "lora_r": 16,
-    "compute_dtype": "float32",
-    "overrides": ["training.loc_label_sigma=0", "training.loc_l1_weight=0"],
-    "probe_attention": False,  # the ridge readout is the ceiling here (closed form: seconds on a CPU)
-}
-
 
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_learning", REPO / "benchmarks" / "bench_learning.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+CI_PRESET = _bench().PRESETS["ci"]
 
 
 def _boxes(box_csv: Path) -> list[tuple]:
