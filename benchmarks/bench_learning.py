@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import queue
 import subprocess
 import sys
 import time
