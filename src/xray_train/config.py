@@ -354,7 +354,8 @@ class TrainingSection(_Section):
         "default",
         description="The SDPA kernel SigLIP's attention tries first wherever the cache's features are made (a "
         "build, or the steps that fill it); the others follow in PyTorch's order when it cannot run. "
-        "`default`: PyTorch's own choice.",
+        "`default`: PyTorch's own choice, which on an H200 is already cuDNN's kernel, the fastest for SigLIP's "
+        "16 heads of 72 (eager tower 63.3 films/s, 53.3 held to FlashAttention).",
     )
     loss_on_targets_only: bool = Field(
         True, description="Compute the LM head only at supervised positions (chunked cross-entropy)."

@@ -70,11 +70,10 @@ def vision_attention(backend: str = "default", only: bool = False):
     """A context in which SDPA tries ``backend`` first, then PyTorch's other backends in its usual order
     (``default``: PyTorch's own choice); ``only``: no fallback, so a backend that cannot run raises.
 
-    SigLIP-896's 16 heads of 72 channels over 4096 patches are most of the tower's work; the backends
-    differ in how well they handle a head size that is not a power of two.
+    Attention over SigLIP-896's 4096 patches is over a third of the tower's work, and the kernels differ
+    widely on its 16 heads of 72 channels: one layer at batch 32 takes 6.1 ms on cuDNN's kernel, 10.2 on
+    FlashAttention and 24.9 on the memory-efficient one (H200, ``benchmarks/bench_vision.py``).
     """
-    import contextlib
-
     if backend == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -316,8 +315,8 @@ def host_threads_for(device: torch.device):
     """One intra-op thread in this process while it only hands batches to a GPU.
 
     The reading workers take every core; PyTorch's intra-op threads in this process, waking for each batch's
-    stacking and pinning and spinning after it, took a third of them: on a 16-core H200 host a cache build
-    ran 48 films/s with them and 72 with one. On a CPU the tower's forward needs its threads: unchanged.
+    stacking and pinning and spinning after it, took cores from them: on a 16-core H200 host a cache build
+    ran 51.6 films/s with them and 69.8 with one (same films, same host). On a CPU the tower's forward needs its threads: unchanged.
     """
     if device.type != "cuda":
         yield
