@@ -170,7 +170,7 @@ def test_compiled_vision_layers_give_transformers_features(tiny_model_dir):
 
 def test_a_build_for_a_gpu_keeps_one_host_thread_while_it_reads_and_a_cpu_build_keeps_them_all(
         tmp_path, processor, monkeypatch):
-    # The reading workers need every core: this process only hands batches to the GPU (48 -> 72 films/s on a
+    # The reading workers need every core: this process only hands batches to the GPU (51.6 -> 69.8 films/s on a
     # 16-core host). A CPU runs the tower itself, with its threads.
     threads = torch.get_num_threads()
     with features.host_threads_for(torch.device("cuda")):
