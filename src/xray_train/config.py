@@ -23,6 +23,8 @@ from xray_train.errors import XrayTrainError
 from xray_train.names import did_you_mean, looks_like_local_path
 
 Phase = Literal["phase1", "phase2"]
+#: ``training.vision_attention``: PyTorch's own choice, or the SDPA kernel tried first (the rest follow in this order).
+VisionAttention = Literal["default", "flash", "cudnn", "efficient", "math"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +352,10 @@ class TrainingSection(_Section):
         description="torch.compile SigLIP's encoder layers for the vision-feature cache build. Default: on "
         "with CUDA when there are at least 8000 images to cache (below that the compile costs more than it saves).",
     )
-    vision_attention: Literal["default", "flash", "cudnn", "efficient", "math"] = Field(
+    vision_attention: VisionAttention = Field(
         "default",
         description="The SDPA kernel SigLIP's attention tries first wherever the cache's features are made (a "
-        "build, or the steps that fill it); the others follow in PyTorch's order when it cannot run. "
+        "build, or the steps that fill it); when it cannot run, the others follow (flash, cudnn, efficient, math). "
         "`default`: PyTorch's own choice, which on an H200 is already cuDNN's kernel, the fastest for SigLIP's "
         "16 heads of 72 (eager tower 63.3 films/s, 53.3 held to FlashAttention).",
     )

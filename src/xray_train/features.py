@@ -23,12 +23,14 @@ import logging
 import os
 import shutil
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from xray_train.cache import feature_cache_root
+from xray_train.config import VisionAttention
 from xray_train.errors import XrayTrainError
 
 logger = logging.getLogger(__name__)
@@ -62,13 +64,14 @@ def project_pooled(projector, pooled: torch.Tensor) -> torch.Tensor:
     return torch.matmul(normed, projector.mm_input_projection_weight).type_as(pooled)
 
 
-#: ``training.vision_attention`` -> the SDPA backend SigLIP's attention tries first.
-VISION_ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
+#: The SDPA kernels ``training.vision_attention`` can name, in the order they are tried after the named one.
+VISION_ATTENTION_BACKENDS = typing.get_args(VisionAttention)[1:]  # without "default"
 
 
 def vision_attention(backend: str = "default", only: bool = False):
-    """A context in which SDPA tries ``backend`` first, then PyTorch's other backends in its usual order
-    (``default``: PyTorch's own choice); ``only``: no fallback, so a backend that cannot run raises.
+    """A context in which SDPA tries ``backend`` first, then the other ``VISION_ATTENTION_BACKENDS`` in their
+    order (``default``: PyTorch's own choice, untouched); ``only``: no fallback, so a backend that cannot run
+    raises.
 
     Attention over SigLIP-896's 4096 patches is over a third of the tower's work, and the kernels differ
     widely on its 16 heads of 72 channels: one layer at batch 32 takes 6.1 ms on cuDNN's kernel, 10.2 on
