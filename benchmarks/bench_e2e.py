@@ -465,8 +465,11 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
 
         def on_step_end(self, args, state, control, **kw):
             self.steps = state.global_step
-            # On the log, so a row stopped by its time limit shows whether its steps were slow or absent.
-            print(f"bench: step {state.global_step} done {time.time() - t0:.0f} s after start", flush=True)
+            # On the log, so a row stopped by its time limit shows whether its steps were slow or absent, and
+            # its step rate (samples per step included: a peer may change its batch or accumulation).
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+            print(f"bench: step {state.global_step} done {time.time() - t0:.1f} s after start, {per_step} samples",
+                  flush=True)
 
         def on_train_end(self, args, state, control, **kw):
             self.end = time.time()
@@ -477,7 +480,7 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
     timer = Timer()
     batch = batches[0]
     common = dict(output_dir=str(out_dir), per_device_train_batch_size=batch, num_train_epochs=1,
-                  learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none",
+                  learning_rate=1e-4, logging_steps=1000, gradient_accumulation_steps=1, save_strategy="no", report_to="none",
                   remove_unused_columns=False, dataloader_num_workers=2, disable_tqdm=True, seed=0,
                   bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
     if tiny:
@@ -646,9 +649,22 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
 
 
 def reported_steps(log: str) -> list[list[float]]:
-    """``[step, seconds after start]`` of each "bench: step" line: a peer stopped by its time limit still
-    shows when its steps began and how fast they came."""
-    return [[int(m[1]), float(m[2])] for m in re.finditer(r"bench: step (\d+) done (\d+(?:\.\d+)?) s after start", log)]
+    """``[step, seconds after start, samples per step]`` of each "bench: step" line: a peer stopped by its time
+    limit still shows when its steps began and how fast they came."""
+    pattern = r"bench: step (\d+) done (\d+(?:\.\d+)?) s after start(?:, (\d+) samples)?"
+    return [[int(m[1]), float(m[2]), int(m[3]) if m[3] else None] for m in re.finditer(pattern, log)]
+
+
+def reported_rate(steps: list[list]) -> dict | None:
+    """Training samples/s between the first and the last reported step (the first step's compiles left out),
+    and when the first step ended; None with fewer than three steps or no samples per step."""
+    if len(steps) < 3 or any(s[2] is None for s in steps):
+        return None
+    (first, t_first, _), (last, t_last, per_step) = steps[0], steps[-1]
+    if t_last <= t_first:
+        return None
+    return {"samples_per_s": round((last - first) * per_step / (t_last - t_first), 3), "first_step_done_s": t_first,
+            "steps": last - first + 1}
 
 
 def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
@@ -710,10 +726,19 @@ def projection(rows: list[dict]) -> dict:
         "as auto settings give from 8000 images): its first batch (compile included) + films / its rate after "
         "the first batch. Peers: "
         "start_up + save + other (fixed; the benchmark's batch search left out) + films / their samples/s in "
-        "training (their decoding workers run alongside the steps)")}
+        "training (their decoding workers run alongside the steps); a peer stopped by its time limit after "
+        "three or more steps: the time its first step ended (fixed) + films / its samples/s between its first "
+        "and last reported steps")}
     films = PROJECTION_FILMS
     at_scale = next((r for r in rows if r["name"] == CACHE_ROW and not r.get("error")), None)
     for row in rows:
+        partial = reported_rate(row.get("steps_reported", [])) if row.get("error") else None
+        if partial and row["name"] in PEERS:
+            # Stopped by its time limit after some steps: all it did before its first step ended (start-up,
+            # compiles, that step) is fixed; the rest of the epoch at its rate between reported steps.
+            out[row["name"]] = {"first_epoch_h": round((partial["first_step_done_s"] + films / partial["samples_per_s"])
+                                                       / 3600, 2), "from_steps_reported": partial}
+            continue
         if row.get("error") or row.get("phase") != "phase1" or "stages" not in row:
             continue
         st = row["stages"]
