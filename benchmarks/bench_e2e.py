@@ -634,7 +634,9 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     stacks = workdir / f"stacks-peer-{name}.txt"
     stacks.unlink(missing_ok=True)
     if timeout is not None:
-        env.update(BENCH_STACKS_FILE=str(stacks), BENCH_STACKS_EVERY_S=str(max(min(90.0, timeout / 4), 5)))
+        # Once, shortly before the limit: a dump reads the other threads' frames without their lock, and one
+        # taken while Unsloth's main thread was in Triton's code generator ended its process (H200 host).
+        env.update(BENCH_STACKS_FILE=str(stacks), BENCH_STACKS_AT_S=str(max(timeout - 15, 5)))
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
            "--model", str(base), "--workdir", str(workdir), "--batches", ",".join(map(str, batches))]
     proc = _run(cmd + (["--tiny"] if tiny else []), env, timeout)
@@ -642,7 +644,7 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     if row_out.is_file():
         return json.loads(row_out.read_text())
     row = {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:],
-           "steps_reported": reported_steps(proc.stdout + proc.stderr)}
+           "returncode": proc.returncode, "steps_reported": reported_steps(proc.stdout + proc.stderr)}
     if stacks.is_file() and stacks.stat().st_size:
         row["stacks_before_stop"] = stacks.read_text()[-6000:]
     return row
@@ -826,14 +828,12 @@ def main() -> None:
         return
     if args.peer:
         if os.environ.get("BENCH_STACKS_FILE"):
-            # A peer that stops reporting (Unsloth twice on the H200 host) leaves where every thread was at
-            # regular times, instead of only its last lines of output: a stuck process repeats one stack, a
-            # slow one (compiling) moves.
+            # A peer stopped by its limit (Unsloth, compiling, on the H200 host) leaves where every thread was
+            # shortly before, not only its last lines of output.
             import faulthandler
 
             stacks = open(os.environ["BENCH_STACKS_FILE"], "w")  # noqa: SIM115 - open until the process ends
-            faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS_EVERY_S"]), repeat=True, exit=False,
-                                              file=stacks)
+            faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS_AT_S"]), exit=False, file=stacks)
         try:
             row = run_peer(args.peer, json.loads(args.films_json.read_text()), args.model,
                            tuple(int(b) for b in args.batches.split(",")), args.workdir / f"peer-{args.peer}", args.tiny)
