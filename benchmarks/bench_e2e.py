@@ -624,10 +624,11 @@ def _load_4bit(base: Path, quant_storage: bool = False):
                                                        device_map={"": 0} if cuda else None, attn_implementation="sdpa")
 
 
-def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool, timeout: float | None) -> dict:
+def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool, timeout: float | None,
+             batches: tuple[int, ...] | None = None) -> dict:
     row_out = workdir / f"peer-{name}.json"
     row_out.unlink(missing_ok=True)
-    batches = (2, 3) if tiny else PEER_BATCHES[name]
+    batches = batches or ((2, 3) if tiny else PEER_BATCHES[name])
     # Nothing outside the host can be reached: no hub look-ups, no usage statistics (Unsloth's).
     env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", **PEER_ENV.get(name, {}))
@@ -808,6 +809,9 @@ def main() -> None:
     ap.add_argument("--cache-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for the cache row's cache-features (repeatable), e.g. training.vision_attention=cudnn")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
+    ap.add_argument("--peer-batches", action="append", default=[], metavar="NAME=B[,B...]",
+                    help="a peer's candidate batches instead of PEER_BATCHES (Unsloth, which trains at its first, "
+                    "at another batch)")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
                     "(a row that would start later is skipped; a stopped row records what it printed)")
     # Internal: one row in this process.
@@ -889,6 +893,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    peer_batches = {n: tuple(int(b) for b in bs.split(",")) for n, bs in (a.split("=", 1) for a in args.peer_batches)}
     cache = {"XRAY_TRAIN_FEATURE_CACHE": str(work / "feature-cache")}
     p1, p2 = work / "out-phase1", work / "out-phase2"
     for what in args.rows.split(","):
@@ -928,7 +933,7 @@ def main() -> None:
                             xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,
                             left))
         elif what in PEER_BATCHES:
-            record(peer_row(what, films_json, base, work, args.tiny, left))
+            record(peer_row(what, films_json, base, work, args.tiny, left, peer_batches.get(what)))
         else:
             raise SystemExit(f"--rows: unknown row {what!r}")
     write()
