@@ -29,14 +29,18 @@ Rows, in one invocation, on the same films, each in its own process:
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
   Before its epoch each peer times one forward + backward per candidate batch (``PEER_BATCHES``) and
   trains at the fastest whose peak stays within 24 GB; the search is recorded in its row (Unsloth
-  trains at 16 with no search: it recompiles after any step run before its trainer's). ``unsloth-eager``
-  is Unsloth with its torch.compile regions switched off (``UNSLOTH_COMPILE_DISABLE=1``), for a host where
-  its compiles outlast a row. A peer's process dumps every thread's stack at regular times, and a row
-  stopped by its time limit keeps the steps it reported.
+  trains at 16 with no search: it recompiles after any step run before its trainer's; ``--peer-batches
+  unsloth=24`` runs it at another batch, as a row of its own). ``unsloth-eager`` is Unsloth with its
+  torch.compile regions switched off (``UNSLOTH_COMPILE_DISABLE=1``). Every peer steps on one batch (no
+  accumulation). A peer's process dumps every thread's stack once, shortly before its time limit, and a
+  row stopped by that limit keeps the steps it reported.
 
 ``samples_per_s_end_to_end`` is training samples over the whole command's wall time (a peer's batch search
-left out). The 100k-film projection keeps the fixed stages and scales the per-film ones (data read, cache
-build after its first batch, training steps, evaluation batches) at their measured rates.
+left out). ``samples_per_s_training_steps`` is a typical step's rate, by one rule for every row: xray-train's
+median step without compiles, a peer's samples per step over the median time between its steps; what the
+steps took beyond that rate is a fixed cost (xray-train's ``compile``, a peer's ``warm_up``). The 100k-film
+projection keeps the fixed stages and scales the per-film ones (data read, cache build after its first
+batch, training steps, evaluation batches) at their measured rates.
 """
 
 from __future__ import annotations
@@ -79,10 +83,17 @@ PHASE1_ROWS = {
     "xray-rerun": ("xray-train phase1 rerun (cache built), fill_cache_during_epoch's DataLoader workers", [], False),
     "xray-rerun-build": ("xray-train phase1 rerun (cache built)", [BUILD_FIRST], False),
 }
-#: Unsloth trains at 16 without a search (see run_peer); its trainer adds gradient accumulation 2 itself.
+#: Unsloth trains at 16 without a search (see run_peer; ``--peer-batches`` for another batch).
 PEER_BATCHES = {"seed": (8, 10, 12), "trl": (16, 24, 32), "unsloth": (16,), "unsloth-eager": (16,)}
 #: Peers beside the seed recipe (the seed is what they are compared with, not one of them).
 PEERS = ("trl", "unsloth", "unsloth-eager")
+
+
+def is_peer(name: str) -> bool:
+    """A peer's row, also one run at other batches (``"unsloth, batch 24"``); the seed recipe is no peer."""
+    return name.split(",")[0] in PEERS
+
+
 #: Environment of a peer's process beyond the offline switches: Unsloth with its torch.compile regions
 #: off (its kernels, 4-bit loading and gradient checkpointing stay), for when its compiles outlast a row.
 PEER_ENV = {"unsloth-eager": {"UNSLOTH_COMPILE_DISABLE": "1"}}
@@ -465,6 +476,8 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
 
         def on_step_end(self, args, state, control, **kw):
             self.steps = state.global_step
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's own time, as xray-train's rows take it
             # On the log, so a row stopped by its time limit shows whether its steps were slow or absent, and
             # its step rate (samples per step included: a peer may change its batch or accumulation).
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -560,8 +573,8 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
               "save": ended - save_started}
     stages["other"] = wall - sum(stages.values())
     return {
-        "name": name, "phase": "phase1", "films": len(dataset), "batch": batch, "wall_s": round(wall, 2),
-        "stages": {k: round(v, 2) for k, v in stages.items()},
+        "name": name, "phase": "phase1", "films": len(dataset), "samples": samples, "batch": batch,
+        "wall_s": round(wall, 2), "stages": {k: round(v, 2) for k, v in stages.items()},
         # The batch search is the benchmark's, not a user's: not counted in the end-to-end rate.
         "samples_per_s_end_to_end": round(samples / (wall - search_s), 3),
         "samples_per_s_training_steps": round(samples / stages["train"], 3),
@@ -643,7 +656,7 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     proc = _run(cmd + (["--tiny"] if tiny else []), env, timeout)
     (workdir / f"log-peer-{name}.txt").write_text(proc.stdout + proc.stderr)
     if row_out.is_file():
-        return json.loads(row_out.read_text())
+        return steady_split(json.loads(row_out.read_text()) | {"steps_reported": reported_steps(proc.stdout + proc.stderr)})
     row = {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:],
            "returncode": proc.returncode, "steps_reported": reported_steps(proc.stdout + proc.stderr)}
     if stacks.is_file() and stacks.stat().st_size:
@@ -658,16 +671,30 @@ def reported_steps(log: str) -> list[list[float]]:
     return [[int(m[1]), float(m[2]), int(m[3]) if m[3] else None] for m in re.finditer(pattern, log)]
 
 
-def reported_rate(steps: list[list]) -> dict | None:
-    """Training samples/s between the first and the last reported step (the first step's compiles left out),
-    and when the first step ended; None with fewer than three steps or no samples per step."""
+def steady_rate(steps: list[list]) -> float | None:
+    """Samples/s of a typical step: samples per step over the median time between consecutive reported steps,
+    the first step (compiles, the first batches' decoding) left out; as xray-train's rows take their rate
+    (the median step without compiles). None with fewer than three steps or no samples per step."""
     if len(steps) < 3 or any(s[2] is None for s in steps):
         return None
-    (first, t_first, _), (last, t_last, per_step) = steps[0], steps[-1]
-    if t_last <= t_first:
-        return None
-    return {"samples_per_s": round((last - first) * per_step / (t_last - t_first), 3), "first_step_done_s": t_first,
-            "steps": last - first + 1}
+    gaps = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(steps, steps[1:], strict=False) if b[0] > a[0]]
+    typical = statistics.median(gaps)
+    return round(steps[-1][2] / typical, 3) if typical > 0 else None
+
+
+def steady_split(row: dict) -> dict:
+    """A finished peer's row with its training rate taken as xray-train's is (``steady_rate``): the time its
+    steps took beyond that rate (compiles, the first batches, the short last batch) becomes a fixed stage,
+    ``warm_up``; ``samples_per_s_training_mean`` keeps the plain average over the epoch."""
+    rate = steady_rate(row.get("steps_reported") or [])
+    if rate is None or "stages" not in row:
+        return row
+    stages = dict(row["stages"])
+    plain = row.get("samples", row["films"]) / rate
+    stages["warm_up"] = round(max(stages["train"] - plain, 0.0), 2)
+    stages["train"] = round(stages["train"] - stages["warm_up"], 2)
+    mean = row.get("samples_per_s_training_mean", row["samples_per_s_training_steps"])
+    return row | {"stages": stages, "samples_per_s_training_steps": rate, "samples_per_s_training_mean": mean}
 
 
 def vision_rates(base: Path, batch: int = 32, repeats: int = 5) -> dict:
@@ -722,25 +749,29 @@ PROJECTION_EVAL_SAMPLES = 512
 def projection(rows: list[dict]) -> dict:
     """100k films from the measured stages: fixed costs stay, per-film stages scale at their measured rates."""
     out = {"films": PROJECTION_FILMS, "method": (
-        "xray-train: start_up + compile + save + other (fixed) + cache build's first batch and set-up (fixed) + "
+        "xray-train: start_up + compile + save + other + time in steps beyond the typical step (fixed) + cache build's first batch and set-up (fixed) + "
         "films / cache films/s after the first batch + films / samples/s in training steps + data read x films "
         f"/ measured films + {PROJECTION_EVAL_SAMPLES} validation samples at the measured time per eval batch; "
         "', cache as built at 100k': the same with the cache build of the cache-features row (compiled SigLIP, "
         "as auto settings give from 8000 images): its first batch (compile included) + films / its rate after "
         "the first batch. Peers: "
         "start_up + save + other (fixed; the benchmark's batch search left out) + films / their samples/s in "
-        "training (their decoding workers run alongside the steps); a peer stopped by its time limit after "
-        "three or more steps: the time its first step ended (fixed) + films / its samples/s between its first "
-        "and last reported steps")}
+        "training (their decoding workers run alongside the steps). Every training rate is that of a typical step: "
+        "xray-train's the median step without compiles, a peer's samples per step over the median time between "
+        "its reported steps; a peer's time in steps beyond that rate (compiles, first batches) is fixed "
+        "(warm_up). A peer stopped by its time limit after three or more steps: the time of its last reported "
+        "step less its steps after the first at that rate (fixed) + films at that rate")}
     films = PROJECTION_FILMS
     at_scale = next((r for r in rows if r["name"] == CACHE_ROW and not r.get("error")), None)
     for row in rows:
-        partial = reported_rate(row.get("steps_reported", [])) if row.get("error") else None
-        if partial and row["name"] in PEERS:
-            # Stopped by its time limit after some steps: all it did before its first step ended (start-up,
-            # compiles, that step) is fixed; the rest of the epoch at its rate between reported steps.
-            out[row["name"]] = {"first_epoch_h": round((partial["first_step_done_s"] + films / partial["samples_per_s"])
-                                                       / 3600, 2), "from_steps_reported": partial}
+        rate = steady_rate(row.get("steps_reported") or []) if row.get("error") else None
+        if rate and is_peer(row["name"]):
+            # Stopped by its time limit after some steps: what it did up to its last step, beyond its steps
+            # at the typical rate, is fixed (start-up, compiles).
+            (first, _, _), (last, t_last, per_step) = row["steps_reported"][0], row["steps_reported"][-1]
+            fixed = t_last - (last - first) * per_step / rate
+            out[row["name"]] = {"first_epoch_h": round((fixed + films / rate) / 3600, 2),
+                                "from_steps_reported": {"samples_per_s": rate, "fixed_s": round(fixed, 1)}}
             continue
         if row.get("error") or row.get("phase") != "phase1" or "stages" not in row:
             continue
@@ -752,7 +783,10 @@ def projection(rows: list[dict]) -> dict:
                 # Per evaluation batch: a few validation films are one batch, host-bound like a full one.
                 batches = math.ceil(row["validation_films"] / row["eval_batch"])
                 seconds += math.ceil(PROJECTION_EVAL_SAMPLES / row["eval_batch"]) * st["eval"] / batches
-            seconds += films / row["samples_per_s_training_steps"]
+            rate = row["samples_per_s_training_steps"]
+            # Time in steps beyond the typical step (the first batches, the step after a compile) is fixed, as
+            # a peer's warm_up is.
+            seconds += max(st["train"] - row["films"] * row.get("epochs", 1) / rate, 0.0) + films / rate
             build = row.get("cache_build")
             if build and build.get("films_per_s_after_first_batch"):
                 steady = build["films_per_s_after_first_batch"]
@@ -771,7 +805,7 @@ def projection(rows: list[dict]) -> dict:
             fixed = sum(v for k, v in st.items() if k not in ("train", "batch_search"))
             out[row["name"]] = {"first_epoch_h": round((fixed + films / row["samples_per_s_training_steps"]) / 3600, 2)}
     seed = out.get("seed", {}).get("first_epoch_h")
-    peers = [out[n]["first_epoch_h"] for n in PEERS if n in out]  # the seed is no peer
+    peers = [v["first_epoch_h"] for n, v in out.items() if is_peer(n)]
     for name, value in out.items():
         if name.startswith("xray-train") and isinstance(value, dict):
             value["x_seed"] = round(seed / value["first_epoch_h"], 2) if seed else None
@@ -782,7 +816,7 @@ def projection(rows: list[dict]) -> dict:
 def ratios(rows: list[dict]) -> dict:
     by = {r["name"]: r for r in rows if not r.get("error")}
     seed = by.get("seed", {}).get("samples_per_s_end_to_end")
-    peers = [by[n]["samples_per_s_end_to_end"] for n in PEERS if n in by]
+    peers = [r["samples_per_s_end_to_end"] for n, r in by.items() if is_peer(n)]
     out = {}
     for name, _, _ in PHASE1_ROWS.values():
         if name in by:
@@ -933,7 +967,10 @@ def main() -> None:
                             xray_argv("phase2", films, base, p2, args.tiny, []) + ["--resume", str(p1)], work, cache,
                             left))
         elif what in PEER_BATCHES:
-            record(peer_row(what, films_json, base, work, args.tiny, left, peer_batches.get(what)))
+            row = peer_row(what, films_json, base, work, args.tiny, left, peer_batches.get(what))
+            if what in peer_batches:  # beside the row at its usual batches, not in its place
+                row["name"] = f"{what}, batch {row.get('batch') or ','.join(map(str, peer_batches[what]))}"
+            record(row)
         else:
             raise SystemExit(f"--rows: unknown row {what!r}")
     write()
