@@ -22,8 +22,8 @@ Rows, in one invocation, on the same films, each in its own process:
   compile it from 8000 images: the cache build's rate at scale, which the 100k projection uses.
 - The first run again with SigLIP compiled (``xray1-compiled``: what the defaults do from 8000 images) and
   with ``training.fill_cache_during_epoch=false`` (``xray1-build``: the cache built before the first step
-  instead of filled by the steps); the rerun with that setting (``xray-rerun-build``), which trains with no
-  DataLoader workers.
+  instead of filled by the steps); the rerun with that setting (``xray-rerun-build``). A rerun reads no
+  image, so either way it trains with no DataLoader workers.
 - The seed recipe and TRL's SFTTrainer (as in ``bench_train.py``) and Unsloth's FastVisionModel
   (imported before transformers), each reading the films the way it naturally does: a DataLoader over
   the image files, decoded in 2 worker processes, one epoch over the same training films, adapter saved.
@@ -70,9 +70,10 @@ CACHE_ROW_COPIES = 6
 CACHE_ROW = "xray-train cache-features (compiled SigLIP)"
 #: Phase-1 rows through the CLI: row key -> (row name, config overrides, first run). A first run starts with
 #: no cache: with the defaults the steps fill it; with ``fill_cache_during_epoch=false`` it is built before
-#: the first step. A rerun finds it finished (what a later epoch costs); with the defaults the rerun keeps
-#: DataLoader workers, as a fill run's later epochs do (they name the cached rows and the training process
-#: reads them); built first, it trains with no workers.
+#: the first step. A rerun finds it finished (what a later epoch costs) and reads no image, so it trains with
+#: no DataLoader workers either way; with the defaults the collator still gathers the rows, as built first.
+#: (Rows named "..., fill_cache_during_epoch's DataLoader workers" in results are from before runs dropped
+#: workers that had nothing to read.)
 BUILD_FIRST = "training.fill_cache_during_epoch=false"
 PHASE1_ROWS = {
     "xray1": ("xray-train phase1 first run, cache filled during the epoch", [], True),
@@ -80,7 +81,7 @@ PHASE1_ROWS = {
     "xray1-compiled": ("xray-train phase1 first run, cache filled during the epoch, SigLIP compiled",
                        ["training.compile_vision_cache=true"], True),
     "xray1-build": ("xray-train phase1 first run, cache built first", [BUILD_FIRST], True),
-    "xray-rerun": ("xray-train phase1 rerun (cache built), fill_cache_during_epoch's DataLoader workers", [], False),
+    "xray-rerun": ("xray-train phase1 rerun (cache built), defaults", [], False),
     "xray-rerun-build": ("xray-train phase1 rerun (cache built)", [BUILD_FIRST], False),
 }
 #: Unsloth trains at 16 without a search (see run_peer; ``--peer-batches`` for another batch).
@@ -836,8 +837,8 @@ def main() -> None:
                     default="vision,cache,xray1,xray1-compiled,xray1-build,seed,xray-rerun,xray-rerun-build,xray2,trl,unsloth",
                     help="rows to run, in this order: vision, cache (cache-features on linked films), xray1 "
                     "(first run, defaults: the steps fill the cache), xray1-compiled (the same, SigLIP compiled), "
-                    "xray1-build (first run, the cache built before the first step), xray-rerun (defaults: a "
-                    "fill run's later epochs), xray-rerun-build (a rerun with no DataLoader workers), xray2, seed, "
+                    "xray1-build (first run, the cache built before the first step), xray-rerun (defaults: what a "
+                    "fill run's later epochs cost), xray-rerun-build (a rerun built first), xray2, seed, "
                     "trl, unsloth, unsloth-eager (its torch.compile regions off)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier outputs whose rows to keep")
     ap.add_argument("--cache-set", action="append", default=[], metavar="KEY=VALUE",

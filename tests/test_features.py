@@ -266,12 +266,16 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
     real_fill = XrayTrainer.fill_features
 
     named: list[float] = []  # epochs of the steps whose cached rows came by number, gathered in the trainer
+    workers: dict[int, set] = {}  # DataLoader workers of each epoch's steps
 
     def counted(self, model, inputs):
-        if "fill_rows" in inputs and self.model.training:
-            fills.append((self.state.epoch, inputs["fill_rows"].tolist()))
-        if "feature_rows" in inputs and self.model.training:
-            named.append(self.state.epoch)
+        if self.model.training:
+            if "fill_rows" in inputs:
+                fills.append((self.state.epoch, inputs["fill_rows"].tolist()))
+            if "feature_rows" in inputs:
+                named.append(self.state.epoch)
+            loader = self.callback_handler.train_dataloader
+            workers.setdefault(int(self.state.epoch), set()).add(loader.base_dataloader.num_workers)
         return real_fill(self, model, inputs)
 
     monkeypatch.setattr(XrayTrainer, "fill_features", counted)
@@ -282,8 +286,10 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
     # made a few twice); the second epoch read them.
     assert len({row for _, rows in fills for row in rows}) == summary["data"]["train_examples_used"]
     assert all(epoch < 1 for epoch, _ in fills)
-    # The DataLoader workers only named the second epoch's cached rows; the training process read them.
+    # The second epoch read no image: it named its cached rows without DataLoader workers, and the training
+    # process read them. The first epoch's workers read the images.
     assert any(epoch >= 1 for epoch in named)
+    assert workers == {0: {2}, 1: {0}}
     built, filled = _only_cache(tmp_path / "built"), _only_cache(tmp_path / "filled")
     assert built.name == filled.name  # the same key: a rerun of either setting finds the other's cache
     assert not [p for p in (tmp_path / "filled").iterdir() if p.name.startswith(".")]  # finished, moved in place
@@ -294,6 +300,31 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
     assert a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-6) and np.abs(a).mean() > 0
     assert np.allclose(built_losses, filled_losses, rtol=1e-4) and len(built_losses) >= 4
 
+    # A rerun with the same settings finds every feature cached: no workers, and the collator gathers the
+    # rows, as in a run that built its cache first; the same losses.
+    fills.clear(), named.clear(), workers.clear()
+    rerun_losses = _train_and_read(make_config, tmp_path / "filled", tmp_path / "out-rerun", monkeypatch,
+                                   "training.fill_cache_during_epoch=true", "training.dataloader_num_workers=2")
+    assert not fills and not named and workers == {0: {0}, 1: {0}}
+    assert np.allclose(built_losses, rerun_losses, rtol=1e-4)
+
+
+def test_a_dataset_reads_images_until_every_feature_is_cached(tmp_path, fake_tower):
+    from xray_train.features import CacheFill
+    from xray_train.inputs import EncodedExample, TrainingDataset
+
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    items = [EncodedExample(SimpleNamespace(image_path=p), [1, 2], [1, 2]) for p in paths[:3]]  # 3: validation
+    assert TrainingDataset(items).reads_images()  # no cache: every epoch reads
+    fill = CacheFill(tmp_path / "cache", "k", _fake_model(), paths)
+    dataset = TrainingDataset(items, feature_cache=fill)
+    rows = torch.ones(2, 4, 6)
+    fill.write([0, 1], rows)
+    assert dataset.reads_images()  # a training image has no row yet
+    fill.write([2, 3], rows)  # queued, not yet on the disk: flushed before the answer
+    assert not dataset.reads_images()
+    finished = fill.finish(_fake_model(), SimpleNamespace(), batch_size=2, workers=0)
+    assert not TrainingDataset(items, feature_cache=finished).reads_images()
 
 
 def test_a_fill_stopped_midway_keeps_the_rows_it_wrote_and_a_build_never_trusts_its_marks(tmp_path, fake_tower):

@@ -291,3 +291,40 @@ def test_two_stage_phase2_updates_lora_only_from_lora_start_step(make_config):
         assert all(torch.equal(lora[n], start["lora"][n]) for n in lora)
     assert any(not torch.equal(snapshots[2][0][n], start["lora"][n]) for n in start["lora"])
     assert any(not torch.equal(snapshots[1][1][n], snapshots[0][1][n]) for n in snapshots[0][1])
+
+
+def test_an_epoch_that_reads_no_image_runs_without_dataloader_workers():
+    from accelerate import Accelerator, skip_first_batches
+
+    from xray_train.trainer import WorkersOnlyWhileReadingCallback
+
+    class Films(torch.utils.data.Dataset):
+        """Says whether it reads images; each item names the worker that made it (-1: this process)."""
+
+        reads = True
+
+        def __len__(self):
+            return 6
+
+        def reads_images(self):
+            return self.reads
+
+        def __getitem__(self, i):
+            worker = torch.utils.data.get_worker_info()
+            return torch.tensor([i, -1 if worker is None else worker.id])
+
+    def epoch(loader):
+        callback.on_epoch_begin(None, None, None, train_dataloader=loader)
+        batches = list(loader)
+        return [b[:, 0].tolist() for b in batches], {w for b in batches for w in b[:, 1].tolist()}
+
+    films = Films()
+    loader = Accelerator(cpu=True).prepare(
+        torch.utils.data.DataLoader(films, batch_size=2, num_workers=2, prefetch_factor=4))
+    callback = WorkersOnlyWhileReadingCallback(films)
+    order, workers = epoch(loader)
+    assert workers == {0, 1}  # images to read: the workers read them
+    films.reads = False
+    assert epoch(loader) == (order, {-1})  # the same batches, made in this process
+    # Resuming part-way through such an epoch rebuilds the loader from this one: it must accept no workers.
+    assert [b[:, 1].tolist() for b in skip_first_batches(loader, 1)] == [[-1, -1], [-1, -1]]

@@ -310,9 +310,11 @@ class TrainingSection(_Section):
     dataloader_num_workers: int | None = Field(
         None,
         ge=0,
-        description="Data-loading worker processes. Default: one per CPU to decode images, including while the "
-        "steps fill the vision-feature cache (fill_cache_during_epoch); 0 when that cache is built before the "
-        "steps (batches are gathered in-process, workers would only add copies).",
+        description="Data-loading worker processes, for the epochs that read images. Default: one per CPU to "
+        "decode images, including while the steps fill the vision-feature cache (fill_cache_during_epoch); 0 "
+        "when that cache is built before the steps (batches are gathered in-process, workers would only add "
+        "copies). An epoch that reads no image, every feature being cached (the epochs after the one that "
+        "filled the cache, a rerun), runs without workers whatever this says.",
     )
     pad_last_batch: bool = Field(
         True,
@@ -337,11 +339,10 @@ class TrainingSection(_Section):
         description="Fill the vision-feature cache during the first epoch instead of building it before the first "
         "step: each step runs SigLIP on the images of its batch that have no row yet, and later epochs and "
         "reruns read the rows. Images no step reached are computed when training ends, which leaves the same "
-        "cache a build makes. Images are read by DataLoader workers, alongside the steps; they stay for the "
-        "later epochs, where they only name the cached rows and the training process reads them. On by default: "
-        "a first epoch overlaps reading with the GPU instead of waiting for a build (0.75 h against 0.84 h "
-        "projected for 100k films from one H200's measurements), for about 10 % slower steps in later epochs. "
-        "false builds first. One process only: with several, the cache is built first. `xray-train "
+        "cache a build makes. Images are read by DataLoader workers, alongside the steps; the later epochs read "
+        "no image and run without them, as after a build. On by default: a first epoch overlaps reading with "
+        "the GPU instead of waiting for a build (0.80 h against 0.84 h projected for 100k films from one H200's "
+        "measurements). false builds first. One process only: with several, the cache is built first. `xray-train "
         "cache-features` always builds.",
     )
     feature_cache_batch_size: int = Field(

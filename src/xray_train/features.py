@@ -556,6 +556,12 @@ class CacheFill(_FeatureRows):
     def is_filled(self, row: int) -> bool:
         return bool(self._filled[row])
 
+    def all_filled(self, rows) -> bool:
+        """Whether every one of ``rows`` is on the disk, once the rows queued so far have reached it."""
+        if hasattr(self, "_writes"):  # the filling process; a worker's copy has nothing queued
+            self.flush()
+        return bool(self._filled[np.asarray(rows, dtype=np.int64)].all())
+
     def write(self, rows, features: torch.Tensor) -> None:
         """Queue ``features`` (pooled rows, on any device) for ``rows``; returns before they reach the disk."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -181,6 +181,16 @@ class TrainingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items) + self._padding
 
+    def reads_images(self) -> bool:
+        """Whether an epoch over it would read an image file: not once every image's features are cached
+        (a finished cache, or one the steps have filled)."""
+        cache = self.feature_cache
+        if cache is None:
+            return True
+        if not hasattr(cache, "all_filled"):  # a finished cache
+            return False
+        return not cache.all_filled([cache.row_of(it.example.image_path) for it in self.items])
+
     def lengths(self) -> list[int]:
         return [len(it.input_ids) for it in self.items + self.items[: self._padding]]
 

@@ -90,8 +90,11 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
     echo(f"{cfg.phase}: {len(train_set.items)} training / {len(val_set) if val_set else 0} validation examples")
 
     # With DataLoader workers (reading images while the steps fill the cache, or asked for), cached rows are
-    # gathered in this process: features sent from workers cost more step time than they save.
-    rows_here = train_set.feature_cache is not None and cfg.training.dataloader_num_workers > 0
+    # gathered in this process: features sent from workers cost more step time than they save. A run with
+    # every feature already cached reads no image, so it has no workers (trainer.WorkersOnlyWhileReadingCallback)
+    # and its collator gathers the rows, as a run that built its cache first does.
+    rows_here = (train_set.feature_cache is not None and cfg.training.dataloader_num_workers > 0
+                 and train_set.reads_images())
     trainer = trainer_module.XrayTrainer(
         model=model,
         args=training_arguments(cfg, has_eval=val_set is not None and len(val_set) > 0),

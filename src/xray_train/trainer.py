@@ -8,6 +8,7 @@ last, and a non-finite-loss guard that never stalls the GPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -19,6 +20,8 @@ from xray_train.distributed import state as distributed_state
 from xray_train.errors import XrayTrainError
 from xray_train.loss import LocTargets, full_logits_loss, targets_only_loss
 from xray_train.run_dir import RunDir, tidy_saved_adapter
+
+logger = logging.getLogger(__name__)
 
 
 class FiniteLossCallback(TrainerCallback):
@@ -77,6 +80,28 @@ class LoraStartCallback(TrainerCallback):
         return control
 
 
+class WorkersOnlyWhileReadingCallback(TrainerCallback):
+    """An epoch that reads no image (every feature cached: a later epoch of a run whose steps filled the cache,
+    or a rerun) runs without DataLoader workers. They are there to read images; with nothing to read they only
+    name cached rows, and steps ran 10 % slower with them (67.5 against 75.3 samples/s, MedGemma-4B on an
+    H200). The batches are the same: the sampler, not the workers, orders them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # accelerate's loader wraps the torch DataLoader that iterates (and forwards attribute reads to it).
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        if loader is None or not getattr(loader, "num_workers", 0) or getattr(loader, "persistent_workers", False):
+            return
+        if not hasattr(self.dataset, "reads_images") or self.dataset.reads_images():
+            return
+        # Read when the epoch's iterator is made, right after this event; no image is read again in this run.
+        loader.num_workers = 0
+        loader.prefetch_factor = None  # a loader rebuilt from this one (resuming mid-epoch) must accept 0
+        logger.info("every image's features are cached: this epoch and later ones run without DataLoader workers")
+
+
 @contextlib.contextmanager
 def evaluation_context():
     """No autograd, and the compiled decoder layers run eagerly unless a graph already matches.
@@ -109,6 +134,7 @@ class XrayTrainer(Trainer):
         flow = next(i for i, cb in enumerate(self.callback_handler.callbacks) if isinstance(cb, DefaultFlowCallback))
         self.callback_handler.callbacks.insert(flow + 1, FiniteLossCallback(self.loss_guard))
         self.add_callback(CheckpointCompleteCallback())
+        self.add_callback(WorkersOnlyWhileReadingCallback(self.train_dataset))
         if lora_start_step > 0:
             lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
             self.add_callback(LoraStartCallback(lora, lora_start_step))
