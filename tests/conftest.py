@@ -70,6 +70,16 @@ def sample_copy(tmp_path) -> Path:
     return dest
 
 
+def benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def padchest_overrides(root: Path = SAMPLES) -> list[str]:
     return [
         f"data.csv={root / 'padchest' / 'PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv'}",

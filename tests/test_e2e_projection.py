@@ -3,22 +3,11 @@ training rate is taken by the same rule, so xray-train and its peers are compare
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import benchmark
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = benchmark("bench_e2e")
 FILMS = 224  # 14 steps of 16
 RATE = 38.0  # samples/s of a typical step
 

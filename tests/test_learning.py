@@ -18,20 +18,16 @@ still hold if one film's hit became a miss. The pretrained stand-in of the bench
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_learning", REPO / "benchmarks" / "bench_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("bench_learning")
 
 
 CI_PRESET = _bench().PRESETS["ci"]
