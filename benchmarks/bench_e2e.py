@@ -649,8 +649,9 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     stacks = workdir / f"stacks-peer-{name}.txt"
     stacks.unlink(missing_ok=True)
     if timeout is not None:
-        # Once, shortly before the limit: a dump reads the other threads' frames without their lock, and one
-        # taken while Unsloth's main thread was in Triton's code generator ended its process (H200 host).
+        # Once, shortly before the limit: a dump reads the other threads' frames without their lock. One taken
+        # while Unsloth's main thread was in Triton's code generator broke off mid-frame, and the process ended
+        # with no error (H200 host).
         env.update(BENCH_STACKS_FILE=str(stacks), BENCH_STACKS_AT_S=str(max(timeout - 15, 5)))
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
            "--model", str(base), "--workdir", str(workdir), "--batches", ",".join(map(str, batches))]
