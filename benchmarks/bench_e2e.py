@@ -494,7 +494,8 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
     timer = Timer()
     batch = batches[0]
     common = dict(output_dir=str(out_dir), per_device_train_batch_size=batch, num_train_epochs=1,
-                  learning_rate=1e-4, logging_steps=1000, gradient_accumulation_steps=1, save_strategy="no", report_to="none",
+                  learning_rate=1e-4, logging_steps=1000, gradient_accumulation_steps=1, save_strategy="no",
+                  report_to="none",
                   remove_unused_columns=False, dataloader_num_workers=2, disable_tqdm=True, seed=0,
                   bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
     if tiny:
@@ -656,11 +657,12 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     cmd = [sys.executable, __file__, "--peer", name, "--peer-out", str(row_out), "--films-json", str(films_json),
            "--model", str(base), "--workdir", str(workdir), "--batches", ",".join(map(str, batches))]
     proc = _run(cmd + (["--tiny"] if tiny else []), env, timeout)
-    (workdir / f"log-peer-{name}.txt").write_text(proc.stdout + proc.stderr)
+    log = proc.stdout + proc.stderr
+    (workdir / f"log-peer-{name}.txt").write_text(log)
     if row_out.is_file():
-        return steady_split(json.loads(row_out.read_text()) | {"steps_reported": reported_steps(proc.stdout + proc.stderr)})
+        return steady_split(json.loads(row_out.read_text()) | {"steps_reported": reported_steps(log)})
     row = {"name": name, "phase": "phase1", "batches": list(batches), "error": (proc.stderr or proc.stdout)[-1500:],
-           "returncode": proc.returncode, "steps_reported": reported_steps(proc.stdout + proc.stderr)}
+           "returncode": proc.returncode, "steps_reported": reported_steps(log)}
     if stacks.is_file() and stacks.stat().st_size:
         row["stacks_before_stop"] = stacks.read_text()[-6000:]
     return row
@@ -684,6 +686,12 @@ def steady_rate(steps: list[list]) -> float | None:
     return round(steps[-1][2] / typical, 3) if typical > 0 else None
 
 
+def beyond_typical(train_s: float, samples: float, rate: float) -> float:
+    """Seconds a run's steps took beyond ``samples`` at its typical step's ``rate`` (compiles, the first
+    batches, a recompiled last batch): a fixed cost in the projection, for xray-train and peers alike."""
+    return max(train_s - samples / rate, 0.0)
+
+
 def steady_split(row: dict) -> dict:
     """A finished peer's row with its training rate taken as xray-train's is (``steady_rate``): the time its
     steps took beyond that rate (compiles, the first batches, the short last batch) becomes a fixed stage,
@@ -692,8 +700,7 @@ def steady_split(row: dict) -> dict:
     if rate is None or "stages" not in row:
         return row
     stages = dict(row["stages"])
-    plain = row.get("samples", row["films"]) / rate
-    stages["warm_up"] = round(max(stages["train"] - plain, 0.0), 2)
+    stages["warm_up"] = round(beyond_typical(stages["train"], row.get("samples", row["films"]), rate), 2)
     stages["train"] = round(stages["train"] - stages["warm_up"], 2)
     mean = row.get("samples_per_s_training_mean", row["samples_per_s_training_steps"])
     return row | {"stages": stages, "samples_per_s_training_steps": rate, "samples_per_s_training_mean": mean}
@@ -751,7 +758,8 @@ PROJECTION_EVAL_SAMPLES = 512
 def projection(rows: list[dict]) -> dict:
     """100k films from the measured stages: fixed costs stay, per-film stages scale at their measured rates."""
     out = {"films": PROJECTION_FILMS, "method": (
-        "xray-train: start_up + compile + save + other + time in steps beyond the typical step (fixed) + cache build's first batch and set-up (fixed) + "
+        "xray-train: start_up + compile + save + other + time in steps beyond the typical step (fixed) + cache "
+        "build's first batch and set-up (fixed) + "
         "films / cache films/s after the first batch + films / samples/s in training steps + data read x films "
         f"/ measured films + {PROJECTION_EVAL_SAMPLES} validation samples at the measured time per eval batch; "
         "', cache as built at 100k': the same with the cache build of the cache-features row (compiled SigLIP, "
@@ -786,9 +794,7 @@ def projection(rows: list[dict]) -> dict:
                 batches = math.ceil(row["validation_films"] / row["eval_batch"])
                 seconds += math.ceil(PROJECTION_EVAL_SAMPLES / row["eval_batch"]) * st["eval"] / batches
             rate = row["samples_per_s_training_steps"]
-            # Time in steps beyond the typical step (the first batches, the step after a compile) is fixed, as
-            # a peer's warm_up is.
-            seconds += max(st["train"] - row["films"] * row.get("epochs", 1) / rate, 0.0) + films / rate
+            seconds += beyond_typical(st["train"], row["films"] * row.get("epochs", 1), rate) + films / rate
             build = row.get("cache_build")
             if build and build.get("films_per_s_after_first_batch"):
                 steady = build["films_per_s_after_first_batch"]

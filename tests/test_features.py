@@ -302,7 +302,8 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
 
     # A rerun with the same settings finds every feature cached: no workers, and the collator gathers the
     # rows, as in a run that built its cache first; the same losses.
-    fills.clear(), named.clear(), workers.clear()
+    for seen in (fills, named, workers):
+        seen.clear()
     rerun_losses = _train_and_read(make_config, tmp_path / "filled", tmp_path / "out-rerun", monkeypatch,
                                    "training.fill_cache_during_epoch=true", "training.dataloader_num_workers=2")
     assert not fills and not named and workers == {0: {0}, 1: {0}}

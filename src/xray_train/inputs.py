@@ -187,7 +187,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         cache = self.feature_cache
         if cache is None:
             return True
-        if not hasattr(cache, "all_filled"):  # a finished cache
+        if not hasattr(cache, "is_filled"):  # a finished cache (a CacheFill has rows still to fill, see _image)
             return False
         return not cache.all_filled([cache.row_of(it.example.image_path) for it in self.items])
 
