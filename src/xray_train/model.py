@@ -142,13 +142,11 @@ def number_rows(embedding: torch.Tensor, tokenizer, n_bins: int) -> torch.Tensor
     Gemma's tokenizer writes a number digit by digit, so a row is a weighted mean of its digits' rows,
     the leading digit weighted most (it says the most about where the coordinate is).
     """
-    rows = []
-    for k in range(n_bins):
-        digits = str(round(k * 999 / (n_bins - 1))).zfill(3)
-        ids = tokenizer.convert_tokens_to_ids(list(digits))
-        w = torch.tensor(_DIGIT_WEIGHTS, dtype=torch.float32, device=embedding.device)
-        rows.append((embedding[ids].float() * w[:, None]).sum(0) / w.sum())
-    return torch.stack(rows)
+    digit_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")), device=embedding.device)
+    numbers = [str(round(k * 999 / (n_bins - 1))).zfill(3) for k in range(n_bins)]
+    ids = digit_ids[torch.tensor([[int(c) for c in n] for n in numbers], device=embedding.device)]  # [n_bins, 3]
+    w = torch.tensor(_DIGIT_WEIGHTS, dtype=torch.float32, device=embedding.device)
+    return (embedding[ids].float() * w[:, None]).sum(1) / w.sum()
 
 
 def init_loc_rows(model, loc_ids: list[int], init: str = "mean", tokenizer=None) -> None:
