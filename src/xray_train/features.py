@@ -298,12 +298,18 @@ def check_free_space(root: Path, films: int, row_bytes: int) -> None:
         )
 
 
-def compile_vision_layers(gemma3_model) -> None:
-    """Compile each SigLIP encoder layer in place (fused layer norms, GELU and residual adds around the SDPA
-    attention): ``training.compile_vision_cache``, for a cache build or the steps that fill the cache."""
+def vision_encoder_layers(gemma3_model):
+    """SigLIP's encoder layers (transformers 5 drops the ``vision_model`` level some versions have)."""
     tower = gemma3_model.vision_tower
-    for layer in getattr(tower, "vision_model", tower).encoder.layers:  # transformers 5 drops vision_model
-        layer.compile()
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def compile_vision_layers(gemma3_model, mode: str | None = None) -> None:
+    """Compile each SigLIP encoder layer in place (fused layer norms, GELU and residual adds around the SDPA
+    attention): ``training.compile_vision_cache``, for a cache build or the steps that fill the cache.
+    ``mode``: torch.compile's (``benchmarks/bench_vision.py`` times Inductor's GEMM autotuning with it)."""
+    for layer in vision_encoder_layers(gemma3_model):
+        layer.compile(mode=mode)
 
 
 def _vision_forward(gemma3_model, compile_vision: bool, attention: str = "default"):
@@ -319,7 +325,8 @@ def host_threads_for(device: torch.device):
 
     The reading workers take every core; PyTorch's intra-op threads in this process, waking for each batch's
     stacking and pinning and spinning after it, took cores from them: on a 16-core H200 host a cache build
-    ran 51.6 films/s with them and 69.8 with one (same films, same host). On a CPU the tower's forward needs its threads: unchanged.
+    ran 51.6 films/s with them and 69.8 with one (same films, same host). On a CPU the tower's forward needs
+    its threads: unchanged.
     """
     if device.type != "cuda":
         yield
