@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, device_name, write_json  # noqa: E402 - also puts the checkout's src/ first on the path
 
 
 def _sync() -> None:
@@ -161,7 +158,7 @@ def main() -> None:
     model = vision_model(args.tiny, device)
     v = model.config.vision_config
     tokens, heads = (v.image_size // v.patch_size) ** 2, v.num_attention_heads
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+    report = {"device": device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "tower": {"layers": v.num_hidden_layers, "width": v.hidden_size, "heads": heads,
                         "head_dim": v.hidden_size // heads, "patches": tokens},
               "attention_only": {}, "films_per_s": {}, "max_abs_diff": {}}
@@ -175,8 +172,7 @@ def main() -> None:
             report["attention_only"][f"{b}_head_dim_{dim}"] = attention_only(b, heads, tokens, int(dim), device,
                                                                              scale=head_dim**-0.5)
     if args.attention_only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
         print(json.dumps(report["attention_only"], indent=1))
         return
     reference = {}
@@ -222,8 +218,7 @@ def main() -> None:
         report["profile"] = {f"compiled_default_b{args.profile_batch}": kernel_profile(fn, px * 2 - 1)}
         print(json.dumps(report["profile"], indent=1), flush=True)
     report["mean_abs_value"] = float(reference[batches[0]].float().abs().mean())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 
