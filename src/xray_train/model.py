@@ -395,10 +395,6 @@ def _sequence_dynamic(compiled_call):
     return call
 
 
-def lora_module_names(model) -> list[str]:
-    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
-
-
 def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None = None, device_map=None):
     """Base + loc tokens + adapter + processor from an xray-train output dir (or a pushed Hub repo dir).
 
