@@ -95,10 +95,11 @@ def compiled_variant(model, name: str, attention: str = "default"):
     import torch
 
     from xray_train.features import compile_vision_layers, pooled_vision_features, vision_encoder_layers
+    from xray_train.private_api import uncompile
 
     torch._dynamo.reset()
     for layer in vision_encoder_layers(model):
-        layer._compiled_call_impl = None
+        uncompile(layer)
     mode = "max-autotune-no-cudagraphs" if name.endswith("autotune") else None
     forward = lambda px: pooled_vision_features(model, px, attention=attention)  # noqa: E731
     if name.startswith("tower"):
