@@ -41,6 +41,17 @@ median step without compiles, a peer's samples per step over the median time bet
 steps took beyond that rate is a fixed cost (xray-train's ``compile``, a peer's ``warm_up``). The 100k-film
 projection keeps the fixed stages and scales the per-film ones (data read, cache build after its first
 batch, training steps, evaluation batches) at their measured rates.
+
+Modes. Besides the run above, the script has one user mode and three internal ones, each a row's own
+process started by the run (their flags are hidden from ``--help``):
+
+- ``--merge A.json B.json --rows ""``: only combine the rows of earlier outputs (runs split over several
+  GPU sessions) into ``--out``, recomputing the ratios and the projection; nothing is run.
+- ``--vision-out F --model DIR``: the ``vision`` row, SigLIP's forward rate, written to F.
+- ``--cli-stages F -- ARGV``: ``xray-train ARGV`` in this process with timers around its stages (start-up,
+  data, cache, compile, train, eval, save), written to F: the xray-train rows.
+- ``--peer NAME --films-json F --model DIR --batches B,.. --peer-out G``: one peer (seed, trl, unsloth,
+  unsloth-eager) trained on the films, its row written to G.
 """
 
 from __future__ import annotations
@@ -57,9 +68,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, package_version, pythonpath  # noqa: E402 - also puts the checkout's src/ first on the path
 
 PADCHEST_CONFIG = REPO / "configs" / "phase1_padchest.yaml"
 INDIANA_CONFIG = REPO / "configs" / "phase2_indiana.yaml"
@@ -325,7 +334,7 @@ def _timed_cli(label: str, argv: list[str], workdir: Path, env_extra: dict, time
     its stages or None). Its output goes to ``log-<label>.txt``."""
     stages_out = workdir / f"stages-{label}.json"
     stages_out.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), **env_extra)
+    env = dict(os.environ, PYTHONPATH=pythonpath(), BENCH_T0=str(time.time()), **env_extra)
     started = time.time()
     proc = _run([sys.executable, __file__, "--cli-stages", str(stages_out), "--", *argv], env, timeout)
     wall = time.time() - started
@@ -645,7 +654,7 @@ def peer_row(name: str, films_json: Path, base: Path, workdir: Path, tiny: bool,
     row_out.unlink(missing_ok=True)
     batches = batches or ((2, 3) if tiny else PEER_BATCHES[name])
     # Nothing outside the host can be reached: no hub look-ups, no usage statistics (Unsloth's).
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), BENCH_T0=str(time.time()), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, PYTHONPATH=pythonpath(), BENCH_T0=str(time.time()), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", **PEER_ENV.get(name, {}))
     stacks = workdir / f"stacks-peer-{name}.txt"
     stacks.unlink(missing_ok=True)
@@ -856,7 +865,7 @@ def main() -> None:
                     "at another batch)")
     ap.add_argument("--deadline-s", type=float, help="stop each row by this many seconds after the start "
                     "(a row that would start later is skipped; a stopped row records what it printed)")
-    # Internal: one row in this process.
+    # Internal: one row in this process (see "Modes" in the docstring).
     ap.add_argument("--cli-stages", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--peer-out", type=Path, help=argparse.SUPPRESS)
@@ -930,7 +939,7 @@ def main() -> None:
             "film_px_range": films["film_px_range"], "film_mb_median": films["film_mb_median"],
             "padchest_films": args.padchest_films, "indiana_films": args.indiana_films,
             "tiny": args.tiny, "rows": rows, "x": ratios(rows), "projection": projection(rows),
-            "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "bitsandbytes", "trl", "unsloth")},
+            "versions": {m: package_version(m) for m in ("torch", "transformers", "peft", "bitsandbytes", "trl", "unsloth")},
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -946,7 +955,7 @@ def main() -> None:
         if what == "vision":
             vision_out = work / "vision.json"
             cmd = [sys.executable, __file__, "--vision-out", str(vision_out), "--model", str(base)]
-            proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=dict(os.environ, PYTHONPATH=_pythonpath()),
+            proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=dict(os.environ, PYTHONPATH=pythonpath()),
                                   capture_output=True, text=True)
             record(json.loads(vision_out.read_text()) if proc.returncode == 0 else
                    {"name": "siglip forward (cache build, GPU only)", "error": proc.stderr[-1500:]})
@@ -983,20 +992,6 @@ def main() -> None:
             raise SystemExit(f"--rows: unknown row {what!r}")
     write()
     print(f"wrote {args.out} in {time.time() - started:.0f} s")
-
-
-def _pythonpath() -> str:
-    """The project's sources first, then whatever the caller put on the path (wheels carried to a GPU host)."""
-    return os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
-
-
-def _version(module: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(module)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

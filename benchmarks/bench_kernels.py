@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import common  # noqa: E402,F401 - puts the checkout's src/ first on the path
 
 
 def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:

@@ -54,7 +54,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO  # noqa: E402 - also puts the checkout's src/ first on the path
 RESULTS = REPO / "benchmarks" / "results" / "learns_boxes.json"
 #: ``hit_rate_50_of_probe``: the main row's hit@0.5 over the best probe's, on the same frozen tower.
 TARGETS = {"map50": 0.5, "hit_rate_50_of_probe": 0.8, "finding_f1": 0.9, "parse_rate": 0.98}

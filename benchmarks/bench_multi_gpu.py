@@ -38,7 +38,6 @@ is tested where there is no GPU; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, pythonpath, versions as _versions  # noqa: E402 - also puts the checkout's src/ first on the path
 DDP_CONFIG = REPO / "configs" / "accelerate" / "ddp.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "multi_gpu.json"
 TIMING_FILE = "bench_timing_rank{rank}.json"
@@ -115,12 +114,7 @@ def rank_entry(cli_args: list[str]) -> None:
 def versions() -> dict:
     import torch
 
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("transformers", "accelerate", "peft", "bitsandbytes", "deepspeed"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
+    out = _versions("transformers", "accelerate", "peft", "bitsandbytes", "deepspeed")
     try:
         out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - a version string is informative only
@@ -134,7 +128,6 @@ def build_model(workdir: Path, smoke: bool) -> Path:
 
         target = workdir / "tiny-medgemma"
         return target if (target / "config.json").is_file() else make_tiny_model(target)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from medgemma_arch import build_random_medgemma
 
     return build_random_medgemma(workdir / "medgemma-4b-random")
@@ -312,7 +305,7 @@ def main() -> None:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath()
     if args.smoke:
         available = max(wanted)
         gpu = "cpu (smoke)"

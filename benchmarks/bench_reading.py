@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, device_name, write_json  # noqa: E402 - also puts the checkout's src/ first on the path
 
 
 def _decode(path: Path):
@@ -115,12 +112,11 @@ def main() -> None:
         results[f"reader_{workers}"] = read(workers, False)
     if cuda:
         results[f"reader_{cpus}_to_gpu"] = read(cpus, True)
-    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpus": cpus,
+    report = {"device": device_name(), "cpus": cpus,
               "physical_cores": _physical_cores(), "films_per_s_after_first_batch": steady,
               "film_px": films["film_px"], "film_mb_median": films["film_mb_median"],
               "paths_per_pass": len(paths), "films_per_s": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report))
 
 

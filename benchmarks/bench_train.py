@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
 import os
 import sys
@@ -43,9 +42,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, versions as _versions  # noqa: E402 - also puts the checkout's src/ first on the path
 
 from medgemma_arch import build_random_medgemma, parameter_counts  # noqa: E402
 
@@ -62,13 +59,7 @@ def gpu_peak_tflops() -> float | None:
 
 
 def versions() -> dict:
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("transformers", "peft", "bitsandbytes", "accelerate", "trl", "unsloth"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return _versions("transformers", "peft", "bitsandbytes", "accelerate", "trl", "unsloth")
 
 
 # ---------------------------------------------------------------------------------------------

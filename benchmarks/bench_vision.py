@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, device_name, write_json  # noqa: E402 - also puts the checkout's src/ first on the path
 
 
 def _sync() -> None:
@@ -99,10 +96,11 @@ def compiled_variant(model, name: str, attention: str = "default"):
 
     from xray_train.features import compile_vision_layers, pooled_vision_features
     from xray_train.gemma3 import vision_encoder_layers
+    from xray_train.private_api import uncompile
 
     torch._dynamo.reset()
     for layer in vision_encoder_layers(model):
-        layer._compiled_call_impl = None
+        uncompile(layer)
     mode = "max-autotune-no-cudagraphs" if name.endswith("autotune") else None
     forward = lambda px: pooled_vision_features(model, px, attention=attention)  # noqa: E731
     if name.startswith("tower"):
@@ -162,7 +160,7 @@ def main() -> None:
     model = vision_model(args.tiny, device)
     v = model.config.vision_config
     tokens, heads = (v.image_size // v.patch_size) ** 2, v.num_attention_heads
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+    report = {"device": device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "tower": {"layers": v.num_hidden_layers, "width": v.hidden_size, "heads": heads,
                         "head_dim": v.hidden_size // heads, "patches": tokens},
               "attention_only": {}, "films_per_s": {}, "max_abs_diff": {}}
@@ -176,8 +174,7 @@ def main() -> None:
             report["attention_only"][f"{b}_head_dim_{dim}"] = attention_only(b, heads, tokens, int(dim), device,
                                                                              scale=head_dim**-0.5)
     if args.attention_only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
         print(json.dumps(report["attention_only"], indent=1))
         return
     reference = {}
@@ -223,8 +220,7 @@ def main() -> None:
         report["profile"] = {f"compiled_default_b{args.profile_batch}": kernel_profile(fn, px * 2 - 1)}
         print(json.dumps(report["profile"], indent=1), flush=True)
     report["mean_abs_value"] = float(reference[batches[0]].float().abs().mean())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -17,11 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from common import REPO, device_name, pythonpath, write_json  # noqa: E402 - also puts the checkout's src/ first on the path
 
 from medgemma_arch import build_random_medgemma  # noqa: E402
 
@@ -44,7 +40,7 @@ def main() -> None:
     base = build_random_medgemma(args.workdir / "medgemma-4b-random")
     pad = write_padchest(args.workdir / "smoke-padchest", n=48, seed=3)
     ind = write_indiana(args.workdir / "smoke-indiana", n=48, seed=4)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), XRAY_TRAIN_FEATURE_CACHE=str(args.workdir / "features"))
+    env = dict(os.environ, PYTHONPATH=pythonpath(), XRAY_TRAIN_FEATURE_CACHE=str(args.workdir / "features"))
     common = [f"model.base={base}", f"training.max_steps={args.steps}", "training.save_steps=3",
               "training.eval_steps=3", "training.logging_steps=1", "training.max_eval_samples=8",
               "training.report_to=[none]", "data.val_fraction=0.2", "data.test_fraction=0.1"]
@@ -67,10 +63,9 @@ def main() -> None:
             rows[name].update(samples_per_s=s.get("train_samples_per_s"), peak_gpu_mem_gb=s.get("peak_gpu_mem_gb"),
                               steps=s.get("global_steps"), eval_token_accuracy=s.get("metrics", {}).get("eval_token_accuracy"),
                               files=sorted(f.name for f in out.iterdir()))
-    report = {"device": torch.cuda.get_device_name(), "model": "MedGemma-4B architecture, random weights, 4-bit NF4",
+    report = {"device": device_name(), "model": "MedGemma-4B architecture, random weights, 4-bit NF4",
               "steps_per_phase": args.steps, "phases": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     for name, row in rows.items():
         print(name, {k: v for k, v in row.items() if k != "log_tail"})
 

@@ -1,10 +1,18 @@
-"""Where a steady-state xray-train step spends its time at MedGemma-4B scale (GPU).
+"""Where a steady-state xray-train step spends its time at MedGemma-4B scale (GPU). Prints; writes no file.
 
-Prints the wall time per step, the GPU's busy time per step (sum of CUDA kernel time, CUPTI only: no
-CPU tracing that would itself slow the host) and a cProfile of the host side of the timed steps. A step
-whose GPU busy time is well below its wall time is bound by the host (Python and kernel launches).
+Two views of the same question:
+
+- the default: the Trainer's steps as ``bench_train.py`` runs them. Prints the wall time per step, the GPU's
+  busy time per step (sum of CUDA kernel time, CUPTI only: no CPU tracing that would itself slow the
+  host) and a cProfile of the host side of the timed steps. A step whose GPU busy time is well below its
+  wall time is bound by the host (Python and kernel launches). ``--gaps 1`` attributes each GPU idle gap
+  to the host op that launched the kernel after it.
+- ``--parts``: the step taken apart outside the Trainer: DataLoader fetch, forward without gradients,
+  forward + backward, the optimizer step (eval and train mode), a step on a fresh batch, then one step
+  under the profiler (host and GPU self time, the top ops). ``--compile 1`` compiles the decoder layers.
 
     python benchmarks/profile_step.py --batch 12 [--set gradient_checkpointing=true ...]
+    python benchmarks/profile_step.py --parts --batch 16 [--compile 1]
 """
 
 from __future__ import annotations
@@ -16,14 +24,12 @@ import itertools
 import json
 import os
 import pstats
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train as bt
+import bench_train as bt  # also puts the checkout's src/ first on the path (common.py)
 
 
 def main() -> None:
@@ -38,7 +44,12 @@ def main() -> None:
     p.add_argument("--gaps", type=int, default=0,
                    help="1: also record host ops and attribute each GPU idle gap to the host op that launched "
                         "the kernel after it (slows the host a little: the busy share reads low)")
+    p.add_argument("--parts", action="store_true", help="time the step's parts outside the Trainer instead")
+    p.add_argument("--compile", type=int, default=0, help="--parts: 1 compiles the decoder layers")
     args = p.parse_args()
+    if args.parts:
+        parts(args)
+        return
     os.environ.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))
     base = bt.build_random_medgemma(args.workdir / "medgemma-4b-random")
     processor, encoder, items = bt.make_samples(base, args.workdir / "padchest", 96, "report")
@@ -142,6 +153,97 @@ def print_gaps(trace: dict, n_steps: int, min_us: float = 5.0, top: int = 25) ->
           f"gaps/step ({unattributed / 1000 / n_steps:.1f} ms/step without a launch record)")
     for key, values in sorted(labels.items(), key=lambda kv: -sum(kv[1]))[:top]:
         print(f"{sum(values) / 1000 / n_steps:7.2f} ms/step {len(values) / n_steps:6.1f}/step  {key}")
+
+
+
+def timed(fn, n):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
+
+
+def parts(args) -> None:
+    """The step taken apart outside the Trainer (``--parts``)."""
+    os.environ.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))
+    base = bt.build_random_medgemma(args.workdir / "medgemma-4b-random")
+    processor, encoder, items = bt.make_samples(base, args.workdir / "padchest", 32, "report")
+
+    from xray_train.collate import Collator
+    from xray_train.config import RunConfig
+    from xray_train.loss import targets_only_loss
+    from xray_train.model import build_training_model, compile_decoder_layers
+    from xray_train.resolve import resolve
+    from xray_train.train import PreparedData, build_datasets
+
+    image_root = Path(items[0].example.image_path).parents[1]
+    cfg = resolve(RunConfig.model_validate({
+        "phase": "phase1", "output_dir": str(args.workdir / "bd"), "model": {"base": str(base)},
+        "data": {"dataset": "padchest", "image_root": str(image_root), "csv": str(image_root / "x.csv")},
+        "training": {"torch_compile": False},  # --compile compiles the layers below
+    }))
+    model, proc = build_training_model(cfg)
+    if args.compile:
+        compile_decoder_layers(model)
+    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
+    collate = Collator(encoder.ids)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, collate_fn=collate, num_workers=2, shuffle=True)
+    it = iter(loader)
+
+    def fetch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+
+    print(f"dataloader fetch: {timed(fetch, 6) * 1000:.1f} ms/batch")
+    batch = {k: v.cuda() for k, v in fetch().items()}
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+    def fwd():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            targets_only_loss(model, batch, cfg.training.head_chunk_rows, grad_in_forward=False)
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = targets_only_loss(model, batch, cfg.training.head_chunk_rows, cfg.training.head_grad_in_forward)
+            loss = out.loss_sum / out.n_tokens
+        loss.backward()
+
+    def step():
+        fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for name, fn in (("forward (no grad)", fwd), ("forward+backward", fwd_bwd), ("full step, eval mode", step)):
+        fn(); fn()
+        print(f"{name}: {timed(fn, 4) * 1000:.1f} ms")
+    model.train()
+    step(); step()
+    print(f"full step, train mode (LoRA dropout on): {timed(step, 4) * 1000:.1f} ms")
+
+    def loader_step():
+        nonlocal batch
+        batch = {k: v.cuda(non_blocking=True) for k, v in fetch().items()}
+        step()
+
+    loader_step(); loader_step()
+    print(f"full step, train mode, fresh batch from DataLoader: {timed(loader_step, 4) * 1000:.1f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    cpu = sum(e.self_cpu_time_total for e in ev) / 1000
+    gpu = sum(e.self_device_time_total for e in ev) / 1000
+    print(f"one step: self CPU {cpu:.0f} ms, self GPU {gpu:.0f} ms")
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    print(f"peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,7 @@ older definition compare.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
+from common import RESULTS
 
 TARGET_X_SEED = 10.0
 TARGET_GB = 24.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,12 @@ def sample_copy(tmp_path) -> Path:
 
 
 def benchmark(name: str):
-    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package): their folder goes on
+    the path, as running one as a script puts it, so their shared ``common`` module imports."""
     import importlib.util
+
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
 
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

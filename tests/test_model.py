@@ -13,7 +13,6 @@ from xray_train.model import (
     check_phase1_dir,
     continue_adapter,
     loc_token_ids,
-    lora_module_names,
     target_modules_regex,
 )
 from xray_train.resolve import resolve
@@ -32,6 +31,10 @@ def config(tiny_model_dir, phase, training=None, **model):
         {"phase": phase, "output_dir": "unused", "model": {"base": str(tiny_model_dir), **model}, "data": data,
          "training": training or {}}
     ))
+
+
+def lora_module_names(model) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The package's shape: imports only go down (no module imports one that imports it back, not even inside
-a function), and a module over ~400 lines says at its top why it is one module."""
+a function), product code does not import the test stand-ins, and a module over ~400 lines says at its top
+why it is one module."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def test_imports_only_go_down():
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert "xray_train.loss" in graph["xray_train.trainer"]  # the graph sees real imports
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+#: Product modules that may use the stand-ins: the demo and ``xray-train make-tiny-model`` exist to run them.
+USES_STAND_INS = {"xray_train.demo", "xray_train.cli"}
+
+
+def test_product_code_does_not_import_the_stand_ins():
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("xray_train.testing") or name in USES_STAND_INS:
+            continue
+        stand_ins = {m for m in _imports(name, path, modules) if m.startswith("xray_train.testing")}
+        assert not stand_ins, f"{name} imports {sorted(stand_ins)}"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -11,7 +11,7 @@ float32) and peft's ``merge_and_unload`` folds in all three kinds of adapter sta
 
 Before saving, the expected value of every one of those tensors is computed from the unmerged model;
 after saving, ``OUT_DIR`` is reloaded with ``AutoModelForImageTextToText`` (nothing of peft or
-xray-train) and each tensor is compared, and so are the logits of a fixed batch (a synthetic film with
+xray-train) and each tensor is compared, and so are the logits of a fixed batch (a drawn film with
 a report prompt, and a detect prompt whose answer contains loc tokens) against base + adapter at the
 same precision. ``merge_check.json`` records the differences. ``OUT_DIR`` appears whole or not at all.
 """
@@ -114,27 +114,49 @@ def compare_weights(expected: dict, model, dtype: torch.dtype) -> dict:
 # The fixed check batch
 
 
-def check_samples(processor, system_prompt: str, image_size: int | None, with_loc: bool, workdir: Path) -> list[dict]:
-    """A synthetic film through the real image path, with a report answer and (Phase 2) a box answer."""
-    import numpy as np
+#: The check film's two findings and their boxes (normalised to the film), drawn by ``write_check_film``.
+CHECK_FILM_SIZE = (240, 300)  # width, height: not square, so the Phase-2 boxes go through the padding
+CHECK_FINDINGS = (
+    ("nodule", ("right", "upper"), (0.22, 0.24, 0.34, 0.34)),
+    ("pleural effusion", ("left", "basal"), (0.56, 0.62, 0.86, 0.78)),
+)
 
+
+def write_check_film(path: Path) -> None:
+    """A 16-bit film with two bright findings on a pair of darker lungs, drawn without randomness: the check
+    batch needs a film through the real image path, not realism, and merging needs no dataset."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = CHECK_FILM_SIZE
+    y, x = np.mgrid[0:h, 0:w]
+    x, y = (x + 0.5) / w, (y + 0.5) / h
+    film = 0.42 + 0.1 * y
+    for cx in (0.3, 0.7):  # the lungs
+        film -= 0.24 * (((x - cx) / 0.18) ** 2 + ((y - 0.45) / 0.32) ** 2 < 1)
+    for _, _, (x0, y0, x1, y1) in CHECK_FINDINGS:
+        film += 0.3 * ((x >= x0) & (x < x1) & (y >= y0) & (y < y1)) * (1 - np.abs(2 * (x - x0) / (x1 - x0) - 1))
+    Image.fromarray(np.clip(np.rint(film * 4095), 0, 4095).astype(np.uint16)).save(path, format="PNG")
+
+
+def check_samples(processor, system_prompt: str, image_size: int | None, with_loc: bool, workdir: Path) -> list[dict]:
+    """The check film through the real image path, with a report answer and (Phase 2) a box answer."""
     from xray_train.collate import PromptEncoder
     from xray_train.data.images import Geometry
     from xray_train.data.loc import encode_boxes
-    from xray_train.data.records import Finding
+    from xray_train.data.records import Box, Finding
     from xray_train.data.reports import format_report
-    from xray_train.testing.synthetic import generate_film, save_png
     from xray_train.inputs import PixelLoader
 
-    film = generate_film(np.random.default_rng(1234), size=(240, 300), n_findings=2)
     path = workdir / "merge_check_film.png"
-    save_png(film.pixels, path)
+    write_check_film(path)
     pixels = PixelLoader(processor, image_size)(path)
     encoder = PromptEncoder(processor, system_prompt)
-    answers = [("report", format_report([Finding(f.label, f.locations) for f in film.findings]))]
+    answers = [("report", format_report([Finding(name, locations) for name, locations, _ in CHECK_FINDINGS]))]
     if with_loc:
-        geometry = Geometry(240, 300, 0)
-        answers.append(("detect", encode_boxes([geometry.to_prepared(f.box) for f in film.findings])))
+        geometry = Geometry(*CHECK_FILM_SIZE, 0)
+        boxes = [Box(name, *box) for name, _, box in CHECK_FINDINGS]
+        answers.append(("detect", encode_boxes([geometry.to_prepared(box) for box in boxes])))
     samples = []
     for task, answer in answers:
         encoded = encoder.encode(task, answer)

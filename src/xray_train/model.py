@@ -350,11 +350,13 @@ def compile_decoder_layers(model, backend: str | None = None) -> int:
     The sequence length is a dynamic size from the first step (:func:`_sequence_dynamic`), not a second
     compile at step 2. ``backend``: tests pass ``"eager"`` (the same graphs and guards, nothing generated).
     """
+    from xray_train.private_api import wrap_compiled_call
+
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**({"backend": backend} if backend else {}))
-        # nn.Module.compile's compiled call: the wrapper runs eagerly around it, where marks may be set.
-        layer._compiled_call_impl = _sequence_dynamic(layer._compiled_call_impl)
+        # The wrapper runs eagerly around the compiled call, where marks may be set.
+        wrap_compiled_call(layer, _sequence_dynamic)
     return len(layers)
 
 
@@ -362,7 +364,7 @@ def _sequence_dynamic(compiled_call):
     """``compiled_call`` with the sequence dimensions of its tensor inputs (hidden states [b, s, h], rotary
     cos/sin [1, s, d], position ids [1, s], a dense mask [b, 1, s, s]: those of the hidden states' length)
     marked dynamic before it runs. A mark only decides how a first compile treats that size."""
-    from torch._dynamo import maybe_mark_dynamic
+    from xray_train.private_api import maybe_mark_dynamic
 
     def mark(value, length: int) -> None:
         if isinstance(value, (tuple, list)):
@@ -380,10 +382,6 @@ def _sequence_dynamic(compiled_call):
         return compiled_call(*args, **kwargs)
 
     return call
-
-
-def lora_module_names(model) -> list[str]:
-    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
 
 
 def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None = None, device_map=None):

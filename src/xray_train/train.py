@@ -33,6 +33,7 @@ from xray_train.errors import XrayTrainError
 from xray_train.inputs import EncodedExample, PixelLoader, TrainingDataset, encode_examples
 from xray_train.resolve import require_resolved, resolve
 from xray_train.outputs import atomic_write_json, disk_full_as_error, staging_dir
+from xray_train.private_api import compile_count
 from xray_train.run_dir import DONE_MARKER, LOSS_CURVE, SUMMARY, RunDir, checkpoint_step, tidy_saved_adapter
 
 logger = logging.getLogger("xray_train")
@@ -296,14 +297,14 @@ def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
 
 
 def training_arguments(cfg: RunConfig, has_eval: bool):
-    from transformers import TrainingArguments
+    from xray_train.trainer import OneGpuPerProcessArguments
 
     t = require_resolved(cfg).training
     eval_strategy = t.eval_strategy if has_eval else "no"
     report_to = [r for r in t.report_to if r != "none"] or "none"
     # TensorBoard reads its folder from the environment in transformers 5; keep logs beside the run.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.output_dir / "logs")
-    return TrainingArguments(
+    return OneGpuPerProcessArguments(
         output_dir=str(cfg.output_dir),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -416,13 +417,6 @@ def save_outputs(
     except Exception as exc:  # a plot must never cost a finished run
         logger.warning("loss curve not written: %s", exc)
     run_dir.mark_finished(cfg.phase, steps)
-
-
-def compile_count() -> int:
-    """Graphs torch.compile has made in this process (each compile or recompile of a frame counts once)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["frames"]["ok"])
 
 
 def _train_loss(log_history: list[dict]) -> float | None:

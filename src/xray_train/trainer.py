@@ -12,8 +12,7 @@ import logging
 import math
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import DefaultFlowCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from xray_train.distributed import call_through_ddp
 from xray_train.distributed import state as distributed_state
@@ -22,6 +21,19 @@ from xray_train.loss import LocTargets, full_logits_loss, targets_only_loss
 from xray_train.run_dir import RunDir, tidy_saved_adapter
 
 logger = logging.getLogger(__name__)
+
+
+class OneGpuPerProcessArguments(TrainingArguments):
+    """TrainingArguments for a process that trains on one GPU however many it sees.
+
+    One process seeing several GPUs (plain `python`, or `accelerate launch --num_processes 1`) would make the
+    Trainer wrap the model in nn.DataParallel, which a 4-bit model placed on one GPU cannot use, and multiply
+    the batch by the GPU count for it. Several GPUs mean several processes (see docs/multi_gpu.md), each with
+    one GPU: ``n_gpu`` is at most 1, so the batch, the eval batch and the parallel mode all follow from it."""
+
+    @property
+    def n_gpu(self) -> int:
+        return min(super().n_gpu, 1)
 
 
 class FiniteLossCallback(TrainerCallback):
@@ -83,8 +95,9 @@ class LoraStartCallback(TrainerCallback):
 class WorkersOnlyWhileReadingCallback(TrainerCallback):
     """An epoch that reads no image (every feature cached: a later epoch of a run whose steps filled the cache,
     or a rerun) runs without DataLoader workers. They are there to read images; with nothing to read they only
-    name cached rows, and steps ran 10 % slower with them (67.5 against 75.3 samples/s, MedGemma-4B on an
-    H200). The batches are the same: the sampler, not the workers, orders them."""
+    name cached rows, and handing those names between processes makes the steps slower (the rerun rows of
+    benchmarks/results/e2e_speed.json, with and without workers). The batches are the same: the sampler, not
+    the workers, orders them."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -123,16 +136,17 @@ class XrayTrainer(Trainer):
         loc_targets: LocTargets | None = None, lora_start_step: int = 0, feature_fill=None, pixel_loader=None,
         feature_rows_from=None, **kwargs
     ):
+        training_args = kwargs["args"] if "args" in kwargs else args[1]
+        self.loss_guard = NonFiniteLossGuard(collective=training_args.world_size > 1)
+        # Passed first, so it comes right after the Trainer's own callbacks (the flow callback, which decides
+        # should_save, and the loggers) and before any other that could write files.
+        kwargs["callbacks"] = [FiniteLossCallback(self.loss_guard), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         self._feature_fill = feature_fill  # features.CacheFill, when the steps fill the vision-feature cache
         # The feature cache whose rows batches name by number (``feature_rows``: a collator in worker processes).
         self._feature_rows_from = feature_rows_from
         self._pixel_loader = pixel_loader
-        self.loss_guard = NonFiniteLossGuard(collective=self.args.world_size > 1)
         self.loss_guard.on_bad_loss = self._stop_on_bad_loss
-        # Right after the flow callback (which decides should_save), before any that writes files.
-        flow = next(i for i, cb in enumerate(self.callback_handler.callbacks) if isinstance(cb, DefaultFlowCallback))
-        self.callback_handler.callbacks.insert(flow + 1, FiniteLossCallback(self.loss_guard))
         self.add_callback(CheckpointCompleteCallback())
         self.add_callback(WorkersOnlyWhileReadingCallback(self.train_dataset))
         if lora_start_step > 0:
@@ -145,13 +159,8 @@ class XrayTrainer(Trainer):
         self._loc_targets = loc_targets
         # compute_loss divides by the token count of the whole accumulated batch itself.
         self.model_accepts_loss_kwargs = True
-        # One process sees several GPUs (plain `python`, or `accelerate launch --num_processes 1`):
-        # the Trainer would wrap the model in nn.DataParallel, which a 4-bit model placed on one GPU
-        # cannot use. Several GPUs mean several processes (see docs/multi_gpu.md).
-        if self.args.parallel_mode.value == "not_distributed" and self.args.n_gpu > 1:
-            self.args._n_gpu = 1
-            # The Trainer already multiplied the batch by the GPU count (for DataParallel).
-            self._train_batch_size = self.args.train_batch_size
+        if not isinstance(self.args, OneGpuPerProcessArguments):
+            raise TypeError("XrayTrainer trains one GPU per process: pass OneGpuPerProcessArguments")
         self._eval_correct = 0
         self._eval_total = 0
 

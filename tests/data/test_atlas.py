@@ -1,6 +1,8 @@
 from xray_train.data import atlas
 from xray_train.data.records import Finding
 
+from tests.conftest import REPO
+
 
 def _only(boxes):
     assert len(boxes) == 1, boxes
@@ -68,5 +70,26 @@ def test_every_region_is_a_valid_box():
             if r is None:
                 continue
             assert 0 <= r[0] < r[2] <= 1 and 0 <= r[1] < r[3] <= 1, name
-    table = atlas.atlas_table_markdown()
+    table = atlas_table_markdown()
     assert "costophrenic angle" in table and table.count("\n") == len(atlas.REGIONS) + 1
+
+
+def atlas_table_markdown() -> str:
+    """The region table as Markdown, as docs/recipe.md shows it."""
+    fmt = lambda r: ", ".join(f"{v:.2f}" for v in r) if r else "-"  # noqa: E731
+    lines = ["| region | patient's right | patient's left |", "|---|---|---|"]
+    for name, (right, left) in atlas.SIDED_REGIONS.items():
+        lines.append(f"| {name} | {fmt(right)} | {fmt(left)} |")
+    for name, rect in atlas.MIDLINE_REGIONS.items():
+        lines.append(f"| {name} (midline) | {fmt(rect)} | |")
+    return "\n".join(lines)
+
+
+def test_the_documented_atlas_is_the_code_s():
+    doc = (REPO / "docs" / "recipe.md").read_text(encoding="utf-8").splitlines()
+    for row in atlas_table_markdown().splitlines()[2:]:
+        name, *coords = (cell.strip() for cell in row.strip("|").split("|"))
+        name = name.removesuffix(" (midline)")
+        documented = [line for line in doc if line.startswith(f"| {name}")]
+        assert documented, name
+        assert all(c in documented[0] for c in coords if c), (name, documented[0])

@@ -82,7 +82,7 @@ MIDLINE_REGIONS: dict[str, Rect] = {
     "spine": (0.44, 0.05, 0.56, 0.95),
 }
 
-#: Every region by name (sided ones as (right, left)), for docs and the README table.
+#: Every region by name (sided ones as (right, left)), for docs and the atlas table in docs/recipe.md.
 REGIONS: dict[str, object] = {**SIDED_REGIONS, **MIDLINE_REGIONS}
 
 #: Location word (lower-case MeSH qualifier or anatomical term) -> canonical region or side.
@@ -211,14 +211,3 @@ def boxes_from_mesh(mesh: str) -> list[Box]:
             if box not in out:
                 out.append(box)
     return out
-
-
-def atlas_table_markdown() -> str:
-    """The region table as Markdown (for the README)."""
-    fmt = lambda r: ", ".join(f"{v:.2f}" for v in r) if r else "-"  # noqa: E731
-    lines = ["| region | patient's right | patient's left |", "|---|---|---|"]
-    for name, (right, left) in SIDED_REGIONS.items():
-        lines.append(f"| {name} | {fmt(right)} | {fmt(left)} |")
-    for name, rect in MIDLINE_REGIONS.items():
-        lines.append(f"| {name} (midline) | {fmt(rect)} | |")
-    return "\n".join(lines)
