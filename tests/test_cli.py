@@ -132,7 +132,28 @@ def test_version_names_xray_train_and_the_libraries_bug_reports_need():
     result = runner.invoke(cli.app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"xray-train {xray_train.__version__} (Python ")
+    # torch's own string, build tag included, whichever build (CPU or CUDA) is installed.
     assert f"torch {torch.__version__}" in result.output and "transformers " in result.output
+    assert ("CUDA usable" in result.output) == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("build", ["cuda_gpu", "cuda_no_gpu", "cpu"])
+def test_version_says_torchs_build_tag_whether_cuda_is_usable_and_the_gpu(monkeypatch, build):
+    import torch
+
+    # PyPI's CUDA wheel: its metadata says "2.14.1", torch itself "2.14.1+cu130".
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130" if build != "cpu" else "2.14.1+cpu")
+    monkeypatch.setattr(torch.version, "cuda", None if build == "cpu" else "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: build == "cuda_gpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    output = " ".join(runner.invoke(cli.app, ["--version"]).output.split())
+    if build == "cuda_gpu":
+        assert "torch 2.14.1+cu130 (CUDA 13.0), CUDA usable: 1 GPU (NVIDIA H100 80GB HBM3)" in output
+    elif build == "cuda_no_gpu":
+        assert "torch 2.14.1+cu130 (CUDA 13.0), CUDA not usable here" in output and "H100" not in output
+    else:
+        assert "torch 2.14.1+cpu, CPU-only build (no CUDA)" in output
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")

@@ -51,6 +51,22 @@ TrainSetOpt = set_option("training.learning_rate=1e-4")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished output_dir instead of refusing.")
 
 
+def torch_build() -> str:
+    """torch's own version string (with its build tag: ``2.14.1+cu130``, ``2.13.0+cpu``; the package
+    metadata drops it for PyPI's CUDA wheels), whether CUDA is usable here and on which GPUs: what a bug
+    report needs to tell one install from another."""
+    import torch
+
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        return f"{build}, CPU-only build (no CUDA)"
+    build += f" (CUDA {torch.version.cuda})"
+    if not torch.cuda.is_available():
+        return f"{build}, CUDA not usable here (no GPU or driver visible)"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{build}, CUDA usable: {len(gpus)} GPU{'s' if len(gpus) != 1 else ''} ({', '.join(gpus)})"
+
+
 def _version(value: bool) -> None:
     if not value:
         return
@@ -64,16 +80,17 @@ def _version(value: bool) -> None:
         except PackageNotFoundError:
             return "not installed"
 
-    deps = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "bitsandbytes"))
+    deps = ", ".join(f"{name} {installed(name)}" for name in ("transformers", "peft", "bitsandbytes"))
     console.print(f"xray-train {__version__} (Python {sys.version.split()[0]}, {deps})", highlight=False, soft_wrap=True)
+    console.print(torch_build(), highlight=False, soft_wrap=True)
     raise typer.Exit()
 
 
 @app.callback()
 def _main(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version (and torch, transformers, "
-        "peft, bitsandbytes versions) and exit."
+        False, "--version", callback=_version, is_eager=True, help="Print the version (and transformers, peft, "
+        "bitsandbytes, torch with its build and GPUs) and exit."
     ),
 ) -> None:
     pass
