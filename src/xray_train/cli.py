@@ -504,19 +504,23 @@ def push_to_hub_cmd(
         "when model.base was a local folder that does not name its Hub id.",
         show_default=False,
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Publish under --base-model even when the run's base does not match it."
+    ),
 ):
     """Upload the adapter, processor files and a generated model card to the Hugging Face Hub.
 
     The card holds what was trained, the evaluation numbers from eval_results.json (if present), a usage snippet and the not-for-clinical-use notice. The token comes from HF_TOKEN or `hf auth login` and is never printed or written. Untrained (all-zero) adapters are refused.
 
-    The run directory is only read. With a local base folder, --base-model names the Hub id the published adapter points at (written to the card and the staged adapter_config.json).
+    The run directory is only read. With a local base folder, --base-model names the Hub id the published adapter points at (written to the card and the staged adapter_config.json); it is refused when the run's base is another model (architecture, vocabulary, sizes) unless --force.
 
     Example: xray-train push-to-hub runs/phase2 --repo-id my-lab/medgemma-cxr-lora --dry-run staged/
     """
     from xray_train.hub import push_to_hub
 
     _setup_logging()
-    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run, base_model=base_model)
+    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run, base_model=base_model,
+                         force=force)
     if dry_run is not None:
         files = sorted(p for p in Path(result).iterdir() if p.is_file())
         console.print(f"[bold]Dry run:[/bold] {len(files)} files staged for {repo_id} (nothing uploaded):")

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from xray_train.bundled import reads_bundled_samples
 from xray_train.collate import PHASE_TASK, Collator, PromptEncoder, batch_to
 from xray_train.config import RunConfig
 from xray_train.data.images import Geometry, read_image_size
@@ -52,7 +53,7 @@ from xray_train.errors import XrayTrainError
 from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, progress_bar
 from xray_train.inputs import PixelLoader, encode_examples
 from xray_train.loss import targets_only_loss, unwrap_gemma3
-from xray_train.metrics import answer_counts, box_scores, finding_scores, parsed_of
+from xray_train.metrics import UNPARSED_RULE, answer_counts, box_scores, finding_scores, parsed_of
 from xray_train.outputs import atomic_write_json, atomic_write_text
 from xray_train.run_dir import EVAL_MARKDOWN, EVAL_RESULTS, RunDir
 from xray_train.report_plots import F1_BARS, IOU_HISTOGRAM, plot_f1_bars, plot_iou_histogram
@@ -294,12 +295,6 @@ def _delta(a, b) -> str:
     return ""
 
 
-UNPARSED_RULE = (
-    "An answer not in the trained format is unparsed: it counts as predicting nothing (never as a normal "
-    "study), so every score below is read beside how many answers parsed."
-)
-
-
 def markdown_report(results: dict) -> str:
     """The side-by-side table (adapter vs base model) plus per-finding and per-label tables; every score
     column names how many of that model's answers parsed."""
@@ -311,7 +306,8 @@ def markdown_report(results: dict) -> str:
         f"# Evaluation: {results['adapter']}",
         "",
         f"{results['phase']} ({results['task']} prompt) on the **{results['split']}** split of "
-        f"{results['dataset']}: {n} images (patients held out from training).",
+        f"{results['dataset']}{' (the bundled synthetic samples, not real X-rays)' if results.get('synthetic_sample') else ''}: "
+        f"{n} images (patients held out from training).",
         "",
         f"Answers in the trained format: adapter {parsed_of(results, n)}"
         + (f", base model {parsed_of(base, n)}" if base else "") + f". {UNPARSED_RULE}",
@@ -448,6 +444,8 @@ def evaluate(
         "phase": cfg.phase,
         "task": PHASE_TASK[cfg.phase],
         "dataset": cfg.data.dataset,
+        # The bundled synthetic samples (the demo's data) are said to be that, not the dataset they imitate.
+        "synthetic_sample": reads_bundled_samples(cfg.data.model_dump(mode="json")),
         "split": split,
         "n_examples": len(scored_examples),
         "n_unreadable": len(examples) - len(scored_examples),

@@ -124,6 +124,12 @@ def answer_counts(predictions: Sequence[object | None]) -> dict:
     }
 
 
+UNPARSED_RULE = (
+    "An answer not in the trained format is unparsed: it counts as predicting nothing (never as a normal "
+    "study), so every score below is read beside how many answers parsed."
+)
+
+
 def parsed_of(block: dict | None, n_examples: int) -> str:
     """``"3 of 4"``: a model's answers in the trained format, from the counts :func:`answer_counts` made
     (``block``: an evaluation results block, adapter or baseline)."""

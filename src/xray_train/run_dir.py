@@ -294,12 +294,15 @@ class RunDir:
         atomic_write_text(self.file(RESOLVED_CONFIG), dump_config(cfg))
 
     def write_lineage(self, phase: str, parent: "RunDir | None") -> None:
+        from xray_train.bundled import reads_bundled_samples
+
         record: dict[str, Any] = {"phase": phase, "parent": None}
         if parent is not None:
             record["parent"] = {
                 "path": str(parent.path.resolve()),
                 "phase": parent.finished_phase(),
                 "dataset": parent.config().data.dataset if parent.has_config() else None,
+                "synthetic_sample": reads_bundled_samples(parent.config_dict().get("data")) if parent.has_config() else None,
                 "adapter_sha256": parent.adapter_sha256(),
             }
         atomic_write_json(self.file(LINEAGE), record)
