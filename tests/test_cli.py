@@ -311,3 +311,26 @@ def test_demo_says_what_it_shows_and_prints_no_pages_of_gibberish(tiny_model_dir
     nothing_readable = all(r["n_unparsed"] == r["n_examples"] for r in results)
     assert ("No answer was in the trained format, so the scores are 0" in out) == nothing_readable
     assert len(list((workdir / "predictions").glob("*_pred.png"))) == 3
+
+
+def test_the_ctrl_c_message_starts_on_its_own_line_after_a_progress_bar(monkeypatch):
+    """In a terminal, a bar that Ctrl-C stopped leaves the cursor at the end of its line."""
+    import io
+
+    from rich.console import Console
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=terminal, force_terminal=True, width=120))
+    for raised in (KeyboardInterrupt(), cli.Interrupted("interrupted: rerun the same command to resume")):
+        terminal.truncate(0)
+        terminal.seek(0)
+
+        def app(raised=raised):
+            terminal.write("Predicting ━━━━━━━━━━       1/2 0:00:03^C")  # the bar's last state, no newline
+            raise raised
+
+        monkeypatch.setattr(cli, "app", app)
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert exc.value.code == 130
+        assert terminal.getvalue().startswith("Predicting ━━━━━━━━━━       1/2 0:00:03^C\ninterrupted")

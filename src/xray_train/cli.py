@@ -531,12 +531,21 @@ def push_to_hub_cmd(
         console.print(f"[green]Uploaded to[/green] {result}", highlight=False)
 
 
+def _own_line() -> None:
+    """Ctrl-C leaves the cursor where it struck: at the end of a progress bar's line (the Trainer's bar is
+    never closed), after the ``^C`` the terminal echoed. What follows starts on a line of its own."""
+    if err_console.is_terminal:
+        err_console.file.write("\n")
+        err_console.file.flush()
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _silence_what_users_cannot_act_on()
     try:
         app()
     except Interrupted as exc:
+        _own_line()
         if str(exc):
             err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
@@ -547,6 +556,7 @@ def main() -> None:
         err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        _own_line()
         err_console.print("interrupted")
         sys.exit(130)
 
