@@ -164,6 +164,20 @@ def test_short_help_everywhere_and_flags_take_no_value(command):
     assert "<bool>" not in result.output  # a flag is --overwrite, never --overwrite true
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_shows_arguments_in_plain_notation(command):
+    output = runner.invoke(cli.app, [*command, "-h"], terminal_width=100).output
+    usage = output.splitlines()[0]
+    assert "{" not in usage and "}" not in usage, usage
+    assert "<list[" not in output
+
+
+def test_predict_usage_names_its_arguments():
+    output = runner.invoke(cli.app, ["predict", "-h"], terminal_width=100).output
+    assert output.startswith("Usage: xray-train predict [OPTIONS] ADAPTER_DIR IMAGES...\n")
+    assert "IMAGES... <path>" in output
+
+
 def test_set_help_fits_the_command_and_says_how_to_write_a_list():
     helps = {name: runner.invoke(cli.app, [*name.split(), "-h"], terminal_width=200).output
              for name in ("phase1", "evaluate", "data check", "config validate")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from xray_train.errors import Interrupted, XrayTrainError
 
@@ -35,6 +37,19 @@ data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_mark
 config_app = typer.Typer(help="Check configs.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+
+class PlainHelp(TyperCommand):
+    """Help in click's plain notation: typer writes a required argument as ``{ADAPTER_DIR}`` in the usage
+    line and a list argument's type as ``<list[Path]>``, which read as syntax to type."""
+
+    def get_help(self, ctx) -> str:
+        text = super().get_help(ctx)
+        usage, _, rest = text.partition("\n")
+        usage = re.sub(r"\{([A-Z_]+(?:\.\.\.)?)\}(?:\.\.\.)?", r"\1", usage)
+        # Padded to the same width, so the help column stays aligned.
+        rest = re.sub(r"<list\[(\w+)\]>", lambda m: f"<{m.group(1).lower()}>".ljust(len(m.group(0))), rest)
+        return f"{usage}\n{rest}"
+
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run config YAML (see configs/).", show_default=False)
 
@@ -318,9 +333,9 @@ def config_validate(
         show_collated_example(cfg, console, read)
 
 
-@app.command("make-tiny-model")
+@app.command("make-tiny-model", cls=PlainHelp)
 def make_tiny_model_cmd(
-    out_dir: Path = typer.Argument(..., help="Folder to write the tiny model into."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to write the tiny model into.", show_default=False),
     overwrite: bool = OverwriteOpt,
     image_size: int = typer.Option(64, help="Vision input side in pixels (MedGemma: 896)."),
     patch_size: int = typer.Option(8, help="SigLIP patch size (MedGemma: 14)."),
@@ -371,9 +386,12 @@ def _plain(text) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def evaluate(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (holds adapter_config.json)."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir (holds adapter_config.json).",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c",
         help="Run config naming the dataset to score on. Default: the config saved in ADAPTER_DIR.",
@@ -429,10 +447,15 @@ def evaluate(
         _plain(f"{name:>14}: {path}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def predict(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (or a downloaded adapter repo)."),
-    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, DICOM) and/or folders of them."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir (or a downloaded adapter repo).",
+        show_default=False,
+    ),
+    images: list[Path] = typer.Argument(
+        ..., metavar="IMAGES...", help="Image files (PNG, JPEG, DICOM) and/or folders of them.", show_default=False
+    ),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for the annotated PNGs and predictions.jsonl."),
     task: Optional[PredictTask] = typer.Option(
         None, "--task",
@@ -462,10 +485,15 @@ def predict(
     console.print(f"[green]Predictions written to[/green] {out}", highlight=False)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def merge(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir."),
-    out_dir: Path = typer.Argument(..., help="New folder for the standalone merged model (safetensors + processor)."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir.", show_default=False
+    ),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT_DIR", help="New folder for the standalone merged model (safetensors + processor).",
+        show_default=False,
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
     base: Optional[str] = typer.Option(
         None, "--base", help="Base model path or hub id, if not the one recorded at training time."
@@ -490,9 +518,11 @@ def merge(
     console.print(f"[green]Merged model written to[/green] {out_dir}", highlight=False)
 
 
-@app.command("push-to-hub")
+@app.command("push-to-hub", cls=PlainHelp)
 def push_to_hub_cmd(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (run evaluate first)."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir (run evaluate first).", show_default=False
+    ),
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repo, ORG/NAME (e.g. my-lab/medgemma-cxr-lora).", show_default=False),
     private: bool = typer.Option(True, "--private/--public", help="Visibility if the repo is created."),
     dry_run: Optional[Path] = typer.Option(
