@@ -120,6 +120,13 @@ def test_data_check_on_the_bundled_samples_needs_no_model(tmp_path, name, boxes)
     assert ("boxes_total" in summary and summary["boxes_total"] > 0) == boxes
 
 
+def test_the_readme_says_how_to_get_cpu_torch_before_the_install_a_newcomer_pastes():
+    readme = (REPO / "README.md").read_text()
+    first_install = readme.index("pip install -e")
+    hint = readme.find("download.pytorch.org/whl/cpu")
+    assert 0 <= hint < readme.rfind("```bash", 0, first_install), "the CPU-torch hint comes after the install block"
+
+
 # ---------------------------------------------------------------------------------------------
 # Conventions: --version, -h, --config everywhere, flags, --set help, Ctrl-C, --num-gpus
 
