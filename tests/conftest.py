@@ -29,6 +29,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: The environment variables xray-train reads for the folders it keeps between runs (``xray_train.cache``).
+CACHE_VARIABLES = ("XRAY_TRAIN_CACHE", "XRAY_TRAIN_FEATURE_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def caches_in_tmp(tmp_path_factory) -> Path:
+    """Every cache a test fills (the rebuilt tokenizer, stand-in towers, vision features) lies in this run's
+    temporary folder, never in the user's ~/.cache: set in ``os.environ`` so that subprocesses inherit it.
+    Under xdist the workers of one run share it (its builders rename into place, so a race is harmless)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xray-train-cache"
+    saved = {name: os.environ.get(name) for name in CACHE_VARIABLES}
+    os.environ["XRAY_TRAIN_CACHE"] = str(root)
+    os.environ["XRAY_TRAIN_FEATURE_CACHE"] = str(root / "vision-features")
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 #: Fixtures that build or train a model: a test using one (directly or through another fixture) is slow.
 MODEL_FIXTURES = {"tiny_model_dir", "learned"}
 

@@ -120,6 +120,13 @@ def test_data_check_on_the_bundled_samples_needs_no_model(tmp_path, name, boxes)
     assert ("boxes_total" in summary and summary["boxes_total"] > 0) == boxes
 
 
+def test_the_readme_says_how_to_get_cpu_torch_before_the_install_a_newcomer_pastes():
+    readme = (REPO / "README.md").read_text()
+    first_install = readme.index("pip install -e")
+    hint = readme.find("download.pytorch.org/whl/cpu")
+    assert 0 <= hint < readme.rfind("```bash", 0, first_install), "the CPU-torch hint comes after the install block"
+
+
 # ---------------------------------------------------------------------------------------------
 # Conventions: --version, -h, --config everywhere, flags, --set help, Ctrl-C, --num-gpus
 
@@ -132,7 +139,28 @@ def test_version_names_xray_train_and_the_libraries_bug_reports_need():
     result = runner.invoke(cli.app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"xray-train {xray_train.__version__} (Python ")
+    # torch's own string, build tag included, whichever build (CPU or CUDA) is installed.
     assert f"torch {torch.__version__}" in result.output and "transformers " in result.output
+    assert ("CUDA usable" in result.output) == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("build", ["cuda_gpu", "cuda_no_gpu", "cpu"])
+def test_version_says_torchs_build_tag_whether_cuda_is_usable_and_the_gpu(monkeypatch, build):
+    import torch
+
+    # PyPI's CUDA wheel: its metadata says "2.14.1", torch itself "2.14.1+cu130".
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130" if build != "cpu" else "2.14.1+cpu")
+    monkeypatch.setattr(torch.version, "cuda", None if build == "cpu" else "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: build == "cuda_gpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    output = " ".join(runner.invoke(cli.app, ["--version"]).output.split())
+    if build == "cuda_gpu":
+        assert "torch 2.14.1+cu130 (CUDA 13.0), CUDA usable: 1 GPU (NVIDIA H100 80GB HBM3)" in output
+    elif build == "cuda_no_gpu":
+        assert "torch 2.14.1+cu130 (CUDA 13.0), CUDA not usable here" in output and "H100" not in output
+    else:
+        assert "torch 2.14.1+cpu, CPU-only build (no CUDA)" in output
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
@@ -141,6 +169,20 @@ def test_short_help_everywhere_and_flags_take_no_value(command):
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and "-h, --help" in result.output
     assert "<bool>" not in result.output  # a flag is --overwrite, never --overwrite true
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_shows_arguments_in_plain_notation(command):
+    output = runner.invoke(cli.app, [*command, "-h"], terminal_width=100).output
+    usage = output.splitlines()[0]
+    assert "{" not in usage and "}" not in usage, usage
+    assert "<list[" not in output
+
+
+def test_predict_usage_names_its_arguments():
+    output = runner.invoke(cli.app, ["predict", "-h"], terminal_width=100).output
+    assert output.startswith("Usage: xray-train predict [OPTIONS] ADAPTER_DIR IMAGES...\n")
+    assert "IMAGES... <path>" in output
 
 
 def test_set_help_fits_the_command_and_says_how_to_write_a_list():
@@ -290,3 +332,26 @@ def test_demo_says_what_it_shows_and_prints_no_pages_of_gibberish(tiny_model_dir
     nothing_readable = all(r["n_unparsed"] == r["n_examples"] for r in results)
     assert ("No answer was in the trained format, so the scores are 0" in out) == nothing_readable
     assert len(list((workdir / "predictions").glob("*_pred.png"))) == 3
+
+
+def test_the_ctrl_c_message_starts_on_its_own_line_after_a_progress_bar(monkeypatch):
+    """In a terminal, a bar that Ctrl-C stopped leaves the cursor at the end of its line."""
+    import io
+
+    from rich.console import Console
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=terminal, force_terminal=True, width=120))
+    for raised in (KeyboardInterrupt(), cli.Interrupted("interrupted: rerun the same command to resume")):
+        terminal.truncate(0)
+        terminal.seek(0)
+
+        def app(raised=raised):
+            terminal.write("Predicting ━━━━━━━━━━       1/2 0:00:03^C")  # the bar's last state, no newline
+            raise raised
+
+        monkeypatch.setattr(cli, "app", app)
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert exc.value.code == 130
+        assert terminal.getvalue().startswith("Predicting ━━━━━━━━━━       1/2 0:00:03^C\ninterrupted")

@@ -15,13 +15,17 @@ from xray_train.data.records import Box, Example, Finding
 from xray_train.data.reports import format_report
 from xray_train.errors import XrayTrainError
 from xray_train.evaluate import (
+    _model_block,
     boxes_from_answer,
     detect_answer_well_formed,
+    detection_prediction,
     evaluate,
     markdown_report,
+    report_prediction,
     score_detections,
     score_reports,
     select_examples,
+    summary_lines,
 )
 from xray_train.generate import Generation, Generator
 from xray_train.inputs import build_target
@@ -93,6 +97,116 @@ def test_perfect_reports_score_one_and_junk_is_unparsed():
     assert f["per_finding"]["normal"]["tp"] == 1
     assert f["per_finding"]["nodule"]["tp"] == 1
     assert f["location_accuracy"] == 0.0  # right finding, wrong location
+
+
+# Hand-written answers of every kind: what is read, what is unparsed, and that the counts agree everywhere.
+NORMAL_REPORT = format_report([])
+ABNORMAL_FINDINGS = [Finding("cardiomegaly"), Finding("pleural effusion", ("left",))]
+ABNORMAL_REPORT = format_report(ABNORMAL_FINDINGS)
+REPORT_ANSWERS = {
+    "garbage": "the heart is big and I like turtles",
+    "empty": "",
+    "truncated": ABNORMAL_REPORT[: ABNORMAL_REPORT.index("IMPRESSION")],
+    "loc_run": "<loc0001><loc0002><loc0003><loc0004><loc0005><loc0006><loc0007><loc0008>",
+    "correct_normal": NORMAL_REPORT,
+    "correct_abnormal": ABNORMAL_REPORT,
+}
+
+
+@pytest.mark.parametrize("kind", list(REPORT_ANSWERS))
+def test_only_a_report_in_the_trained_format_is_read(kind):
+    predicted = report_prediction(REPORT_ANSWERS[kind])
+    if kind == "correct_normal":
+        assert predicted == []  # normal: the answer says so
+    elif kind == "correct_abnormal":
+        assert [f.name for f in predicted] == ["cardiomegaly", "pleural effusion"]
+    else:
+        assert predicted is None  # unparsed: never "normal", never a finding
+
+
+def test_unreadable_reports_earn_nothing_on_normal_studies():
+    # Every study is normal: a model answering garbage must not score on any of them.
+    refs = [_example([]) for _ in REPORT_ANSWERS]
+    s = score_reports(list(REPORT_ANSWERS.values()), refs)
+    f = s["findings"]
+    assert (s["n_answers"], s["n_parsed"], s["n_unparsed"]) == (6, 2, 4)
+    assert s["parse_rate"] == pytest.approx(2 / 6) and f["n_unparsed"] == s["n_unparsed"]
+    assert f["per_finding"]["normal"]["tp"] == 1 and f["per_finding"]["normal"]["predicted"] == 1
+    assert f["per_finding"]["normal"]["support"] == 6
+    assert f["exact_match"] == pytest.approx(1 / 6)
+
+
+DETECT_REF = Box("pleural effusion", 0.1, 0.6, 0.4, 0.9)
+
+
+def _detect_answers(geometry):
+    good = encode_boxes([geometry.to_prepared(DETECT_REF)])
+    return {
+        "garbage": "there is something on the left",
+        "empty": "",
+        "truncated": good + " ; <loc0010><loc00",
+        # What the demo's Phase-2 model wrote: label-less <loc> runs once decoded into boxes and "normal".
+        "loc_run": "<loc0100><loc0200><loc0300><loc0400><loc0100><loc0200><loc0300><loc0400>",
+        "correct_normal": NO_BOX_ANSWER,
+        "correct_abnormal": good,
+    }
+
+
+def test_only_a_detect_answer_in_the_trained_format_is_read():
+    geometry = Geometry(300, 300, 64)
+    for kind, text in _detect_answers(geometry).items():
+        predicted = detection_prediction(text, geometry)
+        if kind == "correct_normal":
+            assert predicted == [], kind
+        elif kind == "correct_abnormal":
+            assert [b.label for b in predicted] == ["pleural effusion"], kind
+        else:
+            assert predicted is None, kind
+
+
+def test_loc_runs_are_unparsed_not_normal_and_the_counts_agree():
+    geometry = Geometry(300, 300, 64)
+    answers = _detect_answers(geometry)
+    # Four normal images answered with garbage: nothing may be credited.
+    refs = [_example(boxes=[]) for _ in range(4)]
+    bad = [answers[k] for k in ("garbage", "empty", "truncated", "loc_run")]
+    s = score_detections(bad, refs, [geometry] * 4)
+    assert (s["parse_rate"], s["n_parsed"], s["n_unparsed"]) == (0.0, 0, 4)
+    assert s["findings"]["n_unparsed"] == s["boxes"]["n_unparsed"] == 4
+    assert "normal" not in s["findings"]["per_finding"] or s["findings"]["per_finding"]["normal"]["tp"] == 0
+    assert s["findings"]["micro"]["f1"] == 0.0 and s["findings"]["exact_match"] == 0.0
+    assert s["boxes"]["empty_images"]["n_predicted_empty"] == 0
+
+
+def _results_with_baseline(adapter_texts, base_texts, refs, geometries):
+    """The results dict ``evaluate`` writes, from hand-written answers of the adapter and the base."""
+    blocks = {name: _model_block(score_detections(texts, refs, geometries), None, {})
+              for name, texts in (("adapter", adapter_texts), ("baseline", base_texts))}
+    return {"adapter": "a", "phase": "phase2", "task": "detect", "split": "test", "dataset": "indiana",
+            "n_examples": len(refs), **blocks["adapter"], "baseline": blocks["baseline"]}
+
+
+def test_adapter_and_base_rows_show_their_own_parse_counts_next_to_every_score():
+    geometry = Geometry(300, 300, 64)
+    answers = _detect_answers(geometry)
+    refs = [_example(boxes=[DETECT_REF]), _example(boxes=[]), _example(boxes=[]), _example(boxes=[DETECT_REF])]
+    adapter = [answers["correct_abnormal"], answers["correct_normal"], answers["loc_run"], answers["truncated"]]
+    base = [answers["loc_run"], answers["garbage"], answers["empty"], answers["loc_run"]]
+    results = _results_with_baseline(adapter, base, refs, [geometry] * 4)
+    assert (results["n_parsed"], results["n_unparsed"], results["parse_rate"]) == (2, 2, 0.5)
+    base_block = results["baseline"]
+    assert (base_block["n_parsed"], base_block["n_unparsed"], base_block["parse_rate"]) == (0, 4, 0.0)
+    assert base_block["f1"] == 0.0 and base_block["per_finding"].get("normal", {}).get("tp", 0) == 0
+
+    table = markdown_report(results)
+    assert "Answers in the trained format: adapter 2 of 4, base model 0 of 4." in table
+    assert "| metric | adapter (2 of 4 parsed) | base model, no adapter (0 of 4 parsed) | change |" in table
+    assert "| finding | support | predicted | F1 adapter (2 of 4 parsed) | F1 base (0 of 4 parsed) |" in table
+    assert "AP@0.5 adapter (2 of 4 parsed)" in table and "AP@0.5 base (0 of 4 parsed)" in table
+    assert "| answers in the trained format (`parse_rate`) | 0.500 | 0.000 | +0.500 |" in table
+    lines = summary_lines(results)
+    assert lines[0].split(": ", 1)[1] == "2 of 4  (base 0 of 4)"
+    assert any("none of the 4 answers of the base model could be parsed" in line for line in lines)
 
 
 def test_references_are_canonicalised_like_training_targets():

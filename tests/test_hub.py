@@ -629,6 +629,10 @@ def test_adapter_trained_from_a_local_base_is_published_under_its_hub_id(tmp_pat
     assert run_dir.adapter_config()["base_model_name_or_path"] == str(local_base)
     before = {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()}
 
+    # The local copy is that Hub model: the Hub's config.json for the id is the copy's own.
+    import xray_train.preflight
+
+    monkeypatch.setattr(xray_train.preflight, "hub_config_file", lambda repo_id, revision: local_base / "config.json")
     runner = CliRunner()
     refused = runner.invoke(app, ["push-to-hub", str(run_dir.path), "--repo-id", "my-lab/cxr", "--dry-run",
                                   str(tmp_path / "refused")])
@@ -662,3 +666,96 @@ def test_adapter_trained_from_a_local_base_is_published_under_its_hub_id(tmp_pat
     for key, value in expected.items():
         torch.testing.assert_close(got[key].float(), value.float(), msg=key)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The card names the data actually read; --base-model must be the model the run trained on
+
+
+def _with_data(d: Path, data: dict) -> None:
+    path = d / "xray_train_config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["data"] = {**config["data"], **data}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def test_card_of_a_run_on_the_bundled_samples_says_synthetic_not_padchest(tmp_path):
+    from .conftest import SAMPLES, padchest_overrides
+
+    d = make_adapter(tmp_path, "phase1")
+    _with_data(d, dict(o.removeprefix("data.").split("=", 1) for o in padchest_overrides(SAMPLES)))
+    card = build_model_card(d)
+    assert _front_matter(card)["datasets"] == []  # the Hub's dataset metadata names no dataset it never saw
+    assert "Trained on synthetic samples" in card
+    assert "the synthetic sample data bundled with xray-train (PadChest (BIMCV) format" in card
+    assert "label sources" not in card  # PadChest's labelling notes describe data it did not read
+    assert "Trained and evaluated on the synthetic sample data" in card
+
+    real = make_adapter(tmp_path / "real", "phase1")
+    card = build_model_card(real)
+    assert _front_matter(card)["datasets"] == ["PadChest (BIMCV)"] and "synthetic" not in card
+
+
+def test_card_of_a_phase2_run_names_a_synthetic_phase1_parent(tmp_path):
+    from .conftest import SAMPLES
+
+    d = make_adapter(tmp_path, "phase2")
+    _with_data(d, {"image_root": str(SAMPLES / "indiana" / "images" / "images_normalized")})
+    parent = {"path": "/gone", "phase": "phase1", "dataset": "padchest", "adapter_sha256": "0" * 64,
+              "synthetic_sample": True}
+    (d / LINEAGE).write_text(json.dumps({"phase": "phase2", "parent": parent}))
+    card = build_model_card(d)
+    assert _front_matter(card)["datasets"] == []
+    assert "- phase1: the synthetic sample data bundled with xray-train (PadChest (BIMCV) format" in card
+    assert "Weak box labels" not in card  # no MeSH atlas boxes were read either
+
+
+def _local_base(root: Path, **text_config) -> Path:
+    folder = root / "local-base"
+    folder.mkdir(parents=True)
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+              "text_config": {"vocab_size": 262208, "hidden_size": 2560, "num_hidden_layers": 34, **text_config},
+              "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _hub_medgemma(tmp_path, monkeypatch) -> None:
+    """google/medgemma-4b-it's config.json, as the Hub (or its cache) would give it."""
+    import xray_train.preflight
+
+    hub = _local_base(tmp_path / "hub")
+    monkeypatch.setattr(xray_train.preflight, "hub_config_file",
+                        lambda repo_id, revision: hub / "config.json" if repo_id == "google/medgemma-4b-it" else
+                        (_ for _ in ()).throw(XrayTrainError(f"model.base: {repo_id} was not found on the Hub")))
+
+
+@pytest.mark.parametrize("mismatch", [{"hidden_size": 64, "num_hidden_layers": 2}, {"vocab_size": 1000}])
+def test_base_model_that_is_not_the_runs_base_is_refused_unless_forced(tmp_path, monkeypatch, mismatch):
+    _hub_medgemma(tmp_path, monkeypatch)
+    d = make_adapter(tmp_path, "phase1")
+    _with_data(d, {})
+    config = yaml.safe_load((d / "xray_train_config.yaml").read_text())
+    config["model"].update(base=str(_local_base(tmp_path / "tiny", **mismatch)), revision=None)
+    (d / "xray_train_config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(XrayTrainError, match="--base-model google/medgemma-4b-it: the run was trained on another model") as exc:
+        push_to_hub(d, "my-lab/cxr", dry_run_dir=tmp_path / "refused", base_model="google/medgemma-4b-it")
+    assert "--force" in str(exc.value) and "\n" not in str(exc.value)
+    key = "hidden_size" if "hidden_size" in mismatch else "vocab_size"
+    assert f"text_config.{key}" in str(exc.value)
+    assert not (tmp_path / "refused").exists()
+    staged = push_to_hub(d, "my-lab/cxr", dry_run_dir=tmp_path / "forced", base_model="google/medgemma-4b-it", force=True)
+    assert _front_matter((Path(staged) / "README.md").read_text())["base_model"] == "google/medgemma-4b-it"
+
+
+def test_base_model_matching_the_runs_base_is_published(tmp_path, monkeypatch):
+    _hub_medgemma(tmp_path, monkeypatch)
+    d = make_adapter(tmp_path, "phase1")
+    config = yaml.safe_load((d / "xray_train_config.yaml").read_text())
+    config["model"].update(base=str(_local_base(tmp_path / "copy")), revision=None)
+    (d / "xray_train_config.yaml").write_text(yaml.safe_dump(config))
+    staged = push_to_hub(d, "my-lab/cxr", dry_run_dir=tmp_path / "ok", base_model="google/medgemma-4b-it")
+    assert json.loads((Path(staged) / "adapter_config.json").read_text())["base_model_name_or_path"] == "google/medgemma-4b-it"
+    # Unknown to the Hub and its cache: cannot be checked, so refused with the way round it.
+    with pytest.raises(XrayTrainError, match="cannot check that the run's base is that model.*--force"):
+        push_to_hub(d, "my-lab/cxr", dry_run_dir=tmp_path / "other", base_model="my-lab/other-base")

@@ -9,12 +9,12 @@ import pytest
 from xray_train.data.loc import decode_boxes
 from xray_train.data.records import Box, Finding
 from xray_train.metrics import (
+    answer_counts,
     average_precision,
     box_iou,
     box_scores,
     finding_scores,
     match_boxes,
-    parse_rate,
     token_accuracy,
 )
 
@@ -115,9 +115,10 @@ def test_findings_length_mismatch():
         finding_scores([[], []], [[]])
 
 
-def test_parse_rate_counts_failures():
-    assert parse_rate([True, False, True, True]) == approx(0.75)
-    assert parse_rate([]) is None
+def test_answer_counts_count_unparsed_answers_once():
+    counts = answer_counts([[], None, ["a"], [B("a", 0, 0, 1, 1)]])
+    assert counts == {"n_answers": 4, "n_parsed": 3, "n_unparsed": 1, "parse_rate": approx(0.75)}
+    assert answer_counts([])["parse_rate"] is None
 
 
 def test_token_accuracy():
@@ -239,7 +240,7 @@ def test_malformed_output_counted():
     s = box_scores(parsed, refs)
     assert s["n_unparsed"] == 1
     assert s["hit_rate_50"] == 0.5
-    assert parse_rate([p is not None for p in parsed]) == 0.5
+    assert answer_counts(parsed)["parse_rate"] == 0.5 and answer_counts(parsed)["n_unparsed"] == s["n_unparsed"]
 
 
 def test_map_worked_by_hand():

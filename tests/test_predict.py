@@ -202,3 +202,39 @@ def test_console_lists_a_few_boxes_and_counts_the_rest():
     echo_record({**record, "boxes": [box] * 2}, lines.append)
     assert sum(line.startswith("box: mass") for line in lines) == 2
     assert not any("more boxes" in line for line in lines)
+
+
+def _fake_adapter_dir(root: Path) -> Path:
+    """Enough of an adapter folder for predict's checks; loading it would fail (nothing to load)."""
+    folder = root / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    return folder
+
+
+def test_a_corrupt_image_fails_before_the_model_loads_and_is_said_once(tmp_path, monkeypatch, capsys):
+    import xray_train.model
+    from tests.test_preflight import run_main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for an image that cannot be read")
+
+    monkeypatch.setattr(xray_train.model, "load_adapter", no_loading)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then nothing readable
+    adapter = _fake_adapter_dir(tmp_path)
+    with pytest.raises(XrayTrainError, match="broken.png"):
+        predict(adapter, [broken], tmp_path / "out", echo=lambda *a: None)
+
+    code, out, err = run_main(monkeypatch, capsys, "predict", str(adapter), str(broken), "--out", str(tmp_path / "o2"))
+    assert code == 2 and "Traceback" not in out + err
+    assert (out + err).count("cannot read image") == 1 and len((out + err).strip().splitlines()) == 1, out + err
+
+
+def test_progress_counts_images_not_image_task_pairs(adapters, fixed_answers, tmp_path, capsys):
+    model, processor = loaded_adapter(adapters["phase2"])
+    predict(adapters["phase2"], [INDIANA / "100_IM-4252-1001.dcm.png"], tmp_path / "out", model=model,
+            processor=processor, progress=True, echo=lambda *a: None)
+    err = capsys.readouterr().err
+    assert "Predicting (report)" in err and "Predicting (detect)" in err
+    assert "1/1" in err and "2/2" not in err

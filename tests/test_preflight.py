@@ -163,6 +163,8 @@ def test_hub_unreachable_uses_a_cached_base_without_retrying(tmp_path, tiny_mode
 def test_gated_base_says_licence_and_login(tmp_path, monkeypatch, capsys, no_weights):
     import httpx
     import huggingface_hub
+    # A submodule: imported by name, not reached as an attribute that only an earlier import made exist.
+    import huggingface_hub.constants
     from huggingface_hub import errors
 
     def gated(url, **kwargs):

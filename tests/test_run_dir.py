@@ -196,3 +196,109 @@ def test_rerun_settings_only_adapter_shaping_ones_stop_a_resume(interrupted_run,
             check_rerun_settings(make_config("phase1", setting, output_dir=interrupted_run))
     # The targets are a set: the same names in another order are the same adapter.
     check_rerun_settings(make_config("phase1", "lora.target_modules=[v_proj, q_proj]", output_dir=interrupted_run))
+
+
+# ---------------------------------------------------------------------------------------------
+# A run directory reads the same from any working directory
+
+
+def _fake_base(folder: Path, seed: int = 0) -> Path:
+    """A local base as far as recording it goes: a config.json and a safetensors weight file."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"]}))
+    rng = np.random.default_rng(seed)
+    save_file({"w": rng.standard_normal((64, 64)).astype(np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def _run_with_relative_base(tmp_path, monkeypatch) -> tuple[RunDir, Path]:
+    """A run written from tmp_path/work with ``model.base: models/demo/tiny`` (relative, as the demo writes it)."""
+    from xray_train.config import RunConfig
+
+    from .conftest import SAMPLES
+
+    work = tmp_path / "work"
+    base = _fake_base(work / "models" / "demo" / "tiny")
+    monkeypatch.chdir(work)
+    cfg = RunConfig.model_validate({
+        "phase": "phase1", "output_dir": "runs/p1", "model": {"base": "models/demo/tiny"},
+        "data": {"dataset": "padchest", "image_root": str(SAMPLES), "csv": "relative/labels.csv"},
+    })
+    run = RunDir(work / "runs" / "p1")
+    run.path.mkdir(parents=True)
+    run.write_config(cfg)
+    return run, base
+
+
+def test_a_local_base_is_recorded_absolute_with_its_fingerprint(tmp_path, monkeypatch):
+    run, base = _run_with_relative_base(tmp_path, monkeypatch)
+    saved = run.config_dict()
+    assert saved["model"]["base"] == str(base)
+    assert saved["model"]["base_fingerprint"] == run_dir.base_fingerprint(base)
+    assert saved["data"]["csv"] == str(tmp_path / "work" / "relative" / "labels.csv")
+    # From anywhere else, the run names the same folder.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert RunDir(run.path).base_to_load() == (str(base), None)
+
+
+def test_the_fingerprint_tells_a_moved_copy_from_another_model(tmp_path):
+    a = _fake_base(tmp_path / "a")
+    shutil.copytree(a, tmp_path / "copy")
+    other = _fake_base(tmp_path / "other", seed=1)
+    assert run_dir.base_fingerprint(tmp_path / "copy") == run_dir.base_fingerprint(a)
+    assert run_dir.base_fingerprint(other) != run_dir.base_fingerprint(a)
+
+
+def test_a_moved_base_is_one_line_that_says_how_to_point_at_it(tmp_path, monkeypatch):
+    run, base = _run_with_relative_base(tmp_path, monkeypatch)
+    moved = base.with_name("moved")
+    base.rename(moved)
+    with pytest.raises(XrayTrainError) as exc:
+        run.base_to_load()
+    message = str(exc.value)
+    assert f"not at {base}" in message and "--base DIR" in message and "base=DIR" in message
+    assert "\n" not in message
+    assert run.base_to_load(str(moved)) == (str(moved), None)  # pointed at, it loads
+    # Another model where the base was: refused, not loaded silently.
+    _fake_base(base, seed=1)
+    with pytest.raises(XrayTrainError, match="no longer holds the model this adapter was trained on.*--base DIR"):
+        run.base_to_load()
+
+
+def test_a_base_recorded_relative_by_an_older_run_is_found_from_another_folder(tmp_path, monkeypatch):
+    run, base = _run_with_relative_base(tmp_path, monkeypatch)
+    config = run.config_dict()
+    config["model"].update(base="models/demo/tiny", base_fingerprint=None)  # as runs recorded it before
+    run.file(run_dir.RESOLVED_CONFIG).write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    assert run.base_to_load() == (str(base), None)
+
+
+def test_a_rerun_from_the_same_folder_sees_the_same_base(tmp_path, monkeypatch):
+    run, base = _run_with_relative_base(tmp_path, monkeypatch)
+    current = run.config().model_copy(update={"model": run.config().model.model_copy(update={"base": "models/demo/tiny"})})
+    assert run_dir.adapter_setting_changes(run_dir._adapter_view(run.config_dict()),
+                                           run_dir._adapter_view(current.model_dump(mode="json"))) == []
+
+
+def test_load_adapter_raises_one_line_without_library_frames(tmp_path, monkeypatch):
+    import traceback
+
+    import xray_train
+
+    run, base = _run_with_relative_base(tmp_path, monkeypatch)
+    (run.path / "adapter_config.json").write_text("{}")
+    shutil.rmtree(base)
+    with pytest.raises(XrayTrainError) as exc:
+        xray_train.load_adapter(run.path)
+    assert "base=DIR" in str(exc.value) and "\n" not in str(exc.value)
+    assert exc.value.__cause__ is None and exc.value.__suppress_context__
+    frames = [Path(f.filename).name for f in traceback.extract_tb(exc.value.__traceback__)]
+    assert frames[-1] == "__init__.py" and "model.py" not in frames and "run_dir.py" not in frames
+    with pytest.raises(XrayTrainError, match="not an adapter dir"):
+        xray_train.load_adapter(tmp_path / "no-such-run")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from xray_train.errors import Interrupted, XrayTrainError
 
@@ -36,6 +38,19 @@ config_app = typer.Typer(help="Check configs.", no_args_is_help=True, rich_marku
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
+class PlainHelp(TyperCommand):
+    """Help in click's plain notation: typer writes a required argument as ``{ADAPTER_DIR}`` in the usage
+    line and a list argument's type as ``<list[Path]>``, which read as syntax to type."""
+
+    def get_help(self, ctx) -> str:
+        text = super().get_help(ctx)
+        usage, _, rest = text.partition("\n")
+        usage = re.sub(r"\{([A-Z_]+(?:\.\.\.)?)\}(?:\.\.\.)?", r"\1", usage)
+        # Padded to the same width, so the help column stays aligned.
+        rest = re.sub(r"<list\[(\w+)\]>", lambda m: f"<{m.group(1).lower()}>".ljust(len(m.group(0))), rest)
+        return f"{usage}\n{rest}"
+
+
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run config YAML (see configs/).", show_default=False)
 
 
@@ -51,6 +66,22 @@ TrainSetOpt = set_option("training.learning_rate=1e-4")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished output_dir instead of refusing.")
 
 
+def torch_build() -> str:
+    """torch's own version string (with its build tag: ``2.14.1+cu130``, ``2.13.0+cpu``; the package
+    metadata drops it for PyPI's CUDA wheels), whether CUDA is usable here and on which GPUs: what a bug
+    report needs to tell one install from another."""
+    import torch
+
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        return f"{build}, CPU-only build (no CUDA)"
+    build += f" (CUDA {torch.version.cuda})"
+    if not torch.cuda.is_available():
+        return f"{build}, CUDA not usable here (no GPU or driver visible)"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{build}, CUDA usable: {len(gpus)} GPU{'s' if len(gpus) != 1 else ''} ({', '.join(gpus)})"
+
+
 def _version(value: bool) -> None:
     if not value:
         return
@@ -64,16 +95,17 @@ def _version(value: bool) -> None:
         except PackageNotFoundError:
             return "not installed"
 
-    deps = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "bitsandbytes"))
+    deps = ", ".join(f"{name} {installed(name)}" for name in ("transformers", "peft", "bitsandbytes"))
     console.print(f"xray-train {__version__} (Python {sys.version.split()[0]}, {deps})", highlight=False, soft_wrap=True)
+    console.print(torch_build(), highlight=False, soft_wrap=True)
     raise typer.Exit()
 
 
 @app.callback()
 def _main(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version (and torch, transformers, "
-        "peft, bitsandbytes versions) and exit."
+        False, "--version", callback=_version, is_eager=True, help="Print the version (and transformers, peft, "
+        "bitsandbytes, torch with its build and GPUs) and exit."
     ),
 ) -> None:
     pass
@@ -301,9 +333,9 @@ def config_validate(
         show_collated_example(cfg, console, read)
 
 
-@app.command("make-tiny-model")
+@app.command("make-tiny-model", cls=PlainHelp)
 def make_tiny_model_cmd(
-    out_dir: Path = typer.Argument(..., help="Folder to write the tiny model into."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to write the tiny model into.", show_default=False),
     overwrite: bool = OverwriteOpt,
     image_size: int = typer.Option(64, help="Vision input side in pixels (MedGemma: 896)."),
     patch_size: int = typer.Option(8, help="SigLIP patch size (MedGemma: 14)."),
@@ -354,9 +386,12 @@ def _plain(text) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def evaluate(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (holds adapter_config.json)."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir (holds adapter_config.json).",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c",
         help="Run config naming the dataset to score on. Default: the config saved in ADAPTER_DIR.",
@@ -412,10 +447,15 @@ def evaluate(
         _plain(f"{name:>14}: {path}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def predict(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (or a downloaded adapter repo)."),
-    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, DICOM) and/or folders of them."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir (or a downloaded adapter repo).",
+        show_default=False,
+    ),
+    images: list[Path] = typer.Argument(
+        ..., metavar="IMAGES...", help="Image files (PNG, JPEG, DICOM) and/or folders of them.", show_default=False
+    ),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for the annotated PNGs and predictions.jsonl."),
     task: Optional[PredictTask] = typer.Option(
         None, "--task",
@@ -445,10 +485,15 @@ def predict(
     console.print(f"[green]Predictions written to[/green] {out}", highlight=False)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def merge(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir."),
-    out_dir: Path = typer.Argument(..., help="New folder for the standalone merged model (safetensors + processor)."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir.", show_default=False
+    ),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT_DIR", help="New folder for the standalone merged model (safetensors + processor).",
+        show_default=False,
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
     base: Optional[str] = typer.Option(
         None, "--base", help="Base model path or hub id, if not the one recorded at training time."
@@ -473,9 +518,11 @@ def merge(
     console.print(f"[green]Merged model written to[/green] {out_dir}", highlight=False)
 
 
-@app.command("push-to-hub")
+@app.command("push-to-hub", cls=PlainHelp)
 def push_to_hub_cmd(
-    adapter_dir: Path = typer.Argument(..., help="A finished phase1/phase2 output dir (run evaluate first)."),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A finished phase1/phase2 output dir (run evaluate first).", show_default=False
+    ),
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repo, ORG/NAME (e.g. my-lab/medgemma-cxr-lora).", show_default=False),
     private: bool = typer.Option(True, "--private/--public", help="Visibility if the repo is created."),
     dry_run: Optional[Path] = typer.Option(
@@ -487,19 +534,23 @@ def push_to_hub_cmd(
         "when model.base was a local folder that does not name its Hub id.",
         show_default=False,
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Publish under --base-model even when the run's base does not match it."
+    ),
 ):
     """Upload the adapter, processor files and a generated model card to the Hugging Face Hub.
 
     The card holds what was trained, the evaluation numbers from eval_results.json (if present), a usage snippet and the not-for-clinical-use notice. The token comes from HF_TOKEN or `hf auth login` and is never printed or written. Untrained (all-zero) adapters are refused.
 
-    The run directory is only read. With a local base folder, --base-model names the Hub id the published adapter points at (written to the card and the staged adapter_config.json).
+    The run directory is only read. With a local base folder, --base-model names the Hub id the published adapter points at (written to the card and the staged adapter_config.json); it is refused when the run's base is another model (architecture, vocabulary, sizes) unless --force.
 
     Example: xray-train push-to-hub runs/phase2 --repo-id my-lab/medgemma-cxr-lora --dry-run staged/
     """
     from xray_train.hub import push_to_hub
 
     _setup_logging()
-    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run, base_model=base_model)
+    result = push_to_hub(adapter_dir, repo_id, private=private, dry_run_dir=dry_run, base_model=base_model,
+                         force=force)
     if dry_run is not None:
         files = sorted(p for p in Path(result).iterdir() if p.is_file())
         console.print(f"[bold]Dry run:[/bold] {len(files)} files staged for {repo_id} (nothing uploaded):")
@@ -510,12 +561,21 @@ def push_to_hub_cmd(
         console.print(f"[green]Uploaded to[/green] {result}", highlight=False)
 
 
+def _own_line() -> None:
+    """Ctrl-C leaves the cursor where it struck: at the end of a progress bar's line (the Trainer's bar is
+    never closed), after the ``^C`` the terminal echoed. What follows starts on a line of its own."""
+    if err_console.is_terminal:
+        err_console.file.write("\n")
+        err_console.file.flush()
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _silence_what_users_cannot_act_on()
     try:
         app()
     except Interrupted as exc:
+        _own_line()
         if str(exc):
             err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
@@ -526,6 +586,7 @@ def main() -> None:
         err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        _own_line()
         err_console.print("interrupted")
         sys.exit(130)
 

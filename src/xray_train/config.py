@@ -117,6 +117,12 @@ class ModelConfig(_Section):
         description="Hub id or local directory of the base model (a Gemma 3 image-text-to-text model).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    base_fingerprint: str | None = Field(
+        None,
+        description="Fingerprint of a local base folder (run_dir.base_fingerprint), written by a run into its saved "
+        "config beside the folder's absolute path, so that loading the adapter checks the folder still holds "
+        "that model. Leave unset in a config you write.",
+    )
     load_in_4bit: bool = Field(True, description="Quantise the base to 4-bit NF4 with bitsandbytes (QLoRA).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit quantisation type.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
@@ -641,7 +647,7 @@ def _check_paths(raw: dict, check_model: bool = True) -> list[str]:
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     base = model.get("base")
     if check_model and isinstance(base, str) and looks_like_local_path(base) and not Path(base).expanduser().is_dir():
-        problems.append(f"model.base: local model directory not found: {base}")
+        problems.append(f"model.base: local model directory not found: {base} (if it moved, set model.base=DIR)")
     out = raw.get("output_dir")
     if isinstance(out, (str, Path)) and str(out) and Path(out).exists() and not Path(out).is_dir():
         problems.append(f"output_dir: exists and is not a directory: {out}")

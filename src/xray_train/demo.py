@@ -81,15 +81,17 @@ def run_demo(workdir: Path, overwrite: bool = True, console: Console | None = No
 
 def outcome_lines(evaluation: dict[str, dict], records: list[dict]) -> list[str]:
     """What the demo's model actually did, in words, and what that does and does not mean."""
+    from xray_train.metrics import parsed_of
+
     lines = []
     for name, r in evaluation.items():
         n = r["n_examples"]
-        readable = n - (r.get("n_unparsed") or 0)
         kind = "box answers" if r["phase"] == "phase2" else "reports"
         base = r.get("baseline") or {}
         lines.append(
-            f"{name}: {readable} of {n} {r['split']} {kind} readable; F1 {_num(r['f1'])} (base "
-            f"{_num(base.get('f1'))}), token accuracy {_num(r['token_accuracy'])}"
+            f"{name}: {parsed_of(r, n)} {r['split']} {kind} in the trained format"
+            + (f" (base {parsed_of(base, n)})" if base else "")
+            + f"; F1 {_num(r['f1'])} (base {_num(base.get('f1'))}), token accuracy {_num(r['token_accuracy'])}"
             + (f", mean IoU {_num(r['iou'])}" if r.get("iou") is not None else "")
             + f"; table in {r['written']['markdown']}"
         )

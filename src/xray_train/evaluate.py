@@ -12,13 +12,19 @@ Three kinds of numbers, each for the adapter and for the base with the adapter d
 * for Phase 2, box metrics (``metrics.box_scores``) with predicted boxes mapped back to the ORIGINAL
   image (``Geometry.to_original``), where the references (``Example.boxes``) live.
 
-What counts as a prediction (``metrics`` treats ``None`` as "said nothing usable"):
+What counts as a prediction (``metrics`` treats ``None`` as "said nothing usable"): only an answer in
+the trained format is read (:func:`report_prediction`, :func:`detection_prediction`); any other answer
+(garbage, empty, cut off by ``max_new_tokens``, a run of ``<loc>`` tokens without a label) is *unparsed*:
+counted, and scored as predicting nothing, never as "normal" or as any finding.
 
-* Phase 1: the findings ``parse_report`` extracts; an answer with neither a finding nor a normal
-  statement is unparsed. ``parse_rate`` is stricter: the share that is ``well_formed``.
-* Phase 2: the decoded boxes; the exact "no localisable finding" answer is an empty list (the
-  ``normal`` class for finding scores); an answer with neither is unparsed. Predicted findings are the
-  labels of the boxes, reference findings the labels of ``Example.boxes``.
+* Phase 1: the findings of a ``well_formed`` report; ``[]`` (the ``normal`` class) only for a report
+  that states a normal study.
+* Phase 2: the boxes of a well-formed detect answer; ``[]`` (the ``normal`` class for finding scores)
+  only for the exact "no localisable finding" answer. Predicted findings are the labels of the boxes,
+  reference findings the labels of ``Example.boxes``.
+
+``parse_rate``, ``n_parsed`` and ``n_unparsed`` come from ``metrics.answer_counts`` over the same
+predictions the scores use, so they agree by construction.
 
 The split is rebuilt with the same reader and ``split_examples`` as training, so a patient seen in
 training is never scored.
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from xray_train.bundled import reads_bundled_samples
 from xray_train.collate import PHASE_TASK, Collator, PromptEncoder, batch_to
 from xray_train.config import RunConfig
 from xray_train.data.images import Geometry, read_image_size
@@ -47,14 +54,16 @@ from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, prog
 from xray_train.inputs import PixelLoader, encode_examples
 from xray_train.gemma3 import unwrap_gemma3, vision_dtype
 from xray_train.loss import targets_only_loss
-from xray_train.metrics import box_scores, finding_scores, parse_rate
+from xray_train.metrics import UNPARSED_RULE, answer_counts, box_scores, finding_scores, parsed_of
 from xray_train.outputs import atomic_write_json, atomic_write_text
 from xray_train.run_dir import EVAL_MARKDOWN, EVAL_RESULTS, RunDir
 from xray_train.report_plots import F1_BARS, IOU_HISTOGRAM, plot_f1_bars, plot_iou_histogram
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 2: an answer not in the trained format is unparsed (never "normal"); n_parsed added; parse_rate is
+#: n_parsed / n_examples.
+SCHEMA_VERSION = 2
 #: Headline metrics, in table order: (key, description for the markdown table).
 HEADLINE = [
     ("token_accuracy", "teacher-forced token accuracy"),
@@ -109,29 +118,42 @@ def detect_answer_well_formed(text: str) -> bool:
 
 
 def boxes_from_answer(text: str, geometry: Geometry) -> list[Box] | None:
-    """Decoded boxes mapped to the original image; [] for "no localisable finding"; None if unparsable."""
+    """Every box found in the answer, mapped to the original image; [] for "no localisable finding"; None
+    when there is neither. Tolerant (``predict`` draws what it can); scoring uses :func:`detection_prediction`."""
     boxes = decode_boxes(text)
     if boxes:
         return [geometry.to_original(b) for b in boxes]
     return [] if text.strip() == NO_BOX_ANSWER else None
 
 
+def detection_prediction(text: str, geometry: Geometry) -> list[Box] | None:
+    """What a detect answer predicts: its boxes in original coordinates when the whole answer is in the
+    trained format, [] for exactly "no localisable finding", None (unparsed) for anything else."""
+    if not detect_answer_well_formed(text):
+        return None
+    return boxes_from_answer(text, geometry)
+
+
+def report_prediction(text: str) -> list[Finding] | None:
+    """What a report predicts: the findings of a well-formed report, [] for a well-formed report that says
+    the study is normal, None (unparsed) for anything else."""
+    parsed = parse_report(text)
+    if not parsed.well_formed or not (parsed.findings or parsed.is_normal):
+        return None
+    return parsed.findings
+
+
 def score_reports(texts: list[str], examples: list[Example]) -> dict:
     """Phase-1 generation metrics."""
-    parsed = [parse_report(t) for t in texts]
-    predictions = [p.findings if (p.findings or p.is_normal) else None for p in parsed]
+    predictions = [report_prediction(t) for t in texts]
     # The model is trained on canonical names (format_report); score against the same.
     references = [canonical_findings(ex.findings) for ex in examples]
-    return {
-        "parse_rate": parse_rate(p.well_formed for p in parsed),
-        "findings": finding_scores(predictions, references),
-        "boxes": None,
-    }
+    return {**answer_counts(predictions), "findings": finding_scores(predictions, references), "boxes": None}
 
 
 def score_detections(texts: list[str], examples: list[Example], geometries: list[Geometry]) -> dict:
     """Phase-2 generation metrics: finding scores over box labels and box scores in original coordinates."""
-    predicted = [boxes_from_answer(t, g) for t, g in zip(texts, geometries)]
+    predicted = [detection_prediction(t, g) for t, g in zip(texts, geometries)]
     references = [list(ex.boxes or []) for ex in examples]
     pred_findings = [None if p is None else [Finding(b.label) for b in p] for p in predicted]
     ref_findings = [[Finding(b.label) for b in r] for r in references]
@@ -140,11 +162,7 @@ def score_detections(texts: list[str], examples: list[Example], geometries: list
     for key in ("location_accuracy", "location_f1"):
         findings[key] = None
     findings["location_pairs"] = 0
-    return {
-        "parse_rate": parse_rate(detect_answer_well_formed(t) for t in texts),
-        "findings": findings,
-        "boxes": box_scores(predicted, references),
-    }
+    return {**answer_counts(predicted), "findings": findings, "boxes": box_scores(predicted, references)}
 
 
 def headline(block: dict, token_accuracy: float | None) -> dict:
@@ -163,7 +181,8 @@ def headline(block: dict, token_accuracy: float | None) -> dict:
         "hit_rate_50": b["hit_rate_50"] if b else None,
         "precision_50": b["precision_50"] if b else None,
         "map50": b["map50"] if b else None,
-        "n_unparsed": f["n_unparsed"],
+        "n_parsed": block["n_parsed"],
+        "n_unparsed": block["n_unparsed"],
     }
 
 
@@ -278,15 +297,23 @@ def _delta(a, b) -> str:
 
 
 def markdown_report(results: dict) -> str:
-    """The side-by-side table (adapter vs base model) plus per-finding and per-label tables."""
+    """The side-by-side table (adapter vs base model) plus per-finding and per-label tables; every score
+    column names how many of that model's answers parsed."""
     base = results.get("baseline") or {}
+    n = results["n_examples"]
+    adapter_parsed = f"{parsed_of(results, n)} parsed"
+    base_parsed = f"{parsed_of(base, n)} parsed" if base else "not run"
     lines = [
         f"# Evaluation: {results['adapter']}",
         "",
         f"{results['phase']} ({results['task']} prompt) on the **{results['split']}** split of "
-        f"{results['dataset']}: {results['n_examples']} images (patients held out from training).",
+        f"{results['dataset']}{' (the bundled synthetic samples, not real X-rays)' if results.get('synthetic_sample') else ''}: "
+        f"{n} images (patients held out from training).",
         "",
-        "| metric | adapter | base model (no adapter) | change |",
+        f"Answers in the trained format: adapter {parsed_of(results, n)}"
+        + (f", base model {parsed_of(base, n)}" if base else "") + f". {UNPARSED_RULE}",
+        "",
+        f"| metric | adapter ({adapter_parsed}) | base model, no adapter ({base_parsed}) | change |",
         "|---|---|---|---|",
     ]
     for key, text in HEADLINE:
@@ -299,7 +326,8 @@ def markdown_report(results: dict) -> str:
         base_per = base.get("per_finding") or {}
         rows = sorted(per.items(), key=lambda kv: (-kv[1]["support"], kv[0]))[:25]
         lines += ["", "## Per finding (top 25 by support)", "",
-                  "| finding | support | predicted | F1 adapter | F1 base |", "|---|---|---|---|---|"]
+                  f"| finding | support | predicted | F1 adapter ({adapter_parsed}) | F1 base ({base_parsed}) |",
+                  "|---|---|---|---|---|"]
         for name, v in rows:
             lines.append(f"| {name} | {v['support']} | {v['predicted']} | {_fmt(v['f1'])} | "
                          f"{_fmt((base_per.get(name) or {}).get('f1'))} |")
@@ -307,7 +335,8 @@ def markdown_report(results: dict) -> str:
     if labels:
         base_labels = (base.get("boxes") or {}).get("per_label") or {}
         lines += ["", "## Boxes per label", "",
-                  "| label | reference boxes | predicted | AP@0.5 adapter | mean IoU adapter | AP@0.5 base |",
+                  f"| label | reference boxes | predicted | AP@0.5 adapter ({adapter_parsed}) | mean IoU adapter "
+                  f"({adapter_parsed}) | AP@0.5 base ({base_parsed}) |",
                   "|---|---|---|---|---|---|"]
         for name, v in sorted(labels.items(), key=lambda kv: (-kv[1]["n_reference"], kv[0])):
             lines.append(f"| {name} | {v['n_reference']} | {v['n_predicted']} | {_fmt(v['ap50'])} | "
@@ -416,6 +445,8 @@ def evaluate(
         "phase": cfg.phase,
         "task": PHASE_TASK[cfg.phase],
         "dataset": cfg.data.dataset,
+        # The bundled synthetic samples (the demo's data) are said to be that, not the dataset they imitate.
+        "synthetic_sample": reads_bundled_samples(cfg.data.model_dump(mode="json")),
         "split": split,
         "n_examples": len(scored_examples),
         "n_unreadable": len(examples) - len(scored_examples),
@@ -438,7 +469,9 @@ def evaluate(
 def summary_lines(results: dict) -> list[str]:
     """A few lines for the console: the headline numbers, adapter vs base."""
     base = results.get("baseline") or {}
-    lines = []
+    n = results["n_examples"]
+    lines = [f"{'answers in the trained format (parsed)':>42}: {parsed_of(results, n)}"
+             + (f"  (base {parsed_of(base, n)})" if base else "")]
     for key, text in HEADLINE:
         if results.get(key) is None and base.get(key) is None:
             continue

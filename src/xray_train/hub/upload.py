@@ -22,6 +22,7 @@ from xray_train.hub.adapter import (
     PROCESSOR_FILES,
     TOKENIZER_FILES,
     AdapterInfo,
+    check_base_model,
     published_base,
     validate_adapter_dir,
     validate_repo_id,
@@ -139,15 +140,21 @@ def push_to_hub(
     endpoint: str | None = None,
     commit_message: str = "Upload xray-train adapter",
     base_model: str | None = None,
+    force: bool = False,
 ) -> str:
     """Validate, stage and upload; return the repo URL (with ``dry_run_dir``: the staged folder, no network).
 
     ``private`` applies when the repo is created; an existing repo keeps its visibility. ``base_model``:
-    the base's Hub id, required when the run trained from a local folder that does not name one.
+    the base's Hub id, required when the run trained from a local folder that does not name one; refused
+    when the run's base is another model (``check_base_model``) unless ``force``.
     """
     repo_id = validate_repo_id(repo_id)
     info = validate_adapter_dir(adapter_dir)
-    base_model = published_base(RunDir(adapter_dir).config().model.base, base_model)
+    model_cfg = RunDir(adapter_dir).config().model
+    if base_model is not None and not force:
+        published_base(model_cfg.base, base_model)  # the id's form first: a clear error for "my base"
+        check_base_model(model_cfg.base, model_cfg.revision, base_model)
+    base_model = published_base(model_cfg.base, base_model)
     if dry_run_dir is not None:
         files = stage_upload(adapter_dir, dry_run_dir, repo_id=repo_id, info=info, base_model=base_model)
         logger.info("dry run: %d files staged in %s for %s", len(files), dry_run_dir, repo_id)
