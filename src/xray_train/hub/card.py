@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from xray_train.collate import PHASE_TASK, TASK_PROMPTS
+from xray_train.data.registry import title as dataset_title
 from xray_train.names import looks_like_local_path
 from xray_train.hub.adapter import AdapterInfo, published_base, validate_adapter_dir
 from xray_train.hub.sanitise import sanitise, scrub
@@ -36,13 +37,6 @@ LICENSE = {
     "license": "other",
     "license_name": "health-ai-developer-foundations",
     "license_link": "https://developers.google.com/health-ai-developer-foundations/terms",
-}
-DATASET_NAMES = {
-    "padchest": "PadChest (BIMCV)",
-    "indiana": "Indiana University Chest X-ray collection (OpenI)",
-    "nih": "NIH ChestX-ray14 (bounding-box subset)",
-    "vindr": "VinDr-CXR",
-    "rsna": "RSNA Pneumonia Detection Challenge",
 }
 CARD_TEMPLATE = Template(files("xray_train.hub").joinpath("card_template.md").read_text(encoding="utf-8"))
 
@@ -177,10 +171,10 @@ def _lineage_note(phase: str, lineage: dict | None) -> str:
 def _data_notes(cfg: dict, parent: dict | None) -> str:
     notes = []
     if parent and parent.get("dataset"):
-        notes.append(f"- {parent.get('phase') or 'phase1'}: {DATASET_NAMES.get(parent['dataset'], parent['dataset'])}")
+        notes.append(f"- {parent.get('phase') or 'phase1'}: {dataset_title(parent['dataset'])}")
     for cfg in [cfg]:
         data = cfg.get("data") or {}
-        name = DATASET_NAMES.get(data.get("dataset"), str(data.get("dataset")))
+        name = dataset_title(data.get("dataset"))
         line = f"- {cfg.get('phase', '?')}: {name}"
         if data.get("dataset") == "padchest":
             line += (
@@ -230,7 +224,7 @@ def build_model_card(
     phases = ["phase1", "phase2"] if parent else [config.phase]
     datasets = []
     for name in ((parent or {}).get("dataset"), config.data.dataset):
-        name = DATASET_NAMES.get(name, name)
+        name = dataset_title(name)
         if name and name not in datasets:
             datasets.append(name)
     loc = config.add_loc_tokens
