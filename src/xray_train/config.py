@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
+from xray_train.data.registry import DATASETS, datasets_for
 from xray_train.errors import XrayTrainError
 from xray_train.names import did_you_mean, looks_like_local_path
 
@@ -76,12 +77,17 @@ _LEVER_KEYS = ("gradient_checkpointing", "checkpoint_layers", "dequantize_in_gra
 DEFAULT_CHECKPOINT_LAYERS = {"phase1": 6, "phase2": 10}
 
 
+_PHASE_TARGETS = {"phase1": "report targets", "phase2": "boxes"}
+
+
 def _run_conflicts(phase, dataset, fp16, compute_dtype) -> list[tuple[str, str]]:
     out = []
-    if phase == "phase1" and isinstance(dataset, str) and dataset != "padchest":
-        out.append(("data.dataset", f"phase1 trains on report targets: must be padchest, not {dataset}"))
-    if phase == "phase2" and dataset == "padchest":
-        out.append(("data.dataset", "phase2 trains on boxes: must be a box source (indiana, nih, vindr, rsna)"))
+    entry = DATASETS.get(dataset) if isinstance(dataset, str) else None
+    if entry is not None and phase in _PHASE_TARGETS and phase not in entry.phases:
+        out.append((
+            "data.dataset",
+            f"{phase} trains on {_PHASE_TARGETS[phase]}: must be one of {', '.join(datasets_for(phase))}, not {dataset}",
+        ))
     if fp16 is True and compute_dtype == "bfloat16":
         out.append(
             ("training.fp16", "fp16 autocast over model.compute_dtype=bfloat16 mixes two half types, "
@@ -253,16 +259,13 @@ class RsnaData(_DataSection):
     csv: Path | None = Field(None, description="stage_2_train_labels.csv.")
 
 
-#: One class per dataset, chosen by ``data.dataset``: a key of another dataset's reader is an unknown key.
-DataConfig = Annotated[
-    Union[PadchestData, IndianaData, NihData, VindrData, RsnaData], Field(discriminator="dataset")
-]
-DATA_CLASSES = {cls.model_fields["dataset"].annotation.__args__[0]: cls for cls in (
-    PadchestData, IndianaData, NihData, VindrData, RsnaData
-)}
+#: One class per dataset of the registry, chosen by ``data.dataset``: a key of another dataset's reader is
+#: an unknown key.
+DATA_CLASSES: dict[str, type[_DataSection]] = {name: globals()[entry.config] for name, entry in DATASETS.items()}
+DataConfig = Annotated[Union[tuple(DATA_CLASSES.values())], Field(discriminator="dataset")]
 
 
-def data_config(**fields) -> PadchestData | IndianaData | NihData | VindrData | RsnaData:
+def data_config(**fields) -> _DataSection:
     """The data section for ``fields["dataset"]`` (validated like the ``data`` section of a YAML file)."""
     return TypeAdapter(DataConfig).validate_python(fields)
 
@@ -630,13 +633,10 @@ def _check_paths(raw: dict, check_model: bool = True) -> list[str]:
     problems = []
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     dataset = data.get("dataset")
-    wanted = ["image_root"]
-    if dataset == "indiana":
-        wanted += ["reports_csv", "projections_csv"]
-        if data.get("box_source") == "box_file":
-            wanted.append("box_file")
-    elif dataset in ("padchest", "nih", "vindr", "rsna"):
-        wanted.append("csv")
+    entry = DATASETS.get(dataset) if isinstance(dataset, str) else None
+    wanted = list(entry.required_paths) if entry is not None else ["image_root"]
+    if dataset == "indiana" and data.get("box_source") == "box_file":
+        wanted.append("box_file")
     for name in wanted:
         value = data.get(name)
         if value is None:

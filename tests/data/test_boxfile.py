@@ -61,3 +61,33 @@ def test_box_file_errors_name_file_and_column(tmp_path):
     p.write_text("filename,label,x_min,y_min,x_max,y_max\n,a,1,1,2,2\n")
     with pytest.raises(DataError, match="row 2: empty_key"):
         read_box_file(p, strict=True)
+
+
+def test_boxed_examples_skeleton(tmp_path):
+    """The box tables' shared skeleton: groups by key, keeps the annotator with the most valid boxes,
+    counts images whose boxes all fail as no_valid_box and every row once."""
+    from PIL import Image
+
+    from xray_train.data.boxfile import BoxedExamples, RawBox
+
+    Image.new("L", (100, 50)).save(tmp_path / "a.png")
+    Image.new("L", (100, 50)).save(tmp_path / "b.png")
+    rows = [(2, ("a", "r1", 10, 10, 20, 20)), (3, ("a", "r2", 0, 0, 50, 25)), (4, ("a", "r2", 60, 0, 90, 25)),
+            (5, ("b", "r1", 10, 10, 5, 20)), (6, ("", "r1", 1, 1, 2, 2)), (7, ("c", "", 1, 1, 2, 2))]
+    out = BoxedExamples(tmp_path / "t.csv", strict=False)
+    for key, row, group in out.groups(rows, lambda r: r[0], "empty_key"):
+        path = out.locate(tmp_path, key, row, (".png",))
+        if path is not None:
+            raw = [RawBox("nodule", *r[2:], row=n, reader=r[1]) for n, r in group]
+            out.add(path, raw, row=row, image_id=path.name, group_id=key, key=key)
+    result = out.result(csv_rows=len(rows))
+    assert [ex.image_id for ex in result.examples] == ["a.png"]
+    assert [(b.x_min, b.y_max) for b in result.examples[0].boxes] == [(0.0, 0.5), (0.6, 0.5)]  # r2 drew two
+    assert result.skipped == {"no_valid_box": 1, "empty_key": 1, "missing_image": 1}
+    assert result.first_skipped["missing_image"] == (7, str((tmp_path / "c.png").resolve()))
+    assert len(result.examples) + sum(result.skipped.values()) == result.rows_total == 4
+    assert result.notes == {"csv_rows": 6, "boxes_skipped": {"box_inverted": 1}}
+    normalised = BoxedExamples("t", strict=False)
+    ex = normalised.add(tmp_path / "nope.png", [RawBox("x", 0.1, 0.1, 0.2, 0.2, row=1)], row=1, image_id="n",
+                        group_id="n", key="n", size=(1, 1))
+    assert ex.boxes[0].x_max == 0.2  # normalised boxes need no image header

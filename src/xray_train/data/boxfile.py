@@ -18,10 +18,12 @@ import csv
 import io
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from xray_train.data.records import Box, SkipCounter
+from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter, resolve_under
 from xray_train.errors import DataError
 
 #: How far (fraction of width/height) a box may exceed the image before it is rejected instead of clipped.
@@ -67,7 +69,7 @@ def make_box(
 
 @dataclass(frozen=True)
 class RawBox:
-    """One box-file row, coordinates as written (pixels or normalised)."""
+    """One box row, corner coordinates as written (pixels or normalised)."""
 
     label: str
     x_min: float
@@ -75,6 +77,8 @@ class RawBox:
     x_max: float
     y_max: float
     row: int
+    #: Who drew it, where the source says (VinDr's rad_id); "" otherwise.
+    reader: str = ""
 
 
 @dataclass
@@ -175,7 +179,7 @@ def read_box_file(path: Path, coords: str = "pixels", strict: bool = False) -> B
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared by the box-source readers (indiana, nih, vindr, rsna)
+# Helpers shared by the box-source readers (indiana, nih, vindr, rsna, hf)
 
 
 def read_csv_table(path: Path | None, required: tuple[str, ...], what: str) -> list[tuple[int, dict]]:
@@ -212,16 +216,118 @@ def image_size_or_reason(path: Path) -> tuple[tuple[int, int] | None, str]:
         return None, "unreadable_image"
 
 
-def find_image(root: Path, stem: str, suffixes: tuple[str, ...]) -> tuple[Path | None, str]:
+def find_image(root: Path, stem: str, suffixes: tuple[str, ...] = ("",)) -> tuple[Path | None, str]:
     """The first existing ``root/stem+suffix``; (None, "path_escape") or (None, "missing_image")."""
-    from xray_train.data.records import resolve_under
-
-    first = None
     for suffix in suffixes:
         path = resolve_under(root, stem + suffix)
         if path is None:
             return None, "path_escape"
-        first = first or path
         if path.is_file():
             return path, ""
     return None, "missing_image"
+
+
+def grouped(rows: list[tuple[int, Any]], key: Callable[[Any], str]) -> dict[str, list[tuple[int, Any]]]:
+    """Table rows by image (or patient) key, in first-seen order: several lines may box one image."""
+    groups: dict[str, list[tuple[int, Any]]] = {}
+    for row_no, row in rows:
+        groups.setdefault(key(row), []).append((row_no, row))
+    return groups
+
+
+def numbers(*values) -> tuple[float, ...]:
+    """Table cells as floats; a cell that is no number becomes NaN (``make_box`` counts it as box_nan)."""
+    def num(value) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    return tuple(num(v) for v in values)
+
+
+def xywh_corners(x, y, w, h) -> tuple[float, float, float, float]:
+    """Top-left corner and size -> corners (NaN where a cell is no number)."""
+    x, y, w, h = numbers(x, y, w, h)
+    return x, y, x + w, y + h
+
+
+class BoxedExamples:
+    """The skeleton every box table's reader shares (NIH, VinDr, RSNA, Hugging Face sets): one Example per
+    image, its raw boxes normalised with the image's header size and validated by ``make_box``.
+
+    Rows that can't be used are counted by reason in ``skip`` (invalid boxes in ``box_skip``, reported as
+    ``notes["boxes_skipped"]``). Boxes are grouped by ``RawBox.reader`` (the annotator, where the source names
+    one) and the annotator who drew the most valid boxes is kept (ties: the smallest id in text order): with
+    one annotator per image, that is every box. An image with raw boxes of which none is valid is skipped
+    (``no_valid_box``) rather than taught to say "no localisable finding"; an image with no raw box is a
+    normal example. Findings are the boxes' labels in first-seen order.
+    """
+
+    def __init__(self, source: Path | str, strict: bool):
+        self.skip = SkipCounter(source, strict)
+        self.box_skip = SkipCounter(source, strict)
+        self.examples: list[Example] = []
+        self.rows_total = 0
+
+    def groups(self, rows: list[tuple[int, Any]], key: Callable[[Any], str], empty_reason: str):
+        """``(key, first row, rows)`` per image, in first-seen order; the rows without a key are counted once
+        as ``empty_reason``. Each group is one row of ``rows_total``."""
+        by_key = grouped(rows, key)
+        self.rows_total = len(by_key)
+        for name, group in by_key.items():
+            if not name:
+                self.skip(empty_reason, group[0][0])
+                continue
+            yield name, group[0][0], group
+
+    def locate(self, root: Path, stem: str, row: int, suffixes: tuple[str, ...] = ("",)) -> Path | None:
+        """The image file ``root/stem+suffix`` (first found), or None with the row counted."""
+        path, reason = find_image(root, stem, suffixes)
+        if path is None:
+            # The path that was looked for, which `data check` shows: the first candidate.
+            self.skip(reason, row, stem if reason == "path_escape" else str(resolve_under(root, stem + suffixes[0])))
+        return path
+
+    def add(
+        self, path: Path, raw: list[RawBox], *, row: int, image_id: str, group_id: str, key: str,
+        size: tuple[float, float] | None = None,
+    ) -> Example | None:
+        """The example of ``path`` with the valid ones of ``raw`` (pixels of the original image, or
+        ``size=(1, 1)`` for normalised coordinates; the header is read only when needed), or None if counted."""
+        boxes: list[Box] = []
+        if raw:
+            if size is None:
+                size, reason = image_size_or_reason(path)
+                if size is None:
+                    self.skip(reason, row, str(path))
+                    return None
+            per_reader: dict[str, list[Box]] = {}
+            for r in raw:
+                box, why = make_box(r.label, r.x_min, r.y_min, r.x_max, r.y_max, *size)
+                if box is None:
+                    self.box_skip(why, r.row, key)
+                    continue
+                kept = per_reader.setdefault(r.reader, [])
+                if box not in kept:
+                    kept.append(box)
+            if not per_reader:
+                self.skip("no_valid_box", row, key)
+                return None
+            boxes = per_reader[min(per_reader, key=lambda rad: (-len(per_reader[rad]), rad))]
+        labels = list(dict.fromkeys(b.label for b in boxes))
+        example = Example(
+            image_path=path, image_id=image_id, group_id=group_id, findings=[Finding(lb) for lb in labels],
+            boxes=boxes, source_row=row,
+        )
+        self.examples.append(example)
+        return example
+
+    def result(self, **notes) -> ReadResult:
+        return ReadResult(
+            examples=self.examples,
+            rows_total=self.rows_total,
+            skipped=self.skip.counts,
+            first_skipped=self.skip.first,
+            notes={**notes, "boxes_skipped": dict(self.box_skip.counts)},
+        )

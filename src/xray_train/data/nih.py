@@ -21,8 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from xray_train.config import NihData
-from xray_train.data.boxfile import csv_rows, image_size_or_reason, make_box, read_text
-from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter, resolve_under
+from xray_train.data.boxfile import BoxedExamples, RawBox, csv_rows, read_text, xywh_corners
+from xray_train.data.records import ReadResult
 from xray_train.errors import DataError
 
 LABEL_MAP = {"effusion": "pleural effusion", "infiltrate": "infiltrates", "infiltration": "infiltrates"}
@@ -58,61 +58,15 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
 
 def read(cfg: NihData) -> ReadResult:
     rows = _read_rows(cfg.csv)
-    skip = SkipCounter(cfg.csv, cfg.strict)
-    box_skip = SkipCounter(cfg.csv, cfg.strict)
-    by_image: dict[str, list[tuple[int, list[str]]]] = {}
-    for row_no, fields in rows:
-        by_image.setdefault(fields[0].strip(), []).append((row_no, fields))
-
-    examples = []
-    for name, group in by_image.items():
-        first_row = group[0][0]
-        if not name:
-            skip("empty_image_index", first_row)
-            continue
-        path = resolve_under(cfg.image_root, name)
+    out = BoxedExamples(cfg.csv, cfg.strict)
+    for name, first_row, group in out.groups(rows, lambda fields: fields[0].strip(), "empty_image_index"):
+        path = out.locate(cfg.image_root, name, first_row)
         if path is None:
-            skip("path_escape", first_row, name)
             continue
-        if not path.is_file():
-            skip("missing_image", first_row, str(path))
-            continue
-        size, reason = image_size_or_reason(path)
-        if size is None:
-            skip(reason, first_row, str(path))
-            continue
-        boxes: list[Box] = []
-        for row_no, fields in group:
-            fields = (fields + [""] * 6)[:6]
-            label = nih_label(fields[1])
-            try:
-                x, y, w, h = (float(v) for v in fields[2:6])
-            except ValueError:
-                box_skip("box_nan", row_no, name)
-                continue
-            box, why = make_box(label, x, y, x + w, y + h, *size)
-            if box is None:
-                box_skip(why, row_no, name)
-            elif box not in boxes:
-                boxes.append(box)
-        if not boxes:
-            skip("no_valid_box", first_row, name)
-            continue
-        labels = list(dict.fromkeys(b.label for b in boxes))
-        examples.append(
-            Example(
-                image_path=path,
-                image_id=name,
-                group_id=patient_id(name),
-                findings=[Finding(lb) for lb in labels],
-                boxes=boxes,
-                source_row=first_row,
-            )
-        )
-    return ReadResult(
-        examples=examples,
-        rows_total=len(by_image),
-        skipped=skip.counts,
-        first_skipped=skip.first,
-        notes={"csv_rows": len(rows), "boxes_skipped": dict(box_skip.counts)},
-    )
+        raw = [
+            RawBox(nih_label(fields[1]), *xywh_corners(*fields[2:6]), row=row_no)
+            for row_no, fields in ((n, (f + [""] * 6)[:6]) for n, f in group)
+        ]
+        # Every image of this file is abnormal: all its boxes invalid is no_valid_box, never a normal example.
+        out.add(path, raw, row=first_row, image_id=name, group_id=patient_id(name), key=name)
+    return out.result(csv_rows=len(rows))

@@ -14,8 +14,8 @@ One Example per patient image: ``rows_total`` counts distinct patientIds, ``note
 from __future__ import annotations
 
 from xray_train.config import RsnaData
-from xray_train.data.boxfile import find_image, image_size_or_reason, make_box, read_csv_table
-from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter
+from xray_train.data.boxfile import BoxedExamples, RawBox, read_csv_table, xywh_corners
+from xray_train.data.records import ReadResult
 
 COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 LABEL = "pneumonia"
@@ -24,61 +24,18 @@ SUFFIXES = (".dcm", ".png")
 
 def read(cfg: RsnaData) -> ReadResult:
     rows = read_csv_table(cfg.csv, COLUMNS, "data.csv")
-    skip = SkipCounter(cfg.csv, cfg.strict)
-    box_skip = SkipCounter(cfg.csv, cfg.strict)
-    by_patient: dict[str, list[tuple[int, dict]]] = {}
-    for row_no, row in rows:
-        by_patient.setdefault(row["patientId"], []).append((row_no, row))
-
-    examples = []
-    for pid, group in by_patient.items():
-        first_row = group[0][0]
-        if not pid:
-            skip("empty_patient_id", first_row)
-            continue
+    out = BoxedExamples(cfg.csv, cfg.strict)
+    for pid, first_row, group in out.groups(rows, lambda row: row["patientId"], "empty_patient_id"):
         targets = {r["Target"] for _, r in group}
         if not targets <= {"0", "1"}:
-            skip("bad_target", first_row, f"patientId={pid} Target={sorted(targets)}")
+            out.skip("bad_target", first_row, f"patientId={pid} Target={sorted(targets)}")
             continue
-        path, reason = find_image(cfg.image_root, pid, SUFFIXES)
+        path = out.locate(cfg.image_root, pid, first_row, SUFFIXES)
         if path is None:
-            skip(reason, first_row, pid)
             continue
-        positive = [(n, r) for n, r in group if r["Target"] == "1"]
-        boxes: list[Box] = []
-        if positive:
-            size, reason = image_size_or_reason(path)
-            if size is None:
-                skip(reason, first_row, str(path))
-                continue
-            for row_no, row in positive:
-                try:
-                    x, y, w, h = (float(row[c] or "nan") for c in ("x", "y", "width", "height"))
-                except ValueError:
-                    box_skip("box_nan", row_no, pid)
-                    continue
-                box, why = make_box(LABEL, x, y, x + w, y + h, *size)
-                if box is None:
-                    box_skip(why, row_no, pid)
-                elif box not in boxes:
-                    boxes.append(box)
-            if not boxes:
-                skip("no_valid_box", first_row, pid)
-                continue
-        examples.append(
-            Example(
-                image_path=path,
-                image_id=path.name,
-                group_id=pid,
-                findings=[Finding(LABEL)] if boxes else [],
-                boxes=boxes,
-                source_row=first_row,
-            )
-        )
-    return ReadResult(
-        examples=examples,
-        rows_total=len(by_patient),
-        skipped=skip.counts,
-        first_skipped=skip.first,
-        notes={"csv_rows": len(rows), "boxes_skipped": dict(box_skip.counts)},
-    )
+        raw = [
+            RawBox(LABEL, *xywh_corners(*(r[c] for c in ("x", "y", "width", "height"))), row=n)
+            for n, r in group if r["Target"] == "1"
+        ]
+        out.add(path, raw, row=first_row, image_id=path.name, group_id=pid, key=pid)
+    return out.result(csv_rows=len(rows))

@@ -21,8 +21,8 @@ but no valid box is skipped (``no_valid_box``).
 from __future__ import annotations
 
 from xray_train.config import VindrData
-from xray_train.data.boxfile import find_image, image_size_or_reason, make_box, read_csv_table
-from xray_train.data.records import Box, Example, Finding, ReadResult, SkipCounter
+from xray_train.data.boxfile import BoxedExamples, RawBox, numbers, read_csv_table
+from xray_train.data.records import ReadResult
 
 COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
 NO_FINDING = "no finding"
@@ -37,66 +37,17 @@ def vindr_label(raw: str) -> str:
 
 def read(cfg: VindrData) -> ReadResult:
     rows = read_csv_table(cfg.csv, COLUMNS, "data.csv")
-    skip = SkipCounter(cfg.csv, cfg.strict)
-    box_skip = SkipCounter(cfg.csv, cfg.strict)
-    by_image: dict[str, list[tuple[int, dict]]] = {}
-    for row_no, row in rows:
-        by_image.setdefault(row["image_id"], []).append((row_no, row))
-
-    examples = []
-    for image_id, group in by_image.items():
-        first_row = group[0][0]
-        if not image_id:
-            skip("empty_image_id", first_row)
-            continue
-        path, reason = find_image(cfg.image_root, image_id, SUFFIXES)
+    out = BoxedExamples(cfg.csv, cfg.strict)
+    for image_id, first_row, group in out.groups(rows, lambda row: row["image_id"], "empty_image_id"):
+        path = out.locate(cfg.image_root, image_id, first_row, SUFFIXES)
         if path is None:
-            skip(reason, first_row, image_id)
             continue
-        abnormal = [(n, r) for n, r in group if vindr_label(r["class_name"]) != NO_FINDING]
-        boxes: list[Box] = []
-        if abnormal:
-            size, reason = image_size_or_reason(path)
-            if size is None:
-                skip(reason, first_row, str(path))
-                continue
-            per_reader: dict[str, list[Box]] = {}
-            for row_no, row in abnormal:
-                box, why = make_box(
-                    vindr_label(row["class_name"]),
-                    *(row[c] or "nan" for c in ("x_min", "y_min", "x_max", "y_max")),
-                    *size,
-                )
-                if box is None:
-                    box_skip(why, row_no, image_id)
-                    continue
-                reader_boxes = per_reader.setdefault(row.get("rad_id", ""), [])
-                if box not in reader_boxes:
-                    reader_boxes.append(box)
-            if not per_reader:
-                skip("no_valid_box", first_row, image_id)
-                continue
-            best = min(per_reader, key=lambda rad: (-len(per_reader[rad]), rad))
-            boxes = per_reader[best]
-        labels = list(dict.fromkeys(b.label for b in boxes))
-        examples.append(
-            Example(
-                image_path=path,
-                image_id=path.name,
-                group_id=image_id,
-                findings=[Finding(lb) for lb in labels],
-                boxes=boxes,
-                source_row=first_row,
-            )
-        )
-    return ReadResult(
-        examples=examples,
-        rows_total=len(by_image),
-        skipped=skip.counts,
-        first_skipped=skip.first,
-        notes={
-            "csv_rows": len(rows),
-            "boxes_skipped": dict(box_skip.counts),
-            "radiologist_merge": "per image, all boxes of the radiologist with the most valid boxes",
-        },
+        raw = [
+            RawBox(vindr_label(r["class_name"]), *numbers(*(r[c] for c in ("x_min", "y_min", "x_max", "y_max"))),
+                   row=n, reader=r.get("rad_id", ""))
+            for n, r in group if vindr_label(r["class_name"]) != NO_FINDING
+        ]
+        out.add(path, raw, row=first_row, image_id=path.name, group_id=image_id, key=image_id)
+    return out.result(csv_rows=len(rows),
+        radiologist_merge="per image, all boxes of the radiologist with the most valid boxes",
     )

@@ -19,6 +19,7 @@ import yaml
 
 from xray_train.bundled import reads_bundled_samples
 from xray_train.collate import PHASE_TASK, TASK_PROMPTS
+from xray_train.data.registry import title as registry_title
 from xray_train.errors import XrayTrainError
 from xray_train.names import looks_like_local_path
 from xray_train.hub.adapter import AdapterInfo, published_base, validate_adapter_dir
@@ -39,13 +40,6 @@ LICENSE = {
     "license": "other",
     "license_name": "health-ai-developer-foundations",
     "license_link": "https://developers.google.com/health-ai-developer-foundations/terms",
-}
-DATASET_NAMES = {
-    "padchest": "PadChest (BIMCV)",
-    "indiana": "Indiana University Chest X-ray collection (OpenI)",
-    "nih": "NIH ChestX-ray14 (bounding-box subset)",
-    "vindr": "VinDr-CXR",
-    "rsna": "RSNA Pneumonia Detection Challenge",
 }
 CARD_TEMPLATE = Template(files("xray_train.hub").joinpath("card_template.md").read_text(encoding="utf-8"))
 
@@ -122,7 +116,7 @@ SYNTHETIC = "the synthetic sample data bundled with xray-train ({name} format; d
 
 def dataset_title(dataset: str | None, synthetic: bool) -> str | None:
     """The data a run actually read, as the card names it."""
-    name = DATASET_NAMES.get(dataset, dataset)
+    name = registry_title(dataset)
     return SYNTHETIC.format(name=name) if synthetic and name else name
 
 
