@@ -16,7 +16,7 @@ from xray_train.data.registry import DATASETS, datasets_for
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_entry_resolves(name):
     entry = DATASETS[name]
-    cls = entry.config_class
+    cls = getattr(config, entry.config)
     assert typing.get_args(cls.model_fields["dataset"].annotation) == (name,)
     assert config.DATA_CLASSES[name] is cls
     assert callable(__import__(entry.reader, fromlist=["read"]).read)
@@ -53,5 +53,6 @@ def test_phase_check_names_the_datasets_of_the_phase(tmp_path):
 def test_card_names_datasets_from_the_registry():
     from xray_train.hub import card
 
-    assert card.dataset_title("vindr") == DATASETS["vindr"].title
-    assert card.dataset_title("unknown-set") == "unknown-set"
+    assert card.dataset_title("vindr", synthetic=False) == DATASETS["vindr"].title
+    assert card.dataset_title("unknown-set", synthetic=False) == "unknown-set"
+    assert DATASETS["indiana"].title in card.dataset_title("indiana", synthetic=True)

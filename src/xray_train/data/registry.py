@@ -33,12 +33,6 @@ class DatasetEntry:
     #: Data keys that must name existing files or folders, checked with the rest of the config before any read.
     required_paths: tuple[str, ...] = ("image_root",)
 
-    @property
-    def config_class(self):
-        from xray_train import config
-
-        return getattr(config, self.config)
-
     def read(self, cfg: "DataConfig") -> "ReadResult":
         return importlib.import_module(self.reader).read(cfg)
 
