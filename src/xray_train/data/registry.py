@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from xray_train.config import DataConfig
     from xray_train.data.records import ReadResult
 
 
@@ -33,7 +32,8 @@ class DatasetEntry:
     #: Data keys that must name existing files or folders, checked with the rest of the config before any read.
     required_paths: tuple[str, ...] = ("image_root",)
 
-    def read(self, cfg: "DataConfig") -> "ReadResult":
+    def read(self, cfg) -> "ReadResult":
+        """``cfg``: the run's data section (a class of ``xray_train.config``, named by ``self.config``)."""
         return importlib.import_module(self.reader).read(cfg)
 
 
@@ -62,6 +62,6 @@ def title(name: str | None) -> str | None:
     return entry.title if entry is not None else name
 
 
-def read_dataset(cfg: "DataConfig") -> "ReadResult":
+def read_dataset(cfg) -> "ReadResult":
     """Read the configured dataset; rows that can't be used are counted (or raise under cfg.strict)."""
     return DATASETS[cfg.dataset].read(cfg)
