@@ -166,6 +166,31 @@ def test_image_tokens_are_scaled_like_text_whichever_path_brings_them(tiny_model
     assert torch.equal(cached_scaled.n_correct, cached_plain.n_correct)
 
 
+def test_a_float16_run_builds_a_scaled_model_whose_trainable_parts_are_the_bases(make_config, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from xray_train.gemma3 import PRE_NORMS, active_projector
+    from xray_train.model import build_training_model
+    from xray_train.resolve import resolve
+
+    cfg = resolve(make_config("phase2", "model.compute_dtype=float16"))
+    assert cfg.model.residual_scale == FP16_RESIDUAL_SCALE  # what the run directory records
+    model, _ = build_training_model(cfg)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    s = FP16_RESIDUAL_SCALE
+    for ours, theirs in zip(decoder_layers(model), decoder_layers(base), strict=True):
+        for name in POST_NORMS:
+            expected = (1.0 + getattr(theirs, name).weight.float()) / s - 1.0
+            assert torch.equal(getattr(ours, name).weight, expected)
+        for name in PRE_NORMS:
+            assert getattr(ours, name).eps == getattr(theirs, name).eps / s**2
+    # What trains and is saved starts from the base's own values: the projector copy and LoRA's inputs.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not [n for n in trainable if any(norm in n for norm in (*PRE_NORMS, *POST_NORMS, "language_model.norm"))]
+    torch.testing.assert_close(active_projector(model).mm_input_projection_weight,
+                               base.model.multi_modal_projector.mm_input_projection_weight.float(), rtol=0, atol=0)
+
+
 _RUN: dict = {}
 
 
