@@ -52,7 +52,7 @@ def caches_in_tmp(tmp_path_factory) -> Path:
 
 
 #: Fixtures that build or train a model: a test using one (directly or through another fixture) is slow.
-MODEL_FIXTURES = {"tiny_model_dir", "learned"}
+MODEL_FIXTURES = {"tiny_model_dir", "learned", "gemma3_270m"}
 
 
 def pytest_collection_modifyitems(items):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from xray_train.config import DEFAULT_CHECKPOINT_LAYERS, RunConfig
 from xray_train.data.loader import available_cpus, decode_workers
 from xray_train.errors import XrayTrainError
+from xray_train.gemma3 import residual_scale_for
 
 
 #: Fewer images than this are cached with transformers' eager SigLIP: compiling it takes longer than it saves
@@ -110,7 +111,8 @@ def resolve(
             "head_grad_in_forward": t.head_grad_in_forward and not add_loc,
         }
     )
-    model = cfg.model.model_copy(update={"add_loc_tokens": add_loc, "train_projector": projector})
+    model = cfg.model.model_copy(update={"add_loc_tokens": add_loc, "train_projector": projector,
+                                         "residual_scale": residual_scale_for(cfg.model.compute_dtype, cfg.model.residual_scale)})
     size = cfg.data.image_size or image_size or base_image_size(cfg)
     readers = decode_workers(cfg.data.decode_workers, device.cpu_count)
     data = cfg.data.model_copy(update={"image_size": size, "decode_workers": readers})
