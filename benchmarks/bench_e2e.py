@@ -279,7 +279,7 @@ def run_cli_with_stages(stages_out: Path, argv: list[str]) -> None:
 
     stages.wrap(model, "build_training_model", "load_model", mark_end="model_ready")
     stages.wrap(train, "prepare_data", "data_read")
-    stages.wrap(features, "open_feature_cache", "cache_build")
+    stages.wrap(features, "open_feature_source", "cache_build")
     stages.wrap(transformers.Trainer, "train", "trainer_train")
     stages.wrap(transformers.Trainer, "evaluate", "eval")
     stages.wrap(train, "save_outputs", "save")
@@ -453,14 +453,14 @@ def peer_items(films: dict, base: Path, tiny: bool):
 
     from xray_train.collate import PromptEncoder
     from xray_train.config import load_config
-    from xray_train.train import prepare_data
+    from xray_train.train import prepare_data, run_inputs
 
     argv = xray_argv("phase1", films, base, Path("unused"), tiny, [])
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    cfg = load_config(PADCHEST_CONFIG, sets)
+    inputs = run_inputs(load_config(PADCHEST_CONFIG, sets))
     processor = AutoProcessor.from_pretrained(base)
-    encoder = PromptEncoder(processor, cfg.system_prompt)
-    return processor, encoder, prepare_data(cfg, encoder).train
+    encoder = PromptEncoder(processor, inputs.cfg.system_prompt)
+    return processor, encoder, prepare_data(inputs.cfg, encoder, inputs).train
 
 
 def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_dir: Path, tiny: bool) -> dict:
@@ -474,6 +474,7 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
     from transformers import TrainerCallback
 
     from xray_train.collate import Collator
+    from xray_train.features import FeatureSource
     from xray_train.inputs import PixelLoader, TrainingDataset
 
     class Timer(TrainerCallback):
@@ -498,7 +499,7 @@ def run_peer(name: str, films: dict, base: Path, batches: tuple[int, ...], out_d
             self.end = time.time()
 
     processor, encoder, items = peer_items(films, base, tiny)
-    dataset = TrainingDataset(items, PixelLoader(processor), None)  # decoded per item in the workers
+    dataset = TrainingDataset(items, FeatureSource.pixels(PixelLoader(processor)))  # decoded per item in the workers
     collate = Collator(encoder.ids)
     timer = Timer()
     batch = batches[0]

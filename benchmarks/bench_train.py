@@ -223,9 +223,10 @@ measure.checkpoint_path = None
 
 
 def pixel_dataset(items, processor):
+    from xray_train.features import FeatureSource
     from xray_train.inputs import PixelLoader, TrainingDataset
 
-    return TrainingDataset(items, PixelLoader(processor), None)
+    return TrainingDataset(items, FeatureSource.pixels(PixelLoader(processor)))
 
 
 def run_seed(base, processor, encoder, items, batch, steps, workdir):
@@ -336,7 +337,8 @@ def run_xray(base, processor, encoder, items, batch, steps, workdir, phase="phas
 
         encoder = PromptEncoder(proc, cfg.system_prompt)
     started = time.perf_counter()
-    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
+    paths = sorted({it.example.image_path for it in items}, key=str)
+    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, [], image_paths=paths))
     cache_s = time.perf_counter() - started
     timer = StepTimer()
     trainer = XrayTrainer(

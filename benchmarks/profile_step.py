@@ -187,7 +187,8 @@ def parts(args) -> None:
     model, proc = build_training_model(cfg)
     if args.compile:
         compile_decoder_layers(model)
-    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
+    paths = sorted({it.example.image_path for it in items}, key=str)
+    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, [], image_paths=paths))
     collate = Collator(encoder.ids)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, collate_fn=collate, num_workers=2, shuffle=True)
     it = iter(loader)

@@ -103,6 +103,7 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     from types import SimpleNamespace
 
     from xray_train.collate import FeatureRef, SpecialIds
+    from xray_train.features import FeatureMode, FeatureSource
     from xray_train.trainer import XrayTrainer
 
     table = torch.arange(5 * 2 * 3, dtype=torch.float32).reshape(5, 2, 3)  # cache rows: 2 tokens x 3 wide
@@ -123,12 +124,10 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     # The step makes the missing rows (here: from the pixel value), hands them to the cache and gives the
     # loss one tensor in the batch's order.
     written = []
-    fake = SimpleNamespace(
-        _pixel_loader=SimpleNamespace(normalize=lambda px, dtype: px.to(dtype)),
-        _feature_fill=SimpleNamespace(write=lambda rows, feats: written.append((rows.tolist(), feats.clone())),
-                                     attention="default"),
-        _feature_rows_from=cache,
-    )
+    filling = SimpleNamespace(rows=cache.rows, attention="default",
+                              write=lambda rows, feats: written.append((rows.tolist(), feats.clone())))
+    source = FeatureSource(FeatureMode.FILLING, SimpleNamespace(normalize=lambda px, dtype: px.to(dtype)), filling)
+    fake = SimpleNamespace(feature_source=source)
     fake.gather_features = lambda inputs: XrayTrainer.gather_features(fake, inputs)
     model = SimpleNamespace(vision_tower=torch.nn.Linear(1, 1))  # the inner Gemma3Model, as far as the step asks
     monkeypatch.setattr("xray_train.features.pooled_vision_features", lambda gemma, px, attention="default": px[:, :2, :3].float())

@@ -211,7 +211,7 @@ def test_vision_attention_tries_its_kernel_first_and_gives_the_same_features(tin
 
 
 def test_the_configured_attention_reaches_a_builds_and_a_fills_forward(tmp_path, processor, monkeypatch):
-    from xray_train.features import CacheFill, open_feature_cache
+    from xray_train.features import FeatureMode, open_feature_source
 
     used = []
 
@@ -228,10 +228,12 @@ def test_the_configured_attention_reaches_a_builds_and_a_fills_forward(tmp_path,
 
     used.clear()
     monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "filled"))
-    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=False, vision_attention="flash"))
-    fill = open_feature_cache(cfg, _fake_model(), loader, paths, fill=True)
-    assert isinstance(fill, CacheFill) and fill.attention == "flash"
-    fill.finish(_fake_model(), loader, batch_size=2, workers=0)  # no step ran: every row made here
+    cfg = SimpleNamespace(training=SimpleNamespace(cache_vision_features=True, compile_vision_cache=False,
+                                                   vision_attention="flash"))
+    fill = open_feature_source(cfg, _fake_model(), loader, paths, fill=True)
+    assert fill.mode is FeatureMode.FILLING
+    fill.finish(_fake_model(), batch_size=2, workers=0)  # no step ran: every row made here
+    assert fill.mode is FeatureMode.CACHED
     assert used and set(used) == {"flash"}
 
 
@@ -311,21 +313,22 @@ def test_a_cache_filled_during_training_equals_a_built_one_and_trains_alike(make
 
 
 def test_a_dataset_reads_images_until_every_feature_is_cached(tmp_path, fake_tower):
-    from xray_train.features import CacheFill
+    from xray_train.features import CacheFill, FeatureMode, FeatureSource
     from xray_train.inputs import EncodedExample, TrainingDataset
 
     paths = [tmp_path / f"{i}.png" for i in range(4)]
     items = [EncodedExample(SimpleNamespace(image_path=p), [1, 2], [1, 2]) for p in paths[:3]]  # 3: validation
-    assert TrainingDataset(items).reads_images()  # no cache: every epoch reads
+    assert TrainingDataset(items, FeatureSource.pixels(None)).reads_images()  # no cache: every epoch reads
     fill = CacheFill(tmp_path / "cache", "k", _fake_model(), paths)
-    dataset = TrainingDataset(items, feature_cache=fill)
+    source = FeatureSource(FeatureMode.FILLING, SimpleNamespace(), fill)
+    dataset = TrainingDataset(items, source)
     rows = torch.ones(2, 4, 6)
     fill.write([0, 1], rows)
     assert dataset.reads_images()  # a training image has no row yet
     fill.write([2, 3], rows)  # queued, not yet on the disk: flushed before the answer
     assert not dataset.reads_images()
-    finished = fill.finish(_fake_model(), SimpleNamespace(), batch_size=2, workers=0)
-    assert not TrainingDataset(items, feature_cache=finished).reads_images()
+    source.finish(_fake_model(), batch_size=2, workers=0)
+    assert source.mode is FeatureMode.CACHED and not dataset.reads_images()
 
 
 def test_a_fill_stopped_midway_keeps_the_rows_it_wrote_and_a_build_never_trusts_its_marks(tmp_path, fake_tower):
@@ -352,7 +355,7 @@ def test_a_fill_stopped_midway_keeps_the_rows_it_wrote_and_a_build_never_trusts_
 
 def test_a_fill_that_waited_for_a_build_uses_the_finished_cache(tmp_path, fake_tower, monkeypatch):
     # `xray-train cache-features` finished the cache while the training run waited for its lock.
-    from xray_train.features import VisionFeatureCache, open_feature_cache
+    from xray_train.features import FeatureMode, VisionFeatureCache, open_feature_source
 
     monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
     paths = [tmp_path / f"{i}.png" for i in range(3)]
@@ -368,24 +371,98 @@ def test_a_fill_that_waited_for_a_build_uses_the_finished_cache(tmp_path, fake_t
         real_lock(fh)
 
     monkeypatch.setattr(features, "_lock", build_meanwhile)
-    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=False, vision_attention="default"))
-    cache = open_feature_cache(cfg, _fake_model(), loader, paths, fill=True)
-    assert isinstance(cache, VisionFeatureCache) and len(cache.index) == 3
+    cfg = SimpleNamespace(training=SimpleNamespace(cache_vision_features=True, compile_vision_cache=False,
+                                                   vision_attention="default"))
+    source = open_feature_source(cfg, _fake_model(), loader, paths, fill=True)
+    assert source.mode is FeatureMode.CACHED and source.cached_images == 3
 
 
 @pytest.mark.parametrize("compile_vision", [True, False])
 def test_a_fill_compiles_the_tower_as_a_build_would(tmp_path, fake_tower, monkeypatch, compile_vision):
     # training.compile_vision_cache covers the cache however it is made: the steps that fill it run the same
     # compiled layers a build would.
-    from xray_train.features import CacheFill, open_feature_cache
+    from xray_train.features import FeatureMode, open_feature_source
 
     monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
     compiled = []
     monkeypatch.setattr(features, "compile_vision_layers", compiled.append)
     model = _fake_model()
     loader = SimpleNamespace(preprocessing=lambda: {})
-    cfg = SimpleNamespace(training=SimpleNamespace(compile_vision_cache=compile_vision, vision_attention="default"))
-    cache = open_feature_cache(cfg, model, loader, [tmp_path / "0.png"], fill=True)
-    assert isinstance(cache, CacheFill)
+    cfg = SimpleNamespace(training=SimpleNamespace(cache_vision_features=True, compile_vision_cache=compile_vision,
+                                                   vision_attention="default"))
+    source = open_feature_source(cfg, model, loader, [tmp_path / "0.png"], fill=True)
+    assert source.mode is FeatureMode.FILLING
     assert compiled == ([model] if compile_vision else [])
-    cache._lock.close()
+    source._cache._lock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# FeatureSource: what the dataset, the collator and the trainer ask, in each of its three modes
+
+
+def _source_cfg(cache: bool = True):
+    return SimpleNamespace(
+        training=SimpleNamespace(cache_vision_features=cache, compile_vision_cache=False, vision_attention="default",
+                                 feature_cache_batch_size=2),
+        data=SimpleNamespace(decode_workers=0),
+    )
+
+
+def test_a_source_without_a_cache_gives_every_step_the_pixels(tmp_path, processor, monkeypatch):
+    from xray_train.features import FeatureMode, open_feature_source
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
+    paths, loader = _films(tmp_path, 3), PixelLoader(processor)
+    source = open_feature_source(_source_cfg(cache=False), _fake_model(), loader, paths)
+    assert source.mode is FeatureMode.NONE and source.folder is None and not (tmp_path / "cache").exists()
+    assert set(source.image_inputs(paths[0])) == {"pixel_values"}
+    assert torch.equal(source.image_inputs(paths[0])["pixel_values"], loader(paths[0]))
+    assert all(p in source for p in paths) and source.reads_images(paths)
+    assert not source.gathered_in_trainer(dataloader_workers=2, reads_images=True)
+    with pytest.raises(RuntimeError, match="none feature source makes no rows"):
+        source.make_rows(_fake_model(), torch.zeros(1, 8, 8, dtype=torch.uint8), [0])
+    source.finish(_fake_model(), batch_size=2, workers=0)
+    assert source.mode is FeatureMode.NONE
+
+
+def test_a_finished_cache_source_names_rows_and_reads_no_image(tmp_path, processor, fake_tower, monkeypatch):
+    from xray_train.collate import FeatureRef
+    from xray_train.features import FeatureMode, open_feature_source
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
+    paths, loader = _films(tmp_path, 5), PixelLoader(processor)  # 03.png is not an image
+    source = open_feature_source(_source_cfg(), _fake_model(), loader, paths, progress=False)
+    assert source.mode is FeatureMode.CACHED and source.folder.parent == tmp_path / "cache"
+    assert paths[3] not in source and str(paths[3]) in source.failed and source.cached_images == 4
+    ref = source.image_inputs(paths[1])["image_features"]
+    assert isinstance(ref, FeatureRef) and ref.cache is source
+    expected = _features_of(None, loader.normalize(torch.from_numpy(loader.prepare(paths[1])))[None])
+    torch.testing.assert_close(source.rows([ref.row])[0], expected[0])
+    assert not source.reads_images([p for p in paths if p in source])
+    # Rows go by number from DataLoader workers only while images are read: otherwise the collator gathers.
+    assert source.gathered_in_trainer(dataloader_workers=2, reads_images=True)
+    assert not source.gathered_in_trainer(dataloader_workers=0, reads_images=True)
+    assert not source.gathered_in_trainer(dataloader_workers=2, reads_images=False)
+
+
+def test_a_filling_source_leaves_missing_rows_to_the_step_then_names_them(tmp_path, processor, fake_tower,
+                                                                          monkeypatch):
+    from xray_train.features import FeatureMode, open_feature_source
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
+    paths, loader = _films(tmp_path, 3), PixelLoader(processor)
+    source = open_feature_source(_source_cfg(), _fake_model(), loader, paths, fill=True)
+    assert source.mode is FeatureMode.FILLING and not source.folder.exists()
+    item = source.image_inputs(paths[2])
+    assert set(item) == {"fill_pixels", "fill_row"} and source.reads_images(paths)
+    assert torch.equal(item["fill_pixels"], torch.from_numpy(loader.prepare(paths[2])))
+    made = source.make_rows(_fake_model(), item["fill_pixels"][None], [item["fill_row"]])
+    # The step's row is the build's: the tower on the normalised image.
+    torch.testing.assert_close(made, _features_of(None, loader.normalize(item["fill_pixels"][None])))
+    assert source.reads_images(paths) and not source.reads_images(paths[2:])  # waits for the queued write
+    assert set(source.image_inputs(paths[2])) == {"image_features"}  # on the disk: named from now on
+    source.finish(_fake_model(), batch_size=2, workers=0)  # the rows no step made
+    assert source.mode is FeatureMode.CACHED and source.folder.is_dir() and not source.reads_images(paths)
+    torch.testing.assert_close(source.rows([source.image_inputs(paths[2])["image_features"].row]), made)
+    again = open_feature_source(_source_cfg(), _fake_model(), loader, paths, fill=True)  # a rerun
+    assert again.mode is FeatureMode.CACHED and again.folder == source.folder

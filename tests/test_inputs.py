@@ -10,6 +10,7 @@ import torch
 from xray_train.collate import IGNORE_INDEX, PromptEncoder
 from xray_train.data.images import prepare_image, to_rgb
 from xray_train.data.loader import prepared_batches
+from xray_train.features import FeatureSource
 from xray_train.generate import Generator, Request
 from xray_train.inputs import EncodedExample, PixelLoader, TrainingDataset
 
@@ -56,7 +57,7 @@ def test_training_evaluation_and_prediction_get_the_same_pixels(processor):
     encoder = PromptEncoder(processor, "sys")
     ids = encoder.encode("report", "FINDINGS:\n- normal")
     items = [EncodedExample(SimpleNamespace(image_path=p), ids["input_ids"], ids["labels"]) for p in images]
-    training = [TrainingDataset(items, loader)[i]["pixel_values"] for i in range(len(items))]
+    training = [TrainingDataset(items, FeatureSource.pixels(loader))[i]["pixel_values"] for i in range(len(items))]
 
     # Evaluation and prediction read the images in worker processes and normalise the batch.
     [evaluation] = list(prepared_batches(images, loader.prepare, len(images), workers=2))
@@ -79,7 +80,7 @@ def test_padding_fills_the_last_batch_with_label_free_copies(processor):
     for i, path in enumerate(_images()[:5]):
         ids = encoder.encode("report", answers[i % 3])
         items.append(EncodedExample(SimpleNamespace(image_path=path), ids["input_ids"], ids["labels"]))
-    dataset = TrainingDataset(items, loader)
+    dataset = TrainingDataset(items, FeatureSource.pixels(loader))
     dataset.pad_to_multiple(4)
     assert len(dataset) == 8 and len(dataset.lengths()) == 8
     for i in range(5, 8):

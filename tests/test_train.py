@@ -328,3 +328,62 @@ def test_an_epoch_that_reads_no_image_runs_without_dataloader_workers():
     assert epoch(loader) == (order, {-1})  # the same batches, made in this process
     # Resuming part-way through such an epoch rebuilds the loader from this one: it must accept no workers.
     assert [b[:, 1].tolist() for b in skip_first_batches(loader, 1)] == [[-1, -1], [-1, -1]]
+
+
+def test_the_run_s_inputs_are_read_selected_and_resolved_once(make_config, monkeypatch):
+    from xray_train import train
+
+    calls = []
+    real_split = train.split_examples
+    monkeypatch.setattr(train, "split_examples", lambda *a: calls.append(1) or real_split(*a))
+    inputs = train.run_inputs(make_config("phase1"))
+    assert calls == [1] and inputs.unresolved is None
+    assert inputs.cfg.training.compile_vision_cache is not None  # resolved
+    assert inputs.image_paths == sorted({ex.image_path for ex in inputs.train + inputs.validation}, key=str)
+    assert len(inputs.train) == len(inputs.splits["train"]) and inputs.validation
+
+
+def test_config_validate_keeps_settings_it_cannot_resolve(make_config, monkeypatch):
+    from xray_train import train
+
+    def refuse(cfg, images=0):
+        raise XrayTrainError("training.bf16: this GPU has no bf16")
+
+    monkeypatch.setattr(train, "resolve", refuse)
+    cfg = make_config("phase1")
+    with pytest.raises(XrayTrainError, match="no bf16"):
+        train.run_inputs(cfg)
+    inputs = train.run_inputs(cfg, strict=False)
+    assert inputs.unresolved == "training.bf16: this GPU has no bf16" and inputs.cfg is cfg and inputs.train
+
+
+def test_cache_features_runs_the_frozen_tower_alone_and_makes_the_cache_a_run_opens(make_config, monkeypatch,
+                                                                                   tmp_path):
+    from xray_train import features, model, train
+    from xray_train.collate import PromptEncoder
+    from xray_train.features import FeatureMode
+
+    monkeypatch.setenv("XRAY_TRAIN_FEATURE_CACHE", str(tmp_path / "cache"))
+    cfg = make_config("phase1", "training.fill_cache_during_epoch=false")
+    real_build = model.build_training_model
+
+    def no_training_model(*a, **k):
+        raise AssertionError("cache-features built the training model")
+
+    monkeypatch.setattr(model, "build_training_model", no_training_model)
+    source = train.cache_features(cfg, echo=lambda *a: None)
+    assert source.mode is FeatureMode.CACHED and source.folder.is_dir()
+
+    # A training run of the same config finds that cache: it builds nothing.
+    def no_build(*a, **k):
+        raise AssertionError("the training run built the cache again")
+
+    monkeypatch.setattr(features, "build_features", no_build)
+    inputs = train.run_inputs(cfg)
+    trained, processor = real_build(inputs.cfg)
+    data = train.prepare_data(inputs.cfg, PromptEncoder(processor, inputs.cfg.system_prompt), inputs)
+    train_set, _ = train.build_datasets(inputs.cfg, trained, processor, data)
+    assert train_set.features.mode is FeatureMode.CACHED and train_set.features.folder == source.folder
+
+    with pytest.raises(XrayTrainError, match="cache_vision_features is false"):
+        train.cache_features(make_config("phase1", "training.cache_vision_features=false"), echo=lambda *a: None)

@@ -310,23 +310,19 @@ def config_validate(
 ):
     """Check a config (every problem at once) and read its data without loading weights; show one collated example."""
     from xray_train.config import dump_config
-    from xray_train.data.check import read_for_training
-    from xray_train.resolve import resolve
-    from xray_train.train import cached_images
+    from xray_train.train import run_inputs
 
     if (config is None) == (config_arg is None):
         raise typer.BadParameter("give the config once: --config CFG", param_hint="--config")
     config = config or config_arg
     cfg = _load(config, set_)
-    read = read_for_training(cfg.data)
+    # The run's own opening steps: its data read, and "auto" settings as a run on this machine decides them.
+    inputs = run_inputs(cfg, strict=False)
+    read = inputs.read
     console.print(f"[green]{config}: valid[/green] ({cfg.phase}, {cfg.data.dataset}, base {cfg.model.base})")
-    try:
-        # On this machine: "auto" settings as a run here would decide them.
-        shown = resolve(cfg, images=len(cached_images(cfg, read)))
-    except XrayTrainError as exc:
-        console.print(f"settings not resolved: {exc}", style="yellow", markup=False)
-        shown = cfg
-    console.print(dump_config(shown), markup=False, highlight=False)
+    if inputs.unresolved:
+        console.print(f"settings not resolved: {inputs.unresolved}", style="yellow", markup=False)
+    console.print(dump_config(inputs.cfg), markup=False, highlight=False)
     if show_example:
         from xray_train.validate import show_collated_example
 

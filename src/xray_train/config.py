@@ -326,10 +326,11 @@ class TrainingSection(_Section):
     checkpoint_layers: int | Literal["all"] | None = Field(
         None,
         description="With gradient_checkpointing: how many decoder layers recompute (spread evenly over the "
-        "stack; MedGemma-4B has 34); the others keep their activations. \"all\": every layer (~10 GB at batch "
-        f"32). null: the measured default of the phase, {DEFAULT_CHECKPOINT_LAYERS['phase1']} in Phase 1 and "
-        f"{DEFAULT_CHECKPOINT_LAYERS['phase2']} in Phase 2 (whose trainable projector and <loc> rows keep more "
-        "activations): the fastest counts that stay under 24 GB at batch 16 on MedGemma-4B.",
+        "stack; MedGemma-4B has 34); the others keep their activations. \"all\": every layer (the least "
+        f"memory, for small GPUs). null: the measured default of the phase, {DEFAULT_CHECKPOINT_LAYERS['phase1']} "
+        f"in Phase 1 and {DEFAULT_CHECKPOINT_LAYERS['phase2']} in Phase 2 (whose trainable projector and <loc> rows "
+        "keep more activations): the fastest counts that stay under 24 GB at batch 16 on MedGemma-4B "
+        "(benchmarks/results/train_speed.md).",
     )
     dataloader_num_workers: int | None = Field(
         None,

@@ -10,13 +10,19 @@ The cache key covers the vision weights (a numeric fingerprint of every tensor),
 the preprocessing settings and every image file's path, size and mtime: changing any of them builds a
 new cache instead of reusing a stale one.
 
+``FeatureSource`` is what the rest of the project asks for a run's image features (the dataset, the collator
+through ``FeatureRef``, the trainer and ``xray-train cache-features``); its ``mode`` says where they come
+from: no cache (pixels every step), a finished cache, or a cache the first epoch's steps fill.
+
 Over 400 lines because it is one contract: the cache's key, its files, the build that writes them (and
-continues after a kill) and the training steps that can fill them instead all describe the same folder.
+continues after a kill), the training steps that can fill them instead, and the source that hands their rows
+to a run all describe the same folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import logging
@@ -66,8 +72,8 @@ def vision_attention(backend: str = "default", only: bool = False):
     raises.
 
     Attention over SigLIP-896's 4096 patches is over a third of the tower's work, and the kernels differ
-    widely on its 16 heads of 72 channels: one layer at batch 32 takes 6.1 ms on cuDNN's kernel, 10.2 on
-    FlashAttention and 24.9 on the memory-efficient one (H200, ``benchmarks/bench_vision.py``).
+    widely on its 16 heads of 72 channels (``attention_only`` in benchmarks/results/vision_speed.json, from
+    ``benchmarks/bench_vision.py``).
     """
     if backend == "default":
         return contextlib.nullcontext()
@@ -113,6 +119,12 @@ def cache_key(vision_fp: str, preprocessing: dict, image_paths: list[Path]) -> s
     for path in image_paths:
         h.update(json.dumps(_file_signature(path)).encode())
     return h.hexdigest()[:24]
+
+
+def cache_folders(root: Path, key: str) -> tuple[Path, Path]:
+    """The finished cache's folder and the ``.{key}.partial`` folder a build or a fill writes before it."""
+    root = Path(root)
+    return root / key, root / f".{key}.partial"
 
 
 def cache_rows_and_key(gemma3_model, preprocessing: dict, image_paths) -> tuple[list[Path], str]:
@@ -191,11 +203,10 @@ class VisionFeatureCache(_FeatureRows):
         """
         unique, key = cache_rows_and_key(gemma3_model, preprocessing, image_paths)
         root = Path(root)
-        folder = root / key
+        folder, partial = cache_folders(root, key)
         cache = cls._load_existing(folder)
         if cache is not None:
             return cache
-        partial = root / f".{key}.partial"
         try:
             root.mkdir(parents=True, exist_ok=True)
             done = _read_progress(partial).get("done", 0)
@@ -309,8 +320,8 @@ def host_threads_for(device: torch.device):
     """One intra-op thread in this process while it only hands batches to a GPU.
 
     The reading workers take every core; PyTorch's intra-op threads in this process, waking for each batch's
-    stacking and pinning and spinning after it, took cores from them: on a 16-core H200 host a cache build
-    ran 51.6 films/s with them and 69.8 with one (same films, same host). On a CPU the tower's forward needs
+    stacking and pinning and spinning after it, take cores from them and slow the build down (the cache rows
+    of benchmarks/results/e2e_speed.json, with and without, and their note). On a CPU the tower's forward needs
     its threads: unchanged.
     """
     if device.type != "cuda":
@@ -501,7 +512,7 @@ class CacheFill(_FeatureRows):
 
         self.paths = paths
         self.attention = attention
-        self.final, self.partial = Path(root) / key, Path(root) / f".{key}.partial"
+        self.final, self.partial = cache_folders(root, key)
         self.index = {str(p): i for i, p in enumerate(self.paths)}
         self.failed: dict[str, str] = {}  # unreadable images are found by the steps, and counted at the end
         self.dtype_name, self._storage = _storage(gemma3_model)
@@ -529,6 +540,7 @@ class CacheFill(_FeatureRows):
         self._fd = os.open(bin_path, os.O_WRONLY)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-cache-fill")
         self._writes: list = []
+        self._writes_here = True  # the filling process; a DataLoader worker's copy only reads
 
     def _open(self, writable: bool = False) -> None:
         self._array = np.memmap(self.partial / "features.bin", dtype=self._storage, mode="r", shape=self.shape)
@@ -542,6 +554,7 @@ class CacheFill(_FeatureRows):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._writes_here = False
         self._open()
 
     def is_filled(self, row: int) -> bool:
@@ -549,7 +562,7 @@ class CacheFill(_FeatureRows):
 
     def all_filled(self, rows) -> bool:
         """Whether every one of ``rows`` is on the disk, once the rows queued so far have reached it."""
-        if hasattr(self, "_writes"):  # the filling process; a worker's copy has nothing queued
+        if self._writes_here:  # a worker's copy has nothing queued
             self.flush()
         return bool(self._filled[np.asarray(rows, dtype=np.int64)].all())
 
@@ -605,31 +618,137 @@ class CacheFill(_FeatureRows):
         return VisionFeatureCache(self.final)
 
 
-def open_feature_cache(cfg, gemma3_model, pixel_loader, image_paths: list[Path], progress: bool = True,
-                       fill: bool = False):
-    """The run's vision-feature cache, built (or continued) with the resolved config's reading, batching and
-    compile settings; with ``fill``, a finished cache if there is one, else a ``CacheFill`` for the steps."""
+class FeatureMode(enum.Enum):
+    """Where a run's image features come from."""
+
+    NONE = "none"  # no cache: every step runs SigLIP on the pixels
+    CACHED = "cached"  # a finished cache: every step reads rows
+    FILLING = "filling"  # the first epoch's steps make the rows the cache is missing, later steps read them
+
+
+class FeatureSource:
+    """A run's image features, whatever their ``mode``: the one object the dataset, the collator (through
+    ``collate.FeatureRef``), the trainer and ``xray-train cache-features`` ask.
+
+    ``image_inputs(path)`` is a dataset item's image part: ``pixel_values`` without a cache, a ``FeatureRef``
+    to the image's row where it is cached, and the uint8 image with its row number (``fill_pixels``,
+    ``fill_row``) where a filling cache has no row for it yet; the step then makes the row (``make_rows``).
+    ``finish`` completes a fill once training ends. Picklable: DataLoader workers get a read-only copy.
+    """
+
+    def __init__(self, mode: FeatureMode, pixel_loader, cache=None, root: Path | None = None):
+        self.mode = mode
+        self.pixel_loader = pixel_loader
+        self._cache = cache  # VisionFeatureCache (CACHED), CacheFill (FILLING), or None
+        self.root = root
+
+    @classmethod
+    def pixels(cls, pixel_loader) -> "FeatureSource":
+        """No cache: the images' pixels, prepared for every step."""
+        return cls(FeatureMode.NONE, pixel_loader)
+
+    @property
+    def folder(self) -> Path | None:
+        """The finished cache's folder (where a fill moves once it is finished)."""
+        if self.mode is FeatureMode.NONE:
+            return None
+        return self._cache.final if self.mode is FeatureMode.FILLING else self._cache.folder
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Images that could not be read, by path (found by a build; a fill finds them when it finishes)."""
+        return {} if self._cache is None else self._cache.failed
+
+    @property
+    def cached_images(self) -> int:
+        return 0 if self._cache is None else len(self._cache.index)
+
+    def __contains__(self, image_path) -> bool:
+        """Whether ``image_path`` can be trained on: every image without a cache; one the cache could read."""
+        return self._cache is None or image_path in self._cache
+
+    def rows(self, rows) -> torch.Tensor:
+        """Features of several cached rows in one gather."""
+        return self._cache.rows(rows)
+
+    def reads_images(self, image_paths) -> bool:
+        """Whether an epoch over ``image_paths`` would read an image file: not once each has its row."""
+        if self.mode is FeatureMode.NONE:
+            return True
+        if self.mode is FeatureMode.CACHED:
+            return False
+        return not self._cache.all_filled([self._cache.row_of(p) for p in image_paths])
+
+    def image_inputs(self, image_path) -> dict:
+        """A dataset item's image part (see the class docstring)."""
+        from xray_train.collate import FeatureRef
+
+        if self.mode is FeatureMode.NONE:
+            return {"pixel_values": self.pixel_loader(image_path)}
+        row = self._cache.row_of(image_path)
+        if self.mode is FeatureMode.FILLING and not self._cache.is_filled(row):
+            # No row yet: the step makes it from the uint8 image (see trainer.XrayTrainer.fill_features).
+            return {"fill_pixels": torch.from_numpy(self.pixel_loader.prepare(image_path)), "fill_row": row}
+        # The collator gathers the whole batch's rows at once (see collate.FeatureRef).
+        return {"image_features": FeatureRef(self, row)}
+
+    def gathered_in_trainer(self, dataloader_workers: int, reads_images: bool) -> bool:
+        """Whether the training process, not the collator, gathers a batch's cached rows: where the collator
+        runs in DataLoader workers (reading images while the steps fill the cache, or asked for), features sent
+        from workers cost more step time than they save. Without workers the collator gathers them."""
+        return self.mode is not FeatureMode.NONE and dataloader_workers > 0 and reads_images
+
+    def make_rows(self, gemma3_model, pixels: torch.Tensor, rows) -> torch.Tensor:
+        """The features of ``pixels`` (uint8 images, on the step's device) as a build makes them (SigLIP in its
+        own dtype, outside the step's mixed-precision autocast), handed to the filling cache as ``rows``."""
+        if self.mode is not FeatureMode.FILLING:
+            raise RuntimeError(f"a {self.mode.value} feature source makes no rows")
+        dtype = next(gemma3_model.vision_tower.parameters()).dtype
+        with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
+            made = pooled_vision_features(gemma3_model, self.pixel_loader.normalize(pixels, dtype),
+                                          self._cache.attention)
+        self._cache.write(rows, made)
+        return made
+
+    def finish(self, gemma3_model, batch_size: int, workers: int) -> None:
+        """After training: a filling cache computes the rows no step reached and becomes a finished cache."""
+        if self.mode is FeatureMode.FILLING:
+            self._cache = self._cache.finish(gemma3_model, self.pixel_loader, batch_size, workers)
+            self.mode = FeatureMode.CACHED
+
+
+def open_feature_source(cfg, gemma3_model, pixel_loader, image_paths: list[Path], progress: bool = True,
+                        fill: bool = False) -> FeatureSource:
+    """The run's features: ``pixels`` without ``training.cache_vision_features``; else its cache, built (or
+    continued) with the resolved config's reading, batching and compile settings, or with ``fill`` a
+    finished cache if there is one, else one the steps fill."""
+    t = cfg.training
+    if not t.cache_vision_features:
+        return FeatureSource.pixels(pixel_loader)
+    root = feature_cache_root()
     if fill:
         unique, key = cache_rows_and_key(gemma3_model, pixel_loader.preprocessing(), image_paths)
-        folder = feature_cache_root() / key
+        folder, _ = cache_folders(root, key)
         cache = VisionFeatureCache._load_existing(folder)
-        if cache is None:
-            cache = CacheFill(feature_cache_root(), key, gemma3_model, unique, cfg.training.vision_attention)
-            if cache.superseded:
-                cache = VisionFeatureCache(folder)
-            elif cfg.training.compile_vision_cache:
-                # The steps run SigLIP on full batches (the last one is padded), so it compiles once.
-                compile_vision_layers(gemma3_model)
-        return cache
-    return VisionFeatureCache.build_or_load(
-        feature_cache_root(),
+        if cache is not None:
+            return FeatureSource(FeatureMode.CACHED, pixel_loader, cache, root)
+        filling = CacheFill(root, key, gemma3_model, unique, t.vision_attention)
+        if filling.superseded:  # a build finished it while this run waited for the lock
+            return FeatureSource(FeatureMode.CACHED, pixel_loader, VisionFeatureCache(folder), root)
+        if t.compile_vision_cache:
+            # The steps run SigLIP on full batches (the last one is padded), so it compiles once.
+            compile_vision_layers(gemma3_model)
+        return FeatureSource(FeatureMode.FILLING, pixel_loader, filling, root)
+    cache = VisionFeatureCache.build_or_load(
+        root,
         gemma3_model,
         image_paths,
         pixel_loader,
         pixel_loader.preprocessing(),
-        batch_size=cfg.training.feature_cache_batch_size,
+        batch_size=t.feature_cache_batch_size,
         workers=cfg.data.decode_workers,
-        compile_vision=cfg.training.compile_vision_cache,
+        compile_vision=t.compile_vision_cache,
         progress=progress,
-        attention=cfg.training.vision_attention,
+        attention=t.vision_attention,
     )
+    return FeatureSource(FeatureMode.CACHED, pixel_loader, cache, root)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xray_train.collate import IGNORE_INDEX, PHASE_TASK, FeatureRef, PromptEncoder
+from xray_train.collate import IGNORE_INDEX, PHASE_TASK, PromptEncoder
 from xray_train.data.images import Geometry, ImageError, prepare_image, read_image_size, to_rgb
 from xray_train.data.loc import encode_boxes
 from xray_train.data.records import Example
@@ -154,15 +154,13 @@ def encode_examples(
 
 
 class TrainingDataset(torch.utils.data.Dataset):
-    """Encoded examples with their image as cached features (fast path) or freshly prepared pixels."""
+    """Encoded examples with their image as the run's ``features.FeatureSource`` gives it: cached features
+    (fast path), or freshly prepared pixels."""
 
-    def __init__(self, items: list[EncodedExample], pixel_loader: PixelLoader | None = None, feature_cache=None):
-        if feature_cache is not None:
-            # Images the cache could not read are dropped up front, counted in the run summary.
-            items = [it for it in items if it.example.image_path in feature_cache]
-        self.items = items
-        self.pixel_loader = pixel_loader
-        self.feature_cache = feature_cache
+    def __init__(self, items: list[EncodedExample], features):
+        # Images the cache could not read are dropped up front, counted in the run summary.
+        self.items = [it for it in items if it.example.image_path in features]
+        self.features = features
         # Shared memory: DataLoader workers mark failures where the main process can count them.
         self._unreadable = torch.zeros(max(1, len(items)), dtype=torch.bool).share_memory_()
         self._padding = 0
@@ -184,12 +182,7 @@ class TrainingDataset(torch.utils.data.Dataset):
     def reads_images(self) -> bool:
         """Whether an epoch over it would read an image file: not once every image's features are cached
         (a finished cache, or one the steps have filled)."""
-        cache = self.feature_cache
-        if cache is None:
-            return True
-        if not hasattr(cache, "is_filled"):  # a finished cache (a CacheFill has rows still to fill, see _image)
-            return False
-        return not cache.all_filled([cache.row_of(it.example.image_path) for it in self.items])
+        return self.features.reads_images([it.example.image_path for it in self.items])
 
     def lengths(self) -> list[int]:
         return [len(it.input_ids) for it in self.items + self.items[: self._padding]]
@@ -203,7 +196,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         for attempt in range(len(self.items)):
             item = self.items[(index + attempt) % len(self.items)]
             try:
-                image = self._image(item.example.image_path)
+                image = self.features.image_inputs(item.example.image_path)
             except ImageError as exc:
                 # A file that broke after the data check must not end an epoch: use the next example.
                 self._unreadable[(index + attempt) % len(self.items)] = True
@@ -211,13 +204,3 @@ class TrainingDataset(torch.utils.data.Dataset):
                 continue
             return {"input_ids": item.input_ids, "labels": item.labels, **image}
         raise ImageError("no readable image left in the dataset")
-
-    def _image(self, path: Path) -> dict:
-        if self.feature_cache is not None:
-            row = self.feature_cache.row_of(path)
-            if hasattr(self.feature_cache, "is_filled") and not self.feature_cache.is_filled(row):  # a CacheFill
-                # No row yet: the step makes it from the uint8 image (see trainer.XrayTrainer.fill_features).
-                return {"fill_pixels": torch.from_numpy(self.pixel_loader.prepare(path)), "fill_row": row}
-            # The collator gathers the whole batch's rows at once (see collate.FeatureRef).
-            return {"image_features": FeatureRef(self.feature_cache, row)}
-        return {"pixel_values": self.pixel_loader(path)}

@@ -71,7 +71,7 @@ def resolve(
 
     ``image_size``: the base processor's image side, if the caller has it; otherwise it is read from the
     base's image-processor config (a small file, no weights). ``images``: how many images the run caches
-    vision features of (``train.cached_images``), which decides a null ``training.compile_vision_cache``
+    vision features of (``train.run_inputs``), which decides a null ``training.compile_vision_cache``
     on CUDA (callers that build no cache leave it at 0: eager). Resolving a resolved config changes nothing.
     """
     device = device or Device.detect()

@@ -2,7 +2,8 @@
 -> save. (Over 400 lines: the recipe and each step it takes are meant to be read on one page.)
 
 ``run(cfg)`` comes first and reads top to bottom, with ``cache_features`` (the cache build alone, as
-``run`` does it) beside it; the steps they call follow in the order they are called, then the final save.
+``run`` does it) beside it; both open with ``run_inputs`` (also ``config validate``'s). The steps they call
+follow in the order they are called, then the final save.
 The trainer ``run`` configures (``XrayTrainer``, its callbacks, the non-finite-loss guard) is
 ``xray_train.trainer``.
 Phase 2 differs from Phase 1 only by configuration (loc tokens, trainable projector, box targets) and by
@@ -16,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +25,7 @@ import torch
 from xray_train.collate import Collator, PromptEncoder
 from xray_train.config import RunConfig
 from xray_train.data.check import read_for_training
-from xray_train.data.records import ReadResult
-from xray_train.data.registry import read_dataset
+from xray_train.data.records import Example, ReadResult
 from xray_train.data.splits import cap_examples, split_examples
 from xray_train.distributed import use_cpu
 from xray_train.distributed import state as distributed_state
@@ -58,18 +58,18 @@ def run(
         echo("Phase 2 without --resume: training a fresh adapter (no Phase-1 report knowledge).")
     if resume_from is not None:
         parent = check_resume_dir(resume_from, cfg)
-    read = read_for_training(cfg.data)
-    cfg = resolve(cfg, images=len(cached_images(cfg, read)))
+    inputs = run_inputs(cfg)
     # One writer per output_dir, from before it is created, overwritten or resumed until the run ends.
     lock = RunDir(cfg.output_dir).lock().acquire() if distributed_state().is_main_process else None
     try:
-        return _train(cfg, read, parent, resume_from, overwrite, echo, callbacks)
+        return _train(inputs, parent, resume_from, overwrite, echo, callbacks)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: bool, echo, callbacks) -> Path:
+def _train(inputs: RunInputs, parent, resume_from, overwrite: bool, echo, callbacks) -> Path:
+    cfg = inputs.cfg
     checkpoint = prepare_output_dir(cfg, overwrite, parent)
 
     # Imported here, after every refusal above: transformers' Trainer takes seconds to import. Looked up
@@ -77,7 +77,6 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
     from transformers import set_seed
 
     from xray_train import trainer as trainer_module
-    from xray_train.features import CacheFill
     from xray_train.gemma3 import gemma3_core
     from xray_train.loss import LocTargets
     from xray_train.model import build_training_model, loc_token_ids
@@ -85,24 +84,22 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
     set_seed(cfg.training.seed)
     model, processor = build_training_model(cfg, resume_from=resume_from)
     encoder = PromptEncoder(processor, cfg.system_prompt)
-    data = prepare_data(cfg, encoder, read)
+    data = prepare_data(cfg, encoder, inputs)
     train_set, val_set = build_datasets(cfg, model, processor, data)
+    features = train_set.features
     if cfg.training.pad_last_batch:
         train_set.pad_to_multiple(cfg.training.per_device_train_batch_size * distributed_state().num_processes)
     echo(f"{cfg.phase}: {len(train_set.items)} training / {len(val_set) if val_set else 0} validation examples")
 
-    # With DataLoader workers (reading images while the steps fill the cache, or asked for), cached rows are
-    # gathered in this process: features sent from workers cost more step time than they save. A run with
-    # every feature already cached reads no image, so it has no workers (trainer.WorkersOnlyWhileReadingCallback)
-    # and its collator gathers the rows, as a run that built its cache first does.
-    rows_here = (train_set.feature_cache is not None and cfg.training.dataloader_num_workers > 0
-                 and train_set.reads_images())
+    # A run with every feature already cached reads no image, so it has no workers
+    # (trainer.WorkersOnlyWhileReadingCallback) and its collator gathers the rows.
+    in_trainer = features.gathered_in_trainer(cfg.training.dataloader_num_workers, train_set.reads_images())
     trainer = trainer_module.XrayTrainer(
         model=model,
         args=training_arguments(cfg, has_eval=val_set is not None and len(val_set) > 0),
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=Collator(encoder.ids, gather_features=not rows_here),
+        data_collator=Collator(encoder.ids, gather_features=not in_trainer),
         lengths=train_set.lengths(),
         targets_only=cfg.training.loss_on_targets_only,
         head_chunk_rows=cfg.training.head_chunk_rows,
@@ -112,11 +109,9 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
             cfg.training.loc_label_sigma, cfg.training.loc_l1_weight,
         ),
         lora_start_step=cfg.training.lora_start_step,
-        feature_fill=train_set.feature_cache if isinstance(train_set.feature_cache, CacheFill) else None,
-        feature_rows_from=train_set.feature_cache if rows_here else None,
-        pixel_loader=train_set.pixel_loader,
+        feature_source=features,
         optimizers=(optimizer_groups(cfg, model), None),
-        callbacks=callbacks,
+        callbacks=[trainer_module.WorkersOnlyWhileReadingCallback(train_set), *(callbacks or [])],
     )
     resumed_step = 0
     if checkpoint is not None:
@@ -130,9 +125,7 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
         metrics = dict(result.metrics)
         if val_set is not None and len(val_set):
             metrics.update(trainer.evaluate())
-        if isinstance(train_set.feature_cache, CacheFill):
-            train_set.feature_cache.finish(gemma3_core(model), train_set.pixel_loader,
-                                           cfg.training.feature_cache_batch_size, cfg.data.decode_workers)
+        features.finish(gemma3_core(model), cfg.training.feature_cache_batch_size, cfg.data.decode_workers)
     metrics["torch_compiles"] = compile_count() - compiles_before
     logger.info("torch.compile compiled %d graphs in this run (training and evaluation)", metrics["torch_compiles"])
     if trainer.is_world_process_zero():
@@ -144,24 +137,24 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
 
 def cache_features(cfg: RunConfig, echo=print):
     """``xray-train cache-features``: build (or continue) the vision-feature cache a training run of ``cfg``
-    will use. The data is read, the settings resolved and the model loaded exactly as ``run`` does (the
-    cache key covers the vision weights and dtype); the cache covers the training and validation images."""
-    from transformers import set_seed
-
-    from xray_train.features import feature_cache_root, open_feature_cache
+    will use, over the same images (``run_inputs``). Only the frozen base is loaded, as a run loads it (the
+    cache key covers the vision weights and dtype): no adapter, checkpointing or compiled decoder, which the
+    tower never runs through. Returns the ``FeatureSource`` (a finished cache)."""
+    from xray_train import features as features_module
     from xray_train.gemma3 import gemma3_core
-    from xray_train.model import build_training_model
+    from xray_train.model import load_base
 
-    read = read_for_training(cfg.data)
-    cfg = resolve(cfg, images=len(cached_images(cfg, read)))
-    set_seed(cfg.training.seed)
-    model, processor = build_training_model(cfg)
-    data = prepare_data(cfg, PromptEncoder(processor, cfg.system_prompt), read)
-    paths = [it.example.image_path for it in data.train + data.validation]
-    echo(f"{cfg.phase}: caching vision features of {len(set(paths))} images in {feature_cache_root()}")
-    cache = open_feature_cache(cfg, gemma3_core(model), PixelLoader(processor, cfg.data.image_size), paths)
-    echo(f"{len(cache.index)} images cached, {len(cache.failed)} unreadable: {cache.folder}")
-    return cache
+    inputs = run_inputs(cfg)
+    cfg = inputs.cfg
+    if not cfg.training.cache_vision_features:
+        raise XrayTrainError("training.cache_vision_features is false: a run of this config caches no features")
+    model, processor = load_base(cfg.model)
+    echo(f"{cfg.phase}: caching vision features of {len(inputs.image_paths)} images in "
+         f"{features_module.feature_cache_root()}")
+    source = features_module.open_feature_source(
+        cfg, gemma3_core(model), PixelLoader(processor, cfg.data.image_size), inputs.image_paths)
+    echo(f"{source.cached_images} images cached, {len(source.failed)} unreadable: {source.folder}")
+    return source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,36 +217,58 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, parent: RunDir | None = 
 # Data
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run starts from, decided once: the dataset as read, its patient split, the training and
+    validation examples the run uses, and the config with every "auto" setting resolved for them."""
+
+    cfg: RunConfig  # resolved, unless ``unresolved`` says why not (``config validate`` shows that)
+    read: ReadResult
+    splits: dict
+    train: list[Example]
+    validation: list[Example]
+    unresolved: str | None = None
+
+    @property
+    def image_paths(self) -> list[Path]:
+        """The images of the examples the run uses, sorted, each once: what the vision-feature cache covers
+        (an example that encoding drops later, too long for ``training.max_length``, keeps its row)."""
+        return sorted({ex.image_path for ex in self.train + self.validation}, key=str)
+
+
+def run_inputs(cfg: RunConfig, strict: bool = True) -> RunInputs:
+    """The opening steps of ``phase1``/``phase2``, ``cache-features`` and ``config validate``: read the data
+    (refusing what cannot train), split it by patient and cap it, then resolve the settings for the images
+    the run caches. ``strict=False`` keeps a config whose settings cannot be resolved on this machine,
+    recording why in ``unresolved``."""
+    read = read_for_training(cfg.data)
+    splits = split_examples(read.examples, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    train = cap_examples(splits["train"], cfg.data.max_examples, cfg.training.seed)
+    validation = cap_examples(splits["validation"], cfg.training.max_eval_samples, cfg.training.seed)
+    inputs = RunInputs(cfg, read, splits, train, validation)
+    images = len(inputs.image_paths) if cfg.training.cache_vision_features else 0
+    try:
+        return replace(inputs, cfg=resolve(cfg, images=images))
+    except XrayTrainError as exc:
+        if strict:
+            raise
+        return replace(inputs, unresolved=str(exc))
+
+
 @dataclass
 class PreparedData:
     train: list[EncodedExample]
     validation: list[EncodedExample]
     counts: dict = field(default_factory=dict)
+    image_paths: list[Path] = field(default_factory=list)  # what the vision-feature cache covers
 
 
-def select_examples(cfg: RunConfig, read: ReadResult) -> tuple[dict, list, list]:
-    """The patient split of ``read`` and the training and validation examples a run uses (capped)."""
-    splits = split_examples(read.examples, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    train_examples = cap_examples(splits["train"], cfg.data.max_examples, cfg.training.seed)
-    val_examples = cap_examples(splits["validation"], cfg.training.max_eval_samples, cfg.training.seed)
-    return splits, train_examples, val_examples
-
-
-def cached_images(cfg: RunConfig, read: ReadResult) -> set[Path]:
-    """The images whose vision features a run of ``cfg`` caches (none without the cache)."""
-    if not cfg.training.cache_vision_features:
-        return set()
-    _, train_examples, val_examples = select_examples(cfg, read)
-    return {ex.image_path for ex in train_examples + val_examples}
-
-
-def prepare_data(cfg: RunConfig, encoder: PromptEncoder, read: ReadResult | None = None) -> PreparedData:
-    """Split and encode the examples of ``read`` (by default, the dataset read now)."""
-    read = read if read is not None else read_dataset(cfg.data)
-    splits, train_examples, val_examples = select_examples(cfg, read)
+def prepare_data(cfg: RunConfig, encoder: PromptEncoder, inputs: RunInputs) -> PreparedData:
+    """Encode the examples of ``inputs``; those that cannot be used are counted by reason."""
+    read, splits = inputs.read, inputs.splits
     fmt = cfg.data.box_format
-    train, train_skipped = encode_examples(train_examples, cfg.phase, encoder, cfg.training.max_length, fmt)
-    validation, _ = encode_examples(val_examples, cfg.phase, encoder, cfg.training.max_length, fmt)
+    train, train_skipped = encode_examples(inputs.train, cfg.phase, encoder, cfg.training.max_length, fmt)
+    validation, _ = encode_examples(inputs.validation, cfg.phase, encoder, cfg.training.max_length, fmt)
     if not train:
         reasons = ", ".join(f"{k}={v}" for k, v in (read.skipped + train_skipped).items()) or "none"
         raise XrayTrainError(
@@ -269,26 +284,27 @@ def prepare_data(cfg: RunConfig, encoder: PromptEncoder, read: ReadResult | None
         "train_skipped": dict(train_skipped),
         "validation_examples_used": len(validation),
     }
-    return PreparedData(train, validation, counts)
+    return PreparedData(train, validation, counts, inputs.image_paths)
 
 
 def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
-    from xray_train.features import open_feature_cache
+    """The training and validation datasets, with the run's image features (``features.FeatureSource``)."""
+    from xray_train import features
     from xray_train.gemma3 import gemma3_core
 
-    pixel_loader = PixelLoader(processor, cfg.data.image_size)
-    cache = None
-    if cfg.training.cache_vision_features:
-        paths = [it.example.image_path for it in data.train + data.validation]
-        state = distributed_state()
-        # Rank 0 computes the cache; the other ranks then find it complete and memory-map it.
-        with state.main_process_first():
-            cache = open_feature_cache(cfg, gemma3_core(model), pixel_loader, paths, state.is_main_process,
-                                       fill=cfg.training.fill_cache_during_epoch and state.num_processes == 1)
-        if cache.failed:
-            data.counts["unreadable_images"] = len(cache.failed)
-    train = TrainingDataset(data.train, pixel_loader, cache)
-    validation = TrainingDataset(data.validation, pixel_loader, cache) if data.validation else None
+    state = distributed_state()
+    # Rank 0 computes the cache; the other ranks then find it complete and memory-map it. With several
+    # processes each would fill rows of the same folder: the cache is built first.
+    with state.main_process_first():
+        source = features.open_feature_source(
+            cfg, gemma3_core(model), PixelLoader(processor, cfg.data.image_size), data.image_paths,
+            progress=state.is_main_process,
+            fill=cfg.training.fill_cache_during_epoch and state.num_processes == 1,
+        )
+    if source.failed:
+        data.counts["unreadable_images"] = len(source.failed)
+    train = TrainingDataset(data.train, source)
+    validation = TrainingDataset(data.validation, source) if data.validation else None
     return train, validation
 
 

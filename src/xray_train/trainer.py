@@ -100,14 +100,14 @@ class WorkersOnlyWhileReadingCallback(TrainerCallback):
     the workers, orders them."""
 
     def __init__(self, dataset):
-        self.dataset = dataset
+        self.dataset = dataset  # inputs.TrainingDataset
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # accelerate's loader wraps the torch DataLoader that iterates (and forwards attribute reads to it).
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is None or not getattr(loader, "num_workers", 0) or getattr(loader, "persistent_workers", False):
             return
-        if not hasattr(self.dataset, "reads_images") or self.dataset.reads_images():
+        if self.dataset.reads_images():
             return
         # Read when the epoch's iterator is made, right after this event; no image is read again in this run.
         loader.num_workers = 0
@@ -133,8 +133,7 @@ class XrayTrainer(Trainer):
 
     def __init__(
         self, *args, lengths, targets_only: bool, head_chunk_rows: int, head_grad_in_forward: bool,
-        loc_targets: LocTargets | None = None, lora_start_step: int = 0, feature_fill=None, pixel_loader=None,
-        feature_rows_from=None, **kwargs
+        loc_targets: LocTargets | None = None, lora_start_step: int = 0, feature_source=None, **kwargs
     ):
         training_args = kwargs["args"] if "args" in kwargs else args[1]
         self.loss_guard = NonFiniteLossGuard(collective=training_args.world_size > 1)
@@ -142,13 +141,11 @@ class XrayTrainer(Trainer):
         # should_save, and the loggers) and before any other that could write files.
         kwargs["callbacks"] = [FiniteLossCallback(self.loss_guard), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
-        self._feature_fill = feature_fill  # features.CacheFill, when the steps fill the vision-feature cache
-        # The feature cache whose rows batches name by number (``feature_rows``: a collator in worker processes).
-        self._feature_rows_from = feature_rows_from
-        self._pixel_loader = pixel_loader
+        # features.FeatureSource: gathers the rows batches name by number (``feature_rows``: a collator in worker
+        # processes) and makes the rows a filling cache is missing (``fill_pixels``).
+        self.feature_source = feature_source
         self.loss_guard.on_bad_loss = self._stop_on_bad_loss
         self.add_callback(CheckpointCompleteCallback())
-        self.add_callback(WorkersOnlyWhileReadingCallback(self.train_dataset))
         if lora_start_step > 0:
             lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
             self.add_callback(LoraStartCallback(lora, lora_start_step))
@@ -187,7 +184,7 @@ class XrayTrainer(Trainer):
         if "feature_rows" not in inputs:
             return inputs
         inputs = dict(inputs)
-        rows = self._feature_rows_from.rows(inputs.pop("feature_rows"))
+        rows = self.feature_source.rows(inputs.pop("feature_rows"))
         device = inputs["input_ids"].device
         if device.type == "cuda":
             rows = rows.pin_memory()  # the copy to the GPU then does not wait for the steps queued before it
@@ -200,19 +197,12 @@ class XrayTrainer(Trainer):
         inputs = self.gather_features(inputs)
         if "fill_pixels" not in inputs:
             return inputs
-        from xray_train.features import pooled_vision_features
-        from xray_train.gemma3 import gemma3_core, vision_dtype
+        from xray_train.gemma3 import gemma3_core
 
-        gemma = gemma3_core(model)
         inputs = dict(inputs)
         pixels, rows = inputs.pop("fill_pixels"), inputs.pop("fill_rows")
         fill_at, cached_at = inputs.pop("fill_positions"), inputs.pop("feature_positions")
-        dtype = vision_dtype(gemma)
-        # The build's numbers: the tower in its own dtype, outside the step's mixed-precision autocast.
-        with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
-            made = pooled_vision_features(gemma, self._pixel_loader.normalize(pixels, dtype),
-                                          self._feature_fill.attention)
-        self._feature_fill.write(rows, made)
+        made = self.feature_source.make_rows(gemma3_core(model), pixels, rows)
         features = made.new_empty((len(fill_at) + len(cached_at), *made.shape[1:]))
         features[fill_at] = made
         if len(cached_at):
