@@ -105,8 +105,9 @@ def require_gemma3(model, described: str) -> None:
 # float16 that cannot overflow: the residual stream scaled by 1/s, exactly
 
 #: ``model.residual_scale`` when null and the residual stream is float16 (a power of two, so scaling is
-#: exact). Large enough that Gemma 3's residual stream stays far inside float16's range, small enough that
-#: values near zero keep their precision; ``tests/test_gemma3.py`` measures both on real weights.
+#: exact). Large enough that Gemma 3's residual stream stays far inside float16's range; small enough that
+#: ``(1 + w) / s - 1`` of a bf16 weight still fits float32's mantissa, so float32 logits do not move at all
+#: (larger powers round it). ``tests/test_gemma3.py`` checks both on Gemma 3 270M's real weights.
 FP16_RESIDUAL_SCALE = 16
 
 #: Norms that read the residual stream (scale-invariant but for their eps) and norms that write into it.
