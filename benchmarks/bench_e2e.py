@@ -278,6 +278,7 @@ def run_cli_with_stages(stages_out: Path, argv: list[str]) -> None:
     from xray_train.train import compile_count
 
     stages.wrap(model, "build_training_model", "load_model", mark_end="model_ready")
+    stages.wrap(model, "load_base", "load_base", mark_end="base_ready")  # all that cache-features loads
     stages.wrap(train, "prepare_data", "data_read")
     stages.wrap(features, "open_feature_source", "cache_build")
     stages.wrap(transformers.Trainer, "train", "trainer_train")
@@ -391,7 +392,7 @@ def cache_row(argv: list[str], workdir: Path, env_extra: dict, timeout: float | 
     build = _cache_build(Path(env_extra["XRAY_TRAIN_FEATURE_CACHE"]), started)
     if stages is None or build is None:
         return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
-    start_up = stages["marks"].get("model_ready", 0.0)
+    start_up = stages["marks"].get("base_ready", 0.0)  # cache-features loads the frozen base only
     cache_s = stages["spans"].get("cache_build", 0.0)
     return {**row, "films": build["films"], "stages": {"start_up": round(start_up, 2), "cache_build": round(cache_s, 2),
                                                         "other": round(wall - start_up - cache_s, 2)},

@@ -90,8 +90,8 @@ def resolve(
     workers = t.dataloader_num_workers
     if workers is None:
         # Cached features are gathered per batch in the collator, in-process: worker processes would only
-        # add inter-process copies (measured: +30 % step time at MedGemma scale). Pixels need workers, also
-        # while the steps fill the cache.
+        # add inter-process copies, which cost step time (docs/speed.md, "The vision-feature cache"). Pixels
+        # need workers, also while the steps fill the cache (features.FeatureSource's modes).
         workers = 0 if t.cache_vision_features and not t.fill_cache_during_epoch else device.cpu_count
     compile_vision = t.compile_vision_cache
     if compile_vision is None:
