@@ -49,6 +49,10 @@ class Example:
     boxes: list[Box] | None = None
     #: 1-based row number in the source table, for error messages.
     source_row: int = 0
+    #: Phase-1 target text as the source writes it, trained verbatim; None: the report built from ``findings``.
+    report: str | None = None
+    #: The split the source puts it in (a dataset's own held-out splits); None: by the patient hash.
+    split: str | None = None
 
 
 @dataclass

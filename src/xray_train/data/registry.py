@@ -54,6 +54,9 @@ DATASETS: dict[str, DatasetEntry] = {entry.name: entry for entry in (
     DatasetEntry("vindr", "VindrData", "xray_train.data.vindr", ("phase2",), "VinDr-CXR", ("image_root", "csv")),
     DatasetEntry("rsna", "RsnaData", "xray_train.data.rsna", ("phase2",), "RSNA Pneumonia Detection Challenge",
                  ("image_root", "csv")),
+    # A Hub id, parquet / JSON lines / CSV files or an image folder, read with Hugging Face ``datasets``;
+    # which phase a config can train is decided by the columns it maps (``HfData.phase_problems``).
+    DatasetEntry("hf", "HfData", "xray_train.data.hf", ("phase1", "phase2"), "Hugging Face dataset", ()),
 )}
 
 
