@@ -193,3 +193,131 @@ def test_every_row_is_an_example_or_counted_by_reason(kind, request):
         assert ex.group_id == patient
     assert result.notes["boxes_skipped"] == {"box_outside": 1}
     assert result.notes["reports"] == {"structured": len(GOOD), "verbatim": 0}
+
+
+def test_16_bit_films_reach_the_one_image_path_unclipped(parquet_set, jsonl_set):
+    """Embedded bytes and text paths both give the film's own pixels, windowed as PadChest's are."""
+    for source in (parquet_set, jsonl_set):
+        for i, ex in enumerate(read_dataset(hf(source)).examples):
+            original = film(i, wide=i % 2 == 0)
+            assert np.array_equal(prepare_image(ex.image_path, 32).pixels, prepare_image(original, 32).pixels)
+            if i % 2 == 0:
+                assert Image.open(ex.image_path).mode.startswith("I")  # still 16 bits on disk
+
+
+def test_report_columns_joined_by_a_template_and_free_text_verbatim(jsonl_set):
+    joined = read_dataset(hf(jsonl_set, columns={"report": ["findings", "impression"], "labels": None}))
+    first = joined.examples[0]
+    # Not the Phase-1 form (no bullets): trained verbatim; its findings as far as the parser reads them.
+    assert first.report == "FINDINGS: nodule\nIMPRESSION:" and [f.name for f in first.findings] == ["nodule"]
+    assert joined.notes["reports"] == {"structured": 0, "verbatim": len(GOOD)}
+    templated = read_dataset(hf(jsonl_set, report_template="Seen: {findings}.", columns={"report": ["findings"]}))
+    assert templated.examples[1].report == "Seen: pleural effusion; nodule."
+    # Free text keeps the labels column's findings, which evaluation scores.
+    assert [f.name for f in templated.examples[1].findings] == ["pleural effusion", "nodule"]
+    from xray_train.inputs import build_target
+
+    assert build_target(templated.examples[1], "phase1") == "Seen: pleural effusion; nodule."
+    structured = read_dataset(hf(jsonl_set)).examples[1]
+    assert build_target(structured, "phase1") == report(["pleural effusion", "nodule"])
+
+
+def test_labels_alone_give_phase1_reports(parquet_set):
+    result = read_dataset(hf(parquet_set, columns={"report": None, "boxes": None, "box_labels": None}))
+    from xray_train.inputs import build_target
+
+    assert [build_target(ex, "phase1") for ex in result.examples[: len(GOOD)]] == [report(g[0]) for g in GOOD]
+    assert all(ex.boxes is None for ex in result.examples)  # no box column: Phase-1 data
+    # Rows broken only in their reports or boxes are examples here (the garbage PNG is found by `data check`).
+    assert result.skipped == {"missing_image": 1, "missing_patient_id": 1}
+    assert len(result.examples) == len(GOOD) + len(BROKEN) - 2
+
+
+def test_strict_fails_on_the_first_broken_row_naming_it(jsonl_set):
+    with pytest.raises(DataError, match=rf"{jsonl_set} row {len(GOOD) + 1}: missing_image \(.*film6.png\) \[--strict\]"):
+        read_dataset(hf(jsonl_set, strict=True))
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"report": "reprot"}, "data.columns.report: no column 'reprot' (columns: image, findings, impression, report, "
+                           "labels, objects, patient)"),
+    ({"boxes": "objects.bbx"}, "data.columns.boxes: no field 'bbx' in 'objects' (fields: bbox, category)"),
+    ({"patient_id": "patient_id"}, "data.columns.patient_id: no column 'patient_id' (columns: image,"),
+])
+def test_a_wrong_column_is_named_with_the_columns_that_exist(parquet_set, columns, message):
+    with pytest.raises(DataError) as err:
+        read_dataset(hf(parquet_set, columns=columns))
+    assert message in str(err.value)
+
+
+def test_data_check_and_config_validate_name_the_wrong_column(parquet_set, tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from xray_train.cli import app
+
+    config = tmp_path / "hf.yaml"
+    config.write_text(
+        f"phase: phase1\noutput_dir: {tmp_path / 'out'}\nmodel: {{base: {tiny_model_dir}}}\n"
+        f"data: {{dataset: hf, source: {parquet_set}, columns: {{report: reprot, patient_id: patient}}}}\n")
+    for args in (["data", "check", "--config", str(config)], ["config", "validate", str(config), "--no-example"]):
+        result = CliRunner().invoke(app, args)
+        # ``main`` prints an XrayTrainError as one line, no traceback.
+        assert isinstance(result.exception, DataError), result.output
+        assert "data.columns.report: no column 'reprot' (columns: image, findings," in str(result.exception)
+
+
+def test_check_opens_every_film_and_keeps_the_row_invariant(parquet_set):
+    summary = check_dataset(hf(parquet_set), open_images=True, progress=False, workers=1)
+    assert summary["examples"] == len(GOOD) and summary["dataset"] == "hf"
+    assert summary["examples"] + sum(summary["skipped"].values()) == summary["rows_total"] == len(GOOD) + len(BROKEN)
+    assert summary["box_labels"] == {"nodule": 3, "pleural effusion": 1, "cardiomegaly": 1}
+    assert summary["examples_without_boxes"] == 2
+
+
+def test_streaming_gives_the_same_examples_and_split(parquet_set, imagefolder_set):
+    from xray_train.data.splits import split_examples
+
+    for source in (parquet_set, imagefolder_set):
+        plain, streamed = (read_dataset(hf(source, streaming=s)) for s in (False, True))
+        assert streamed.notes["streaming"] and not plain.notes["streaming"]
+        key = lambda ex: (ex.image_path, ex.image_id, ex.group_id, ex.findings, ex.boxes, ex.report, ex.source_row)
+        assert [key(e) for e in plain.examples] == [key(e) for e in streamed.examples]
+        assert (plain.skipped, plain.rows_total) == (streamed.skipped, streamed.rows_total)
+        splits = [{k: [e.image_id for e in v] for k, v in split_examples(r.examples, 0.2, 0.2, 0).items()}
+                  for r in (plain, streamed)]
+        assert splits[0] == splits[1] and splits[0]["train"] and splits[0]["validation"]
+
+
+def test_named_held_out_splits_are_kept_and_patients_split_the_rest(tmp_path, parquet_set):
+    import shutil
+
+    from xray_train.data.splits import split_examples
+
+    shutil.copy(parquet_set / "train-00000-of-00001.parquet", parquet_set / "test-00000-of-00001.parquet")
+    cfg = hf(parquet_set, test_split="test")
+    result = read_dataset(cfg)
+    assert result.notes["rows_per_split"] == {"train": len(GOOD) + len(BROKEN), "test": len(GOOD) + len(BROKEN)}
+    splits = split_examples(result.examples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    assert len(splits["test"]) == len(GOOD)  # exactly the test split's examples, none from train
+    assert len(splits["train"]) + len(splits["validation"]) == len(GOOD)
+    with pytest.raises(DataError, match="data.validation_split: .* has no split 'valid'"):
+        read_dataset(hf(parquet_set, validation_split="valid"))
+
+
+def test_config_rules_of_the_hf_source(tmp_path):
+    def problems(phase, **data):
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps({"phase": phase, "output_dir": str(tmp_path / "o"),
+                                    "data": {"dataset": "hf", "source": "org/cxr", **data}}))
+        with pytest.raises(ConfigError) as err:
+            load_config(path, check_model=False)
+        return str(err.value)
+
+    assert "data.revision: required for a Hub dataset" in problems("phase1", format="hub", columns={"report": "r"})
+    assert "data.columns.boxes: phase2 trains on boxes: map a boxes column" in problems("phase2")
+    assert "data.columns.report: phase1 trains on report targets" in problems("phase1")
+    assert "data.report_template: names ['impresion'], not columns" in problems(
+        "phase1", columns={"report": ["findings", "impression"]}, report_template="{findings} {impresion}")
+    assert "data.columns.boxs: unknown key (did you mean boxes?)" in problems("phase2", columns={"boxs": "x"})
+    with pytest.raises(DataError, match="data.revision: required for the Hub dataset org/cxr"):
+        read_dataset(data_config(dataset="hf", source="org/cxr"))
