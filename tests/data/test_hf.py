@@ -321,3 +321,99 @@ def test_config_rules_of_the_hf_source(tmp_path):
     assert "data.columns.boxs: unknown key (did you mean boxes?)" in problems("phase2", columns={"boxs": "x"})
     with pytest.raises(DataError, match="data.revision: required for the Hub dataset org/cxr"):
         read_dataset(data_config(dataset="hf", source="org/cxr"))
+
+
+def test_same_films_as_indiana_layout_and_image_folder_give_the_same_examples(tmp_path):
+    """The bundled Indiana sample (box file in pixels, corners) written again as an image folder whose
+    metadata.jsonl carries the same boxes: the two readers agree on every example, box and pixel."""
+    import csv
+    import shutil
+
+    samples = REPO / "data" / "samples" / "indiana"
+    indiana = read_dataset(data_config(
+        dataset="indiana", reports_csv=samples / "indiana_reports.csv",
+        projections_csv=samples / "indiana_projections.csv", image_root=samples / "images" / "images_normalized",
+        box_source="box_file", box_file=samples / "boxes.csv"))
+    raw: dict[str, list] = {}
+    with open(samples / "boxes.csv") as fh:
+        for row in csv.DictReader(fh):
+            raw.setdefault(row["filename"], []).append(row)
+    folder = tmp_path / "indiana-imf"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for ex in indiana.examples:
+            shutil.copy(ex.image_path, folder / ex.image_id)
+            boxes = raw.get(ex.image_id, [])
+            fh.write(json.dumps({
+                "file_name": ex.image_id, "uid": ex.group_id, "findings": [f.name for f in ex.findings],
+                "objects": {"bbox": [[float(b[c]) for c in ("x_min", "y_min", "x_max", "y_max")] for b in boxes],
+                            "category": [b["label"] for b in boxes]},
+            }) + "\n")
+    hf_read = read_dataset(data_config(
+        dataset="hf", source=str(folder), box_order="xyxy",
+        columns={"labels": "findings", "boxes": "objects.bbox", "box_labels": "objects.category", "patient_id": "uid"}))
+    assert hf_read.skipped == {} and len(hf_read.examples) == len(indiana.examples) > 10
+    assert any(ex.boxes for ex in indiana.examples) and any(not ex.boxes for ex in indiana.examples)
+    by_id = {ex.image_id: ex for ex in hf_read.examples}
+    for ex in indiana.examples:
+        other = by_id[ex.image_id]
+        assert other.group_id == ex.group_id
+        assert other.boxes == ex.boxes
+        assert [f.name for f in other.findings] == [f.name for f in ex.findings]
+        assert np.array_equal(prepare_image(other.image_path, 64).pixels, prepare_image(ex.image_path, 64).pixels)
+
+
+def test_two_sets_never_share_vision_feature_cache_entries(tmp_path):
+    """Films with the same names but other pixels land at other paths, so the feature cache's key differs."""
+    from xray_train.features import cache_key
+
+    keys = []
+    for k in range(2):
+        folder = tmp_path / f"set{k}"
+        folder.mkdir()
+        datasets.Dataset.from_list(
+            [{"image": {"bytes": png_bytes(film(i + 7 * k)), "path": f"film{i}.png"}, "text": "x"} for i in range(3)],
+            features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+        ).to_parquet(folder / "train.parquet")
+        examples = read_dataset(hf(folder / "train.parquet", columns={
+            "report": "text", "labels": None, "boxes": None, "box_labels": None, "patient_id": None})).examples
+        assert [ex.image_id for ex in examples] == ["film0.png", "film1.png", "film2.png"]
+        keys.append(cache_key("vision", {"size": 32}, sorted(ex.image_path for ex in examples)))
+    assert keys[0] != keys[1]
+
+
+def _run_config(tmp_path, tiny_model_dir, phase: str, data: dict) -> Path:
+    path = tmp_path / f"{phase}.yaml"
+    path.write_text(json.dumps({
+        "phase": phase, "output_dir": str(tmp_path / phase),
+        "model": {"base": str(tiny_model_dir), "compute_dtype": "float32"},
+        "data": {"dataset": "hf", "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 3, **data},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+                     "eval_strategy": "no", "save_steps": 1, "logging_steps": 1, "report_to": ["none"],
+                     "dataloader_num_workers": 0},
+    }))
+    return path
+
+
+@pytest.mark.parametrize("kind, phase", [("parquet", "phase1"), ("jsonl", "phase2"), ("imagefolder", "phase2")])
+def test_each_format_is_checked_trained_evaluated_and_predicted(kind, phase, request, tmp_path, tiny_model_dir,
+                                                                feature_cache_dir):
+    from xray_train.evaluate import evaluate
+    from xray_train.predict import predict
+    from xray_train.train import run
+
+    source = request.getfixturevalue(f"{kind}_set")
+    columns = {"report": "report", "labels": "labels", "patient_id": "patient"}
+    if phase == "phase2":
+        columns.update(boxes="objects.bbox", box_labels="objects.category")
+    cfg = load_config(_run_config(tmp_path, tiny_model_dir, phase, {"source": str(source), "columns": columns}))
+    summary = check_dataset(cfg.data, open_images=True, progress=False, workers=1)
+    assert summary["examples"] + sum(summary["skipped"].values()) == summary["rows_total"]
+    adapter = run(cfg, echo=lambda *a: None)
+    results = evaluate(adapter, cfg, split="validation", max_new_tokens=4, baseline=False, progress=False,
+                       echo=lambda *a: None)
+    assert results["dataset"] == "hf" and results["n_examples"] > 0
+    images = [ex.image_path for ex in read_dataset(cfg.data).examples[:2]]
+    answers = predict(adapter, images, out_dir=tmp_path / "pred", max_new_tokens=4, progress=False,
+                      echo=lambda *a: None)
+    assert len(answers) == 2 and (tmp_path / "pred" / "predictions.jsonl").is_file()
