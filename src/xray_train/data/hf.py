@@ -1,37 +1,23 @@
 """Any chest X-ray set that Hugging Face ``datasets`` loads (a Hub id, parquet, JSON lines, CSV, an image
-folder with ``metadata.jsonl``) as Phase-1 and/or Phase-2 data, with the native readers' guarantees.
+folder with ``metadata.jsonl``) as Phase-1 and/or Phase-2 data, with the native readers' guarantees
+(docs/your_data.md is the user's side of this).
 
-Loading is ``datasets.load_dataset``'s: a local folder is read the way ``load_dataset(folder)`` reads it (its
-files' suffixes choose the builder, their names the splits); a file or glob with the builder of
-``data.format`` (or of its suffix); anything else is a Hub id, pinned by ``data.revision``. Remote code is
-never run. ``data.streaming`` iterates the rows as they arrive instead of first preparing the whole set;
-rows are read the same way either way (``Dataset.iter`` / ``IterableDataset.iter`` in batches, only the
-mapped columns), so both give the same examples in the same order.
+Loading is ``load_dataset``'s own: a local folder as ``load_dataset(folder)`` reads it, a file or glob with
+the builder of ``data.format`` (or of its suffix), anything else a Hub id pinned by ``data.revision``; remote
+code is never run. Streamed or not, rows are read the same way (``iter`` in batches, only the mapped
+columns), so both give the same examples in the same order.
 
-Images: the image column is cast to ``Image(decode=False)``: ``datasets`` never decodes a film (it would
-clip 16-bit PNGs to 8 bits); the project's one image path (``data.images``) reads the file, so 16-bit films
-are windowed exactly as PadChest's. An image the builder left on disk (an image folder) is used where it
-is; embedded bytes (Hub parquet) are written once to ``$XRAY_TRAIN_CACHE/hf-images`` under their content
-hash, so every later step (feature cache, workers, prediction) sees a file like any other dataset's; text
-paths are relative to ``data.image_root`` (default: the source's folder) and may not leave it.
+The image column is cast to ``Image(decode=False)``: ``datasets`` would clip 16-bit films to 8 bits; the
+project's one image path reads the file. Images on disk are used where they are; embedded bytes are written
+once to ``$XRAY_TRAIN_CACHE/hf-images`` under their content hash, so every later step sees a file like any
+other dataset's; text paths are relative to ``data.image_root`` (default: the source's folder).
 
-Targets: ``columns.report`` (one column, or several joined by ``data.report_template``) whose text is in the
-Phase-1 form (``data.reports``) is trained as the canonical report of its findings, like PadChest's; other
-text is trained verbatim (``Example.report``), its findings then taken from ``columns.labels`` where mapped.
-``columns.labels`` alone gives findings (Phase-1 reports built from them). ``columns.boxes`` gives Phase-2
-boxes (``data.box_order`` / ``data.box_coords``), labelled by ``columns.box_labels`` (ClassLabel ids are
-named by their ClassLabel), through the box tables' shared skeleton (``boxfile.BoxedExamples``).
-
-Splits: ``data.split`` is divided by patient (``data.splits``, a hash of the patient id, so streaming or not,
-a patient always lands in the same split); ``data.validation_split`` / ``data.test_split`` name the
-dataset's own held-out splits instead, and the patient split then gives that share to training. Without
-``columns.patient_id`` each image is its own patient. Rows are numbered from 1 through ``data.split``, then
-the validation split, then the test split; ``rows_total`` counts them all.
-
-Every row is an example or counted by reason: missing_image, path_escape, unreadable_image (pixel boxes
-need the header), missing_patient_id, empty_report, missing_labels, missing_boxes, box_labels_mismatch,
-abnormal_without_box, no_valid_box; invalid boxes (box_outside, box_nan, ...) in ``notes["boxes_skipped"]``.
-A column that is not there stops the read with an error naming it and listing the columns that are.
+Report text in the Phase-1 form is trained as the canonical report of its findings, like PadChest's; other
+text verbatim (``Example.report``). Boxes go through the box tables' shared skeleton (``BoxedExamples``).
+``data.split`` is divided by a hash of the patient id (``data.splits``); named held-out splits replace that
+share. Rows are numbered from 1 through ``data.split``, then the validation, then the test split. Every row
+is an example or counted by reason; a column that is not there stops the read, naming it and the columns
+that are.
 """
 
 from __future__ import annotations
@@ -57,10 +43,6 @@ DEFAULT_BOX_LABEL = "abnormality"
 #: Rows handed over per batch: large enough to amortise the Arrow-to-Python conversion, small enough that
 #: only this many rows' mapped columns are in memory at once.
 BATCH_ROWS = 1024
-
-
-def embedded_image_dir() -> Path:
-    return cache_root() / "hf-images"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +261,7 @@ class _Rows:
 
     def _embedded(self, data: bytes, name: str | None) -> Path:
         digest = hashlib.sha256(data).hexdigest()
-        path = embedded_image_dir() / digest[:2] / (digest + (Path(name).suffix.lower() if name else ""))
+        path = cache_root() / "hf-images" / digest[:2] / (digest + (Path(name).suffix.lower() if name else ""))
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             part = path.with_name(f"{path.name}.{os.getpid()}.partial")

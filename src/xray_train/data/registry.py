@@ -3,26 +3,24 @@ reader, the phase(s) it serves and the name the model card gives it. ``config.py
 sections, the phase check, the path checks) and the model card ask this table; nothing else lists datasets.
 
 Adding a dataset = its data-config class in ``config.py`` (where every option is declared) + one reader
-module with ``read(cfg) -> ReadResult`` + one entry here + one fixture test. This module imports no other
-part of the project at load time, so ``config.py`` can ask it while its classes are being defined.
+module with ``read(cfg) -> ReadResult`` + one entry here + one fixture test. This module imports nothing
+that imports ``config.py``, so ``config.py`` can ask it while its classes are being defined.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from xray_train.config import DataConfig
-    from xray_train.data.records import ReadResult
+from xray_train.data.records import ReadResult
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
     #: ``data.dataset`` in a config.
     name: str
-    #: The dataset's data section: a class in ``xray_train.config`` whose ``dataset`` field is ``Literal[name]``.
+    #: The dataset's data section: the name of a class in ``xray_train.config`` (which resolves it, in
+    #: ``DATA_CLASSES``) whose ``dataset`` field is ``Literal[name]``.
     config: str
     #: Module exposing ``read(cfg) -> ReadResult``.
     reader: str
@@ -33,13 +31,8 @@ class DatasetEntry:
     #: Data keys that must name existing files or folders, checked with the rest of the config before any read.
     required_paths: tuple[str, ...] = ("image_root",)
 
-    @property
-    def config_class(self):
-        from xray_train import config
-
-        return getattr(config, self.config)
-
-    def read(self, cfg: "DataConfig") -> "ReadResult":
+    def read(self, cfg) -> ReadResult:
+        """``cfg``: the validated data section (``config.DataConfig``) of this dataset."""
         return importlib.import_module(self.reader).read(cfg)
 
 
@@ -71,6 +64,6 @@ def title(name: str | None) -> str | None:
     return entry.title if entry is not None else name
 
 
-def read_dataset(cfg: "DataConfig") -> "ReadResult":
+def read_dataset(cfg) -> ReadResult:
     """Read the configured dataset; rows that can't be used are counted (or raise under cfg.strict)."""
     return DATASETS[cfg.dataset].read(cfg)
