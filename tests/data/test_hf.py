@@ -274,10 +274,10 @@ def test_check_opens_every_film_and_keeps_the_row_invariant(parquet_set):
     assert summary["examples_without_boxes"] == 2
 
 
-def test_streaming_gives_the_same_examples_and_split(parquet_set, imagefolder_set):
+def test_streaming_gives_the_same_examples_and_split(parquet_set, jsonl_set, imagefolder_set):
     from xray_train.data.splits import split_examples
 
-    for source in (parquet_set, imagefolder_set):
+    for source in (parquet_set, jsonl_set, imagefolder_set):
         plain, streamed = (read_dataset(hf(source, streaming=s)) for s in (False, True))
         assert streamed.notes["streaming"] and not plain.notes["streaming"]
         key = lambda ex: (ex.image_path, ex.image_id, ex.group_id, ex.findings, ex.boxes, ex.report, ex.source_row)

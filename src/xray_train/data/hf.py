@@ -123,6 +123,8 @@ def _field(features, dotted: str, key: str):
     feature = features[parts[0]]
     for i, part in enumerate(parts[1:], start=1):
         inner = _unwrap(feature)
+        if inner is None:
+            return None  # a streamed set that declares no features: its fields are checked row by row
         if not isinstance(inner, dict) or part not in inner:
             where = ".".join(parts[:i])
             fields = ", ".join(inner) if isinstance(inner, dict) else "none"
