@@ -223,6 +223,11 @@ class _DataSection(_Section):
         _raise_conflicts(_data_conflicts(self.val_fraction, self.test_fraction), prefix="data.")
         return self
 
+    def phase_problems(self, phase: str) -> list[tuple[str, str]]:
+        """(dotted key, problem) pairs where this data section cannot give ``phase``'s targets although its
+        dataset serves the phase (a source whose columns decide it)."""
+        return []
+
 
 class PadchestData(_DataSection):
     dataset: Literal["padchest"] = Field(..., description="PadChest (BIMCV): report targets for Phase 1.")
@@ -272,6 +277,88 @@ class VindrData(_DataSection):
 class RsnaData(_DataSection):
     dataset: Literal["rsna"] = Field(..., description="RSNA Pneumonia Detection Challenge.")
     csv: Path | None = Field(None, description="stage_2_train_labels.csv.")
+
+
+class HfColumns(_Section):
+    """Which column of a Hugging Face dataset holds what. A dotted name reaches inside a column
+    (``objects.bbox``: the ``bbox`` field of the ``objects`` column, per box)."""
+
+    image: str = Field("image", description="Image column: an Image feature, or text paths (relative to data.image_root).")
+    report: str | list[str] | None = Field(
+        None, description="Report text column, or several joined by data.report_template (Phase-1 targets)."
+    )
+    labels: str | None = Field(
+        None, description="Finding names of each image: text, a list, or ClassLabel ids (named by the ClassLabel)."
+    )
+    boxes: str | None = Field(None, description="Boxes of each image, 4 numbers each, e.g. objects.bbox (Phase-2 targets).")
+    box_labels: str | None = Field(
+        None, description="One label per box, text or ClassLabel ids, e.g. objects.category. Default: 'abnormality'."
+    )
+    patient_id: str | None = Field(
+        None, description="Patient column for the patient-grouped split. Default: each image is its own patient."
+    )
+
+
+class HfData(_DataSection):
+    dataset: Literal["hf"] = Field(
+        ..., description="Any dataset Hugging Face `datasets` loads: a Hub id, parquet, JSON lines, CSV or an image folder."
+    )
+    source: str = Field(
+        ..., description="Hub dataset id (owner/name, with data.revision), or a local folder, file or glob."
+    )
+    revision: str | None = Field(None, description="Hub revision (a commit hash pins the data). Required for a Hub id.")
+    format: Literal["auto", "hub", "parquet", "json", "csv", "imagefolder"] = Field(
+        "auto", description="How to load data.source. auto: a local folder or file by its files' suffixes, else the Hub."
+    )
+    split: str = Field("train", description="The split read for training.")
+    validation_split: str | None = Field(
+        None, description="A split held out for validation. Default: patients of data.split, by data.val_fraction."
+    )
+    test_split: str | None = Field(
+        None, description="A split held out for testing. Default: patients of data.split, by data.test_fraction."
+    )
+    columns: HfColumns = Field(default_factory=HfColumns)
+    report_template: str | None = Field(
+        None,
+        description="How data.columns.report's columns become one text, e.g. 'FINDINGS: {findings}\nIMPRESSION: "
+        "{impression}' (the default for several columns). Text in the Phase-1 FINDINGS / LOCATIONS / IMPRESSION "
+        "form is trained as the canonical report; other text verbatim.",
+    )
+    box_order: Literal["xywh", "xyxy"] = Field(
+        "xywh", description="Box numbers: top-left corner and size (COCO, the Hub's object-detection schema) or corners."
+    )
+    box_coords: Literal["pixels", "normalized"] = Field(
+        "pixels", description="Units of the box numbers: pixels of the image, or 0-1 of its width and height."
+    )
+    streaming: bool = Field(
+        False, description="Read rows as they arrive instead of preparing the whole set first (sets larger than the disk)."
+    )
+    image_root: Path | None = Field(
+        None, description="Folder that image paths given as text are relative to. Default: data.source's folder."
+    )
+
+    @model_validator(mode="after")
+    def _check_hf(self) -> "HfData":
+        problems = []
+        if self.format == "hub" and not self.revision:
+            problems.append(("revision", "required for a Hub dataset: pin the commit (or tag) the data comes from"))
+        names = self.columns.report if isinstance(self.columns.report, list) else [self.columns.report]
+        if self.report_template is not None:
+            import string
+
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.report_template) if f}
+            unknown = sorted(fields - set(filter(None, names)))
+            if unknown:
+                problems.append(("report_template", f"names {unknown}, not columns of data.columns.report"))
+        _raise_conflicts(problems, prefix="data.")
+        return self
+
+    def phase_problems(self, phase: str) -> list[tuple[str, str]]:
+        if phase == "phase1" and not (self.columns.report or self.columns.labels):
+            return [("data.columns.report", "phase1 trains on report targets: map a report (or labels) column")]
+        if phase == "phase2" and not self.columns.boxes:
+            return [("data.columns.boxes", "phase2 trains on boxes: map a boxes column, e.g. objects.bbox")]
+        return []
 
 
 #: One class per dataset of the registry, chosen by ``data.dataset``: a key of another dataset's reader is
@@ -473,9 +560,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        _raise_conflicts(
-            _run_conflicts(self.phase, self.data.dataset, self.training.fp16, self.model.compute_dtype), prefix=""
-        )
+        problems = _run_conflicts(self.phase, self.data.dataset, self.training.fp16, self.model.compute_dtype)
+        _raise_conflicts(problems + self.data.phase_problems(self.phase), prefix="")
         return self
 
     @property

@@ -37,7 +37,7 @@ def build_target(example: Example, phase: str, box_format: str = "loc") -> str:
     """Phase 1: the structured report. Phase 2: boxes in the prepared image's coordinates
     (``box_format``: ``loc`` tokens or plain ``text`` integers)."""
     if phase == "phase1":
-        return format_report(example.findings)
+        return example.report if example.report is not None else format_report(example.findings)
     boxes = example.boxes or []
     if boxes:
         width, height = read_image_size(example.image_path)

@@ -16,9 +16,9 @@ from xray_train.data.registry import DATASETS, datasets_for
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_entry_resolves(name):
     entry = DATASETS[name]
-    cls = getattr(config, entry.config)
+    cls = config.DATA_CLASSES[name]
+    assert cls.__name__ == entry.config
     assert typing.get_args(cls.model_fields["dataset"].annotation) == (name,)
-    assert config.DATA_CLASSES[name] is cls
     assert callable(__import__(entry.reader, fromlist=["read"]).read)
     assert set(entry.phases) <= {"phase1", "phase2"} and entry.phases
     assert set(entry.required_paths) <= set(cls.model_fields)

@@ -24,8 +24,8 @@ PATH_REASONS = ("missing_image", "path_escape")
 
 
 def _source(cfg: DataConfig):
-    """The file a dataset's errors name: its CSV (Indiana: the reports CSV), else the image folder."""
-    return getattr(cfg, "csv", None) or getattr(cfg, "reports_csv", None) or cfg.image_root
+    """The file a dataset's errors name: its CSV (Indiana: the reports CSV; hf: its source), else the image folder."""
+    return getattr(cfg, "csv", None) or getattr(cfg, "reports_csv", None) or getattr(cfg, "source", None) or cfg.image_root
 
 
 def looked_for(result: ReadResult) -> dict[str, str]:

@@ -9,6 +9,7 @@ Coordinates convention (used everywhere in the project):
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ class Example:
     boxes: list[Box] | None = None
     #: 1-based row number in the source table, for error messages.
     source_row: int = 0
+    #: Phase-1 target text as the source writes it, trained verbatim; None: the report built from ``findings``.
+    report: str | None = None
+    #: The split the source puts it in (a dataset's own held-out splits); None: by the patient hash.
+    split: str | None = None
 
 
 @dataclass
@@ -101,13 +106,19 @@ class SkipCounter:
         self.first.setdefault(reason, (row, detail))
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(root: Path) -> Path:
+    # A reader asks once per row with the same root: resolving it (a stat per path component) once.
+    return Path(root).resolve()
+
+
 def resolve_under(root: Path, relative: str) -> Path | None:
     """``root / relative`` if it stays inside ``root``; None for absolute paths or ``..`` escapes."""
     if not relative or Path(relative).is_absolute() or relative.startswith(("/", "\\")):
         return None
     candidate = (root / relative).resolve()
     try:
-        candidate.relative_to(root.resolve())
+        candidate.relative_to(_resolved(root))
     except ValueError:
         return None
     return candidate

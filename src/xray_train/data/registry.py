@@ -3,25 +3,24 @@ reader, the phase(s) it serves and the name the model card gives it. ``config.py
 sections, the phase check, the path checks) and the model card ask this table; nothing else lists datasets.
 
 Adding a dataset = its data-config class in ``config.py`` (where every option is declared) + one reader
-module with ``read(cfg) -> ReadResult`` + one entry here + one fixture test. This module imports no other
-part of the project at load time, so ``config.py`` can ask it while its classes are being defined.
+module with ``read(cfg) -> ReadResult`` + one entry here + one fixture test. This module imports nothing
+that imports ``config.py``, so ``config.py`` can ask it while its classes are being defined.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from xray_train.data.records import ReadResult
+from xray_train.data.records import ReadResult
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
     #: ``data.dataset`` in a config.
     name: str
-    #: The dataset's data section: a class in ``xray_train.config`` whose ``dataset`` field is ``Literal[name]``.
+    #: The dataset's data section: the name of a class in ``xray_train.config`` (which resolves it, in
+    #: ``DATA_CLASSES``) whose ``dataset`` field is ``Literal[name]``.
     config: str
     #: Module exposing ``read(cfg) -> ReadResult``.
     reader: str
@@ -32,8 +31,8 @@ class DatasetEntry:
     #: Data keys that must name existing files or folders, checked with the rest of the config before any read.
     required_paths: tuple[str, ...] = ("image_root",)
 
-    def read(self, cfg) -> "ReadResult":
-        """``cfg``: the run's data section (a class of ``xray_train.config``, named by ``self.config``)."""
+    def read(self, cfg) -> ReadResult:
+        """``cfg``: the validated data section (``config.DataConfig``) of this dataset."""
         return importlib.import_module(self.reader).read(cfg)
 
 
@@ -48,6 +47,9 @@ DATASETS: dict[str, DatasetEntry] = {entry.name: entry for entry in (
     DatasetEntry("vindr", "VindrData", "xray_train.data.vindr", ("phase2",), "VinDr-CXR", ("image_root", "csv")),
     DatasetEntry("rsna", "RsnaData", "xray_train.data.rsna", ("phase2",), "RSNA Pneumonia Detection Challenge",
                  ("image_root", "csv")),
+    # A Hub id, parquet / JSON lines / CSV files or an image folder, read with Hugging Face ``datasets``;
+    # which phase a config can train is decided by the columns it maps (``HfData.phase_problems``).
+    DatasetEntry("hf", "HfData", "xray_train.data.hf", ("phase1", "phase2"), "Hugging Face dataset", ()),
 )}
 
 
@@ -62,6 +64,6 @@ def title(name: str | None) -> str | None:
     return entry.title if entry is not None else name
 
 
-def read_dataset(cfg) -> "ReadResult":
+def read_dataset(cfg) -> ReadResult:
     """Read the configured dataset; rows that can't be used are counted (or raise under cfg.strict)."""
     return DATASETS[cfg.dataset].read(cfg)

@@ -33,14 +33,15 @@ def split_examples(
 ) -> dict[str, list[Example]]:
     """{"train", "validation", "test"} -> examples, input order kept within each split.
 
-    Fractions are of patients, not images; with few patients the realised shares vary.
+    Fractions are of patients, not images; with few patients the realised shares vary. An example whose
+    source names its split (``Example.split``) stays in it.
     """
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
         raise ValueError(f"bad split fractions: val={val_fraction}, test={test_fraction} (each >= 0, sum < 1)")
     out: dict[str, list[Example]] = {name: [] for name in SPLITS}
     cache: dict[str, str] = {}
     for ex in examples:
-        split = cache.get(ex.group_id)
+        split = ex.split or cache.get(ex.group_id)
         if split is None:
             split = cache[ex.group_id] = assign_split(ex.group_id, val_fraction, test_fraction, seed)
         out[split].append(ex)
