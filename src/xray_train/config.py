@@ -149,6 +149,19 @@ class ModelConfig(_Section):
         "('expected'; measured worse: where the model hesitates between two places, the expectation lands "
         "between them). See docs/learning.md.",
     )
+    inference: Literal["auto", "merged", "4bit"] = Field(
+        "auto",
+        description="Weights evaluate and predict decode with: 'merged' (the base in compute_dtype with the "
+        "adapter merged in memory: the model `xray-train merge` publishes, many times faster at large "
+        "batches), '4bit' (the NF4 base trained against; for cards without room for the 16-bit copy) or "
+        "'auto' (merged where the free GPU memory holds it, else 4bit). See xray_train.inference.",
+    )
+    generate_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows decoded at once by evaluate and predict (prompts sorted by length). Default: as many "
+        "as the free GPU memory holds after the weights, up to 256 (8 on a CPU).",
+    )
 
 
 class LoraSection(_Section):
