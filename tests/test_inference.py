@@ -216,3 +216,12 @@ def test_evaluate_loads_the_planned_weights_and_says_which(make_config, tmp_path
     model, _, plan = load_for_inference(adapter, make_config("phase1", f"model.inference={mode}").model)
     q = model.get_base_model().model.language_model.layers[0].self_attn.q_proj.base_layer
     assert plan.weights == weights and type(q).__name__ == loaded
+
+
+def test_parameter_count_reads_the_config_and_counts_a_tied_head_once(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from xray_train.inference import parameter_count
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    assert parameter_count(str(tiny_model_dir)) == sum(p.numel() for p in model.parameters())

@@ -64,6 +64,7 @@ def parameter_count(base: str, revision: str | None = None) -> int:
     config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=False)
     with init_empty_weights():
         model = AutoModelForImageTextToText.from_config(config)
+    model.tie_weights()  # a tied LM head is the embedding, not a second copy of it
     return sum(p.numel() for p in model.parameters())
 
 
@@ -108,7 +109,7 @@ def load_for_inference(adapter_dir, model_cfg: ModelConfig, base: str | None = N
     logger.info("%s", message)
     if echo is not None:
         echo(message)
-    model, processor = load_adapter(adapter_dir, base=base, load_in_4bit=plan.weights == "4bit")
+    model, processor = load_adapter(adapter_dir, base=model_cfg.base, load_in_4bit=plan.weights == "4bit")
     return model, processor, plan
 
 
