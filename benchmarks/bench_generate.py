@@ -248,7 +248,7 @@ def main() -> None:
     ap.add_argument("--predict-films", type=int, default=64)
     ap.add_argument("--cap-films", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--rows", default="xray,notebook,card,predict,cap")
+    ap.add_argument("--rows", default="xray,notebook,predict,card,cap")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip rows that would start later than this")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     args = ap.parse_args()
@@ -318,17 +318,18 @@ def main() -> None:
         if due("xray"):
             rows += xray_rows(model, processor, films, max_new, system_prompt, True, label)
             write()
-        if due("predict"):
-            rows.append(predict_row(adapter, model, processor, films[: args.predict_films], max_new, work))
-            write()
+        # The notebook's merge_and_unload leaves the same weights as the merged path without peft's wrappers;
+        # predict then runs on those (its Generator merges nothing more).
+        merged = model.merge_and_unload() if due("notebook") or due("predict") else model
         if due("notebook"):
-            merged = model.merge_and_unload()
             rows.append(hf_generate_row(f"notebook (bf16 base, adapter merged, batched generate, batch "
                                         f"{NOTEBOOK_BATCH})", merged, processor, films[: args.notebook_films],
                                         NOTEBOOK_BATCH, max_new, system_prompt))
             write()
-            del merged
-        del model
+        if due("predict"):
+            rows.append(predict_row(adapter, merged, processor, films[: args.predict_films], max_new, work))
+            write()
+        del model, merged
         _reset_peak()
     if due("card"):
         model, processor = model_card_model(base, adapter, args.tiny)
