@@ -310,33 +310,46 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    def attempt(name: str, fn) -> list:
+        """A row's rows, or none and a note: one failing row must not cost the others."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001  (recorded, the run goes on)
+            notes.append(f"row {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            _reset_peak()
+            return []
+
     model_cfg = ModelConfig(base=str(base), compute_dtype=compute)
     if due("xray") or due("predict") or due("notebook"):
         model, processor, plan = load_for_inference(adapter, model_cfg, echo=print)
         label = "16-bit merged" if plan.weights == "merged" else "4-bit"
         notes.append(f"xray-train path on this card: {plan.weights} ({plan.reason})")
         if due("xray"):
-            rows += xray_rows(model, processor, films, max_new, system_prompt, True, label)
+            rows += attempt("xray", lambda: xray_rows(model, processor, films, max_new, system_prompt, True, label))
             write()
         # The notebook's merge_and_unload leaves the same weights as the merged path without peft's wrappers;
         # predict then runs on those (its Generator merges nothing more).
         merged = model.merge_and_unload() if due("notebook") or due("predict") else model
         if due("notebook"):
-            rows.append(hf_generate_row(f"notebook (bf16 base, adapter merged, batched generate, batch "
-                                        f"{NOTEBOOK_BATCH})", merged, processor, films[: args.notebook_films],
-                                        NOTEBOOK_BATCH, max_new, system_prompt))
+            rows += attempt("notebook", lambda: [hf_generate_row(
+                f"notebook (bf16 base, adapter merged, batched generate, batch {NOTEBOOK_BATCH})", merged, processor,
+                films[: args.notebook_films], NOTEBOOK_BATCH, max_new, system_prompt)])
             write()
         if due("predict"):
-            rows.append(predict_row(adapter, merged, processor, films[: args.predict_films], max_new, work))
+            rows += attempt("predict", lambda: [predict_row(adapter, merged, processor, films[: args.predict_films],
+                                                            max_new, work)])
             write()
         del model, merged
         _reset_peak()
     if due("card"):
         model, processor = model_card_model(base, adapter, args.tiny)
-        rows.append(hf_generate_row("model card batch 1 (4-bit base + peft generate)", model, processor,
-                                    films[: args.card_films], 1, max_new, system_prompt))
-        notes.append(f"model card batch 1 timed on {args.card_films} films only (about "
-                     f"{rows[-1]['seconds'] / max(args.card_films, 1):.0f} s a film)")
+        card = attempt("card", lambda: [hf_generate_row("model card batch 1 (4-bit base + peft generate)", model,
+                                                        processor, films[: args.card_films], 1, max_new,
+                                                        system_prompt)])
+        rows += card
+        if card:
+            notes.append(f"model card batch 1 timed on {args.card_films} films only (about "
+                         f"{card[0]['seconds'] / max(args.card_films, 1):.0f} s a film): it is slow")
         write()
         del model
         _reset_peak()
