@@ -115,18 +115,24 @@ def _first_batch_clock(generator, t0: float, marks: list) -> None:
     real = generator.generate_batch
 
     def timed(*args, **kwargs):
+        started = time.perf_counter()
         out = real(*args, **kwargs)
         _sync()
+        now = time.perf_counter()
         if not marks:
-            marks.append(time.perf_counter() - t0)
+            marks.append(now - t0)
+        # One line a batch: a run stopped by its time limit still shows how far it got and how fast.
+        print(f"  batch of {len(out)}: {now - started:.1f} s (at {now - t0:.1f} s), "
+              f"peak {_peak_gb()} GB", flush=True)
         return out
 
     generator.generate_batch = timed
 
 
 def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: str, with_baseline: bool,
-              label: str, batch_size: int | None = None) -> list[dict]:
-    """The Generator ``evaluate`` builds: the adapter's answers, then (``with_baseline``) the base's too."""
+              label: str, batch_size: int | None = None, done=lambda rows: None) -> list[dict]:
+    """The Generator ``evaluate`` builds: the adapter's answers, then (``with_baseline``) the base's too;
+    ``done(rows)`` after each row (so a stopped run keeps the rows it finished)."""
     from xray_train.generate import Generator, Request
 
     generator = Generator(model, processor, system_prompt, None, max_new, batch_size, None, min_new_tokens=max_new)
@@ -142,6 +148,7 @@ def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: 
     tokens = sum(g.n_new_tokens for g in answers)
     rows.append(row(f"xray-train evaluate generation, adapter only ({label}, {generator.rows} rows)", len(films),
                     adapter_s, tokens, marks[0], batch=generator.rows, answers=len(answers)))
+    done(rows)
     if with_baseline:
         with model.disable_adapter():
             base_answers = generator(requests, progress=False)
@@ -248,6 +255,8 @@ def main() -> None:
     ap.add_argument("--predict-films", type=int, default=64)
     ap.add_argument("--cap-films", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="rows per generate call of the xray-train rows (default: what the free memory holds)")
     ap.add_argument("--rows", default="xray,notebook,predict,card,cap")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip rows that would start later than this")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
@@ -291,7 +300,7 @@ def main() -> None:
             notes.append(f"row {name} skipped: the deadline ({args.deadline_s:.0f} s) had passed")
         return name in wanted and not late
 
-    def write() -> None:
+    def write(pending: list | None = None) -> None:
         report = {
             "device": device,
             "device_memory_gb": round(total_gb, 1) if total_gb else None,
@@ -303,10 +312,10 @@ def main() -> None:
             "max_new_tokens": max_new,
             "min_new_tokens": max_new,
             "model": "tiny" if args.tiny else "MedGemma-4B architecture, random weights",
-            "rows": rows,
+            "rows": rows + (pending or []),
             "notes": notes,
         }
-        report.update(summary(rows))
+        report.update(summary(report["rows"]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -325,7 +334,8 @@ def main() -> None:
         label = "16-bit merged" if plan.weights == "merged" else "4-bit"
         notes.append(f"xray-train path on this card: {plan.weights} ({plan.reason})")
         if due("xray"):
-            rows += attempt("xray", lambda: xray_rows(model, processor, films, max_new, system_prompt, True, label))
+            rows += attempt("xray", lambda: xray_rows(model, processor, films, max_new, system_prompt, True, label,
+                                                      args.batch, done=lambda done_rows: write(done_rows)))
             write()
         # The notebook's merge_and_unload leaves the same weights as the merged path without peft's wrappers;
         # predict then runs on those (its Generator merges nothing more).

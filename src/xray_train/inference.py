@@ -18,7 +18,7 @@ training layout (``model.load_in_4bit``).
 The decode batch (``model.generate_batch_size``) defaults to as many rows as the free memory holds after
 the weights (KV cache, prefill activations), up to :data:`MAX_AUTO_ROWS`: a 4B model's decode step reads
 all its weights whatever the batch, so rows are nearly free until the GPU's compute, not its memory
-bandwidth, is the limit. See ``benchmarks/results/generate_speed.json``.
+bandwidth, is the limit. ``benchmarks/bench_generate.py`` measures it (not yet run to completion on a GPU).
 """
 
 from __future__ import annotations
