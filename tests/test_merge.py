@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.test_evaluate import trained_adapters
 from xray_train.errors import XrayTrainError
-from xray_train.merge import MERGE_CHECK, merge
+from xray_train.merge import MERGE_CHECK, check_serving, merge
 from xray_train.outputs import DIR_MODE, FILE_MODE
 from xray_train.run_dir import ADAPTER_WEIGHTS
 
@@ -47,6 +47,8 @@ def test_merge_lands_every_component_and_agrees(perturbed_adapter, tmp_path):
     assert all(w["ok"] and w["tensors"] > 0 for w in report["weights"].values())
     assert report["logits"]["argmax_agreement"] == 1.0 and report["logits"]["max_abs_diff"] < 1e-4
     assert report["logits"]["samples"] == ["report", "detect"]
+    assert report["serving"] == {"architectures": ["Gemma3ForConditionalGeneration"], "vocab_size": 263232,
+                                 "embedding_rows": 263232, "loc_tokens": 1024, "passed": True}
     assert json.loads((out / MERGE_CHECK).read_text()) == json.loads(json.dumps(report))
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
@@ -112,3 +114,57 @@ def test_merge_refuses_unsafe_output_dirs(make_config, tmp_path_factory, tmp_pat
     assert (busy / "keep.txt").read_text() == "mine"
     with pytest.raises(XrayTrainError, match="not an adapter dir"):
         merge(tmp_path, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving checks on the saved files
+
+
+def _break(out: Path, how: str) -> str:
+    """Damage a merged checkpoint the way a serving engine would trip over; return the expected error."""
+    if how == "vocab_size":
+        config = json.loads((out / "config.json").read_text())
+        config["text_config"]["vocab_size"] -= 64
+        (out / "config.json").write_text(json.dumps(config))
+        return "vocab_size is 263168 but the embedding has 263232 rows"
+    if how == "loc_tokens":
+        tok = json.loads((out / "tokenizer.json").read_text())
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if not t["content"].startswith("<loc")]
+        (out / "tokenizer.json").write_text(json.dumps(tok))
+        return "lacks 1024 of the 1024 <loc> tokens"
+    if how == "architectures":
+        config = json.loads((out / "config.json").read_text())
+        config["architectures"] = ["Gemma3ForCausalLM"]
+        (out / "config.json").write_text(json.dumps(config))
+        return "expected \\['Gemma3ForConditionalGeneration'\\]"
+    if how == "chat_template":
+        (out / "chat_template.jinja").unlink()
+        return "no chat template"
+    if how == "processor":
+        (out / "processor_config.json").unlink()
+        return "no image processor settings"
+    raise ValueError(how)
+
+
+def merged_copy(make_config, tmp_path_factory, dest: Path) -> Path:
+    """A private copy of the Phase-2 adapter merged once per test process."""
+    shared = tmp_path_factory.getbasetemp() / "shared-merged"
+    if not (shared / MERGE_CHECK).is_file():
+        merge(trained_adapters(make_config, tmp_path_factory)["phase2"], shared, overwrite=True, echo=lambda *a: None)
+    return Path(shutil.copytree(shared, dest))
+
+
+@pytest.mark.parametrize("how", ["vocab_size", "loc_tokens", "architectures", "chat_template", "processor"])
+def test_check_serving_refuses_a_broken_checkpoint_in_one_line(make_config, tmp_path_factory, tmp_path, how):
+    out = merged_copy(make_config, tmp_path_factory, tmp_path / "merged")
+    assert check_serving(out, expect_loc=True)["passed"]
+    expected = _break(out, how)
+    with pytest.raises(XrayTrainError, match=expected) as err:
+        check_serving(out, expect_loc=True)
+    assert "\n" not in str(err.value)
+
+
+def test_check_serving_needs_loc_tokens_only_when_the_adapter_trained_them(make_config, tmp_path_factory, tmp_path):
+    out = merged_copy(make_config, tmp_path_factory, tmp_path / "merged")
+    _break(out, "loc_tokens")
+    assert check_serving(out, expect_loc=False)["loc_tokens"] == 0

@@ -409,7 +409,9 @@ def evaluate(
         False, "--overwrite", help="Replace existing eval_results.* (in ADAPTER_DIR: the ones push-to-hub publishes)."
     ),
     batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", min=1, help="Images per batch. Default: training.per_device_eval_batch_size."
+        None, "--batch-size", min=1,
+        help="Images per batch. Default: training.per_device_eval_batch_size (teacher-forced pass) and "
+        "model.generate_batch_size, else what the GPU's free memory holds (generation).",
     ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest generated answer in tokens."),
 ):
@@ -462,7 +464,10 @@ def predict(
     base: Optional[str] = typer.Option(
         None, "--base", help="Base model path or hub id, if not the one recorded at training time."
     ),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per generate call."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1,
+        help="Images per generate call. Default: model.generate_batch_size, else what the GPU's free memory holds.",
+    ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest generated answer in tokens."),
 ):
     """Run an adapter on X-ray images: print the report, draw the boxes on each image.

@@ -176,6 +176,19 @@ class ModelConfig(_Section):
         if value is not None and value & (value - 1):
             raise ValueError(f"must be a power of two (1, 2, 4, ... 16, ...) so scaling is exact, not {value}")
         return value
+    inference: Literal["auto", "merged", "4bit"] = Field(
+        "auto",
+        description="Weights evaluate and predict decode with: 'merged' (the base in compute_dtype with the "
+        "adapter merged in memory: the model `xray-train merge` publishes, many times faster at large "
+        "batches), '4bit' (the NF4 base trained against; for cards without room for the 16-bit copy) or "
+        "'auto' (merged where the free GPU memory holds it, else 4bit). See xray_train.inference.",
+    )
+    generate_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows decoded at once by evaluate and predict (prompts sorted by length). Default: as many "
+        "as the free GPU memory holds after the weights, up to 256 (8 on a CPU).",
+    )
 
 
 class LoraSection(_Section):

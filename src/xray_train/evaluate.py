@@ -400,14 +400,18 @@ def evaluate(
     examples, counts = select_examples(cfg, split, max_samples)
     echo(f"Evaluating {adapter_dir} on {len(examples)} {split} images of {cfg.data.dataset} ({cfg.phase})")
 
+    weights = "as loaded by the caller"
     if model is None:
-        from xray_train.model import load_adapter
+        from xray_train.inference import load_for_inference
 
-        model, processor = load_adapter(adapter_dir, base=cfg.model.base)
+        # The fastest weights that fit the card (xray_train.inference); the log says which.
+        model, processor, plan = load_for_inference(adapter_dir, cfg.model, base=cfg.model.base, echo=echo)
+        weights = plan.weights
+    generate_rows = batch_size or cfg.model.generate_batch_size  # None: what the free memory holds
     batch_size = batch_size or cfg.training.per_device_eval_batch_size
     encoder = PromptEncoder(processor, cfg.system_prompt)
     pixel_loader = PixelLoader(processor, cfg.data.image_size)
-    generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, batch_size,
+    generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, generate_rows,
                           cfg.data.decode_workers, loc_decode=cfg.model.loc_decode)
 
     started = time.time()
@@ -455,7 +459,8 @@ def evaluate(
         "generation": {
             "decoding": "greedy",
             "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size,
+            "batch_size": generator.rows,
+            "weights": weights,
             "elapsed_s": round(elapsed, 2),
             # Answers cut off by max_new_tokens: raise it if this is more than a few.
             "truncated_answers": {name: sum(not run.finished[i] for i in keep) for name, run in runs.items()},

@@ -11,6 +11,15 @@ marks the image soft tokens for Gemma 3's bidirectional image attention; Gemma 3
 ``prepare_inputs_for_generation`` uses them on the prompt (first step) and drops them for decoded
 tokens. Decoding is plain greedy ``generate`` without ``output_scores``: only the last position's
 logits exist at each step, nothing vocabulary-sized is kept.
+
+What makes it fast (each exact: the same greedy tokens as one plain ``generate`` per batch, tested):
+
+* requests are sorted by prompt length (the task's prompt; every film has the same number of image
+  tokens), so a batch pads little, and answered in the caller's order;
+* the batch is as large as the free memory allows (``xray_train.inference.rows_that_fit``) unless set:
+  a decode step reads every weight whatever the batch, so rows are nearly free;
+* on a 16-bit base the adapter's LoRA is merged into the weights while its answers are generated
+  (``xray_train.inference.lora_merged``) and the base's weights restored afterwards.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_BATCH_SIZE = 8
+#: Unit of the progress bars' rate column.
+RATE_UNIT = "films/s"
 
 
 class ExpectedLocProcessor:
@@ -79,8 +90,14 @@ class Generation:
     finished: bool = True
 
 
+def rate_text(speed: float | None, unit: str = RATE_UNIT) -> str:
+    """``"12.3 films/s"`` (``"-- films/s"`` before the first completed batch)."""
+    return f"-- {unit}" if not speed else f"{speed:.3g} {unit}" if speed < 10 else f"{speed:.0f} {unit}"
+
+
 def progress_bar(enabled: bool = True, console=None):
-    """A rich progress bar on stderr (a no-op context when disabled)."""
+    """A rich progress bar on stderr: done/total, films per second, elapsed time and the ETA (a no-op
+    context when disabled)."""
     if not enabled:
         return nullcontext(None)
     from rich.console import Console
@@ -88,18 +105,28 @@ def progress_bar(enabled: bool = True, console=None):
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         SpinnerColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            # Rich's own speed estimate (over its recent samples), so a slow first batch (compiles, the
+            # model warming up) does not hold the figure down for the whole run.
+            return Text(rate_text(task.finished_speed or task.speed), style="progress.data.speed")
 
     return Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console or Console(stderr=True),
         transient=False,
@@ -116,13 +143,20 @@ class Generator:
         system_prompt: str,
         image_size: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = DEFAULT_BATCH_SIZE,
         decode_workers: int | None = None,
         loc_decode: str = "argmax",
+        merge_lora: bool = True,
+        sort_by_length: bool = True,
+        min_new_tokens: int | None = None,
     ):
+        """``batch_size``: rows per ``generate`` call, None for as many as the free memory holds;
+        ``merge_lora``: merge an active LoRA into a 16-bit base while generating (``inference.lora_merged``);
+        ``sort_by_length``: batch requests of equal prompt length together; ``min_new_tokens``: benchmarks
+        only (forces every answer to that length)."""
         from xray_train.data.loader import decode_workers as default_workers
 
-        if max_new_tokens <= 0 or batch_size <= 0:
+        if max_new_tokens <= 0 or (batch_size is not None and batch_size <= 0):
             raise ValueError("max_new_tokens and batch_size must be positive")
         self.workers = default_workers(decode_workers)
         self.model = model
@@ -130,6 +164,11 @@ class Generator:
         self.pixels = PixelLoader(processor, image_size)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.merge_lora = merge_lora
+        self.sort_by_length = sort_by_length
+        self.min_new_tokens = min_new_tokens
+        #: Rows per ``generate`` call of the last call (the automatic choice once made).
+        self.rows = batch_size
         tok = processor.tokenizer
         # Training ends every answer with <end_of_turn>; eos stops a model that never learnt that.
         self.stop_ids = [self.encoder.ids.end_of_turn] + (
@@ -153,22 +192,42 @@ class Generator:
     def __call__(
         self, requests: Sequence[Request], progress: bool = True, description: str = "Generating", console=None
     ) -> list[Generation]:
+        from xray_train.data.loader import read_ahead
+        from xray_train.inference import lora_merged
+
+        lengths = {}
         for req in requests:
             if req.task not in TASK_PROMPTS:
                 raise ValueError(f"unknown task {req.task!r}; expected one of {sorted(TASK_PROMPTS)}")
+            if req.task not in lengths:
+                lengths[req.task] = len(self.encoder.prompt_ids(req.task))
+        # Longest prompts first: a memory error, if any, comes with the first batch.
+        order = sorted(range(len(requests)), key=lambda i: -lengths[requests[i].task]) if self.sort_by_length \
+            else list(range(len(requests)))
+        ordered = [requests[i] for i in order]
+        batch_size = self.batch_size or self.auto_batch_size(max(lengths.values(), default=0))
+        self.rows = batch_size
         results: list[Generation] = []
-        with progress_bar(progress and bool(requests), console) as bar:
+        with progress_bar(progress and bool(requests), console) as bar, \
+                (lora_merged(self.model) if self.merge_lora else nullcontext()):
             handle = bar.add_task(description, total=len(requests)) if bar is not None else None
-            from xray_train.data.loader import read_ahead
-
             # Images are read by worker processes while the GPU generates for the batch before.
-            for chunk, prepared in read_ahead(
-                requests, lambda r: r.image, self.pixels.prepare, self.batch_size, self.workers
-            ):
+            for chunk, prepared in read_ahead(ordered, lambda r: r.image, self.pixels.prepare, batch_size, self.workers):
                 results += self.generate_batch(chunk, prepared)
                 if bar is not None:
                     bar.advance(handle, len(chunk))
-        return results
+        answers: list = [None] * len(requests)
+        for i, result in zip(order, results):
+            answers[i] = result
+        return answers
+
+    def auto_batch_size(self, prompt_length: int) -> int:
+        """Rows per ``generate`` call when none is set: what the free memory holds (``inference.rows_that_fit``)."""
+        from xray_train.inference import rows_that_fit
+
+        rows = rows_that_fit(self.model, prompt_length + self.max_new_tokens)
+        logger.info("Generating %d rows at once", rows)
+        return rows
 
     def _pixels(self, requests: Sequence[Request], prepared=None) -> tuple[list[torch.Tensor | None], list[str | None]]:
         if prepared is not None:  # read ahead by data.loader.read_ahead, indices within ``requests``
@@ -232,6 +291,7 @@ class Generator:
             eos_token_id=self.stop_ids,
             pad_token_id=self.encoder.ids.pad,
             logits_processor=self.logits_processor,
+            min_new_tokens=self.min_new_tokens,
             # load_base sets config.use_cache=False for training; decoding without a KV cache would
             # recompute the whole prompt (256 image tokens at MedGemma's size) for every new token.
             use_cache=True,

@@ -14,11 +14,17 @@ after saving, ``OUT_DIR`` is reloaded with ``AutoModelForImageTextToText`` (noth
 xray-train) and each tensor is compared, and so are the logits of a fixed batch (a drawn film with
 a report prompt, and a detect prompt whose answer contains loc tokens) against base + adapter at the
 same precision. ``merge_check.json`` records the differences. ``OUT_DIR`` appears whole or not at all.
+
+Last, ``check_serving`` reads the saved files the way a serving engine does (config, safetensors header,
+tokenizer and processor files, no model loaded): a checkpoint that only transformers-with-this-code could
+load (a vocabulary larger than the embedding, ``<loc>`` tokens missing from ``tokenizer.json``, no chat
+template) is refused before it is moved into place.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -34,6 +40,8 @@ from xray_train.run_dir import RESOLVED_CONFIG, RunDir
 logger = logging.getLogger(__name__)
 
 MERGE_CHECK = "merge_check.json"
+#: What serving engines (vLLM, TGI, SGLang) dispatch on; the 4B image-text model has exactly this one.
+SERVING_ARCHITECTURE = "Gemma3ForConditionalGeneration"
 #: Argmax agreement required on the check batch: float32 must agree everywhere; 16-bit merging rounds
 #: ``W + BA`` once instead of adding two separately rounded products, which may flip a near-tie.
 MIN_AGREEMENT = {torch.float32: 1.0, torch.bfloat16: 0.97, torch.float16: 0.97}
@@ -208,6 +216,101 @@ def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Serving checks: the saved files as an engine reads them
+
+
+def _safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from the safetensors headers (one file or an index of shards), nothing loaded."""
+    import struct
+
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        path = model_dir / name
+        if not path.is_file():
+            raise XrayTrainError(f"serving check: {path} is missing")
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        shapes |= {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return shapes
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise XrayTrainError(f"serving check: {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise XrayTrainError(f"serving check: {path} is not readable JSON ({exc})") from None
+
+
+def check_serving(model_dir: Path | str, expect_loc: bool) -> dict:
+    """Check that ``model_dir`` loads in a serving engine as it is; one-line ``XrayTrainError`` otherwise.
+
+    * ``config.json``: ``architectures == ["Gemma3ForConditionalGeneration"]`` and ``text_config.vocab_size``
+      equal to the embedding's rows (engines size the embedding and LM head from the config);
+    * ``tokenizer.json``: every token id below that size and, when the adapter trained ``<loc>`` rows, all
+      1024 ``<locNNNN>`` tokens present as consecutive single added tokens;
+    * the chat template and the processor's image settings present.
+
+    Returns a small report (merged into ``merge_check.json``).
+    """
+    from xray_train.data.loc import LOC_TOKENS
+
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "config.json")
+    if config.get("architectures") != [SERVING_ARCHITECTURE]:
+        raise XrayTrainError(
+            f"serving check: {model_dir / 'config.json'} names architectures {config.get('architectures')}, "
+            f"expected [{SERVING_ARCHITECTURE!r}]"
+        )
+    vocab_size = (config.get("text_config") or {}).get("vocab_size")
+    embeddings = [shape for name, shape in _safetensors_shapes(model_dir).items() if name.endswith("embed_tokens.weight")]
+    if len(embeddings) != 1:
+        raise XrayTrainError(f"serving check: {model_dir} holds {len(embeddings)} embed_tokens tensors, expected 1")
+    rows = embeddings[0][0]
+    if vocab_size != rows:
+        raise XrayTrainError(
+            f"serving check: {model_dir / 'config.json'} text_config.vocab_size is {vocab_size} but the "
+            f"embedding has {rows} rows"
+        )
+    tokenizer = _read_json(model_dir / "tokenizer.json")
+    added = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
+    vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+    ids = list(added.values()) + (list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))))
+    if ids and max(ids) >= rows:
+        raise XrayTrainError(
+            f"serving check: {model_dir / 'tokenizer.json'} has token id {max(ids)}, outside the {rows}-row embedding"
+        )
+    loc_ids = [added.get(t) for t in LOC_TOKENS]
+    if expect_loc:
+        missing = [t for t, i in zip(LOC_TOKENS, loc_ids) if i is None]
+        if missing:
+            raise XrayTrainError(
+                f"serving check: {model_dir / 'tokenizer.json'} lacks {len(missing)} of the {len(LOC_TOKENS)} "
+                f"<loc> tokens (e.g. {missing[0]}) the adapter was trained with"
+            )
+        if loc_ids != list(range(loc_ids[0], loc_ids[0] + len(loc_ids))):
+            raise XrayTrainError(f"serving check: the <loc> tokens in {model_dir / 'tokenizer.json'} are not consecutive ids")
+    processor_files = [model_dir / n for n in ("processor_config.json", "preprocessor_config.json")]
+    processor = {}
+    for path in processor_files:
+        if path.is_file():
+            processor |= _read_json(path)
+    if not processor or not ({"image_processor", "image_mean", "size"} & set(processor)):
+        raise XrayTrainError(f"serving check: {model_dir} has no image processor settings "
+                             "(processor_config.json or preprocessor_config.json)")
+    template_files = [model_dir / n for n in ("chat_template.jinja", "chat_template.json")]
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+    if not any(p.is_file() for p in template_files) and not tokenizer_config.get("chat_template") \
+            and not processor.get("chat_template"):
+        raise XrayTrainError(f"serving check: {model_dir} has no chat template (chat_template.jinja)")
+    return {"architectures": config["architectures"], "vocab_size": vocab_size, "embedding_rows": rows,
+            "loc_tokens": sum(i is not None for i in loc_ids), "passed": True}
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -299,6 +402,7 @@ def merge(
             logits = compare_logits(reference, sample_logits(reloaded, samples))
         del reloaded
         gc.collect()
+        serving = check_serving(staging, expect_loc=source.has_loc_rows())
         needed = MIN_AGREEMENT.get(dtype, 0.97)
         passed = all(w["ok"] for w in weights.values()) and (logits["argmax_agreement"] or 0.0) >= needed
         report = {
@@ -308,6 +412,7 @@ def merge(
             "adapter_change_from_base": changes,
             "weights": weights,
             "logits": logits | {"required_argmax_agreement": needed, "samples": [s["task"] for s in samples]},
+            "serving": serving,
             "passed": passed,
         }
         atomic_write_json(staging / MERGE_CHECK, report)

@@ -231,7 +231,7 @@ def predict(
     task: str | None = None,
     overwrite: bool = False,
     base: str | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     model=None,
     processor=None,
@@ -265,9 +265,11 @@ def predict(
     readable = [image for image in images if image not in unreadable]
 
     if model is None:
-        from xray_train.model import load_adapter
+        from xray_train.inference import load_for_inference
 
-        model, processor = load_adapter(adapter_dir, base=base)
+        model_cfg = run_dir.config().model if run_dir.has_config() else None
+        model, processor, _ = load_for_inference(adapter_dir, model_cfg, base=base, echo=echo)
+        batch_size = batch_size or (model_cfg.generate_batch_size if model_cfg else None)
     generator = Generator(model, processor, settings["system_prompt"], settings["image_size"], max_new_tokens, batch_size,
                           loc_decode=settings["loc_decode"])
     # One pass per task, so the bar counts images ("1/1" for one image), not image-task pairs.
