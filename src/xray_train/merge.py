@@ -19,6 +19,8 @@ Last, ``check_serving`` reads the saved files the way a serving engine does (con
 tokenizer and processor files, no model loaded): a checkpoint that only transformers-with-this-code could
 load (a vocabulary larger than the embedding, ``<loc>`` tokens missing from ``tokenizer.json``, no chat
 template) is refused before it is moved into place.
+
+(Over 400 lines: the merge and the two proofs it must pass before ``OUT_DIR`` appears are one contract.)
 """
 
 from __future__ import annotations
