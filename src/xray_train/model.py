@@ -405,6 +405,9 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
     ``base`` overrides the base recorded at training time (e.g. a local copy of MedGemma, or the recorded
     local folder after it moved). Returns ``(model, processor)`` in eval mode.
     """
+    from xray_train.quiet import silence_what_users_cannot_act_on
+
+    silence_what_users_cannot_act_on()  # before peft imports bitsandbytes, which logs at import
     from peft import PeftModel
     from transformers import AutoProcessor
 
