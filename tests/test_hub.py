@@ -687,9 +687,9 @@ def test_card_of_a_run_on_the_bundled_samples_says_synthetic_not_padchest(tmp_pa
     card = build_model_card(d)
     assert _front_matter(card)["datasets"] == []  # the Hub's dataset metadata names no dataset it never saw
     assert "Trained on synthetic samples" in card
-    assert "the synthetic sample data bundled with xray-train (PadChest (BIMCV) format" in card
+    assert "the synthetic samples bundled with xray-train, in PadChest (BIMCV) format (drawn films, not real X-rays)" in card
     assert "label sources" not in card  # PadChest's labelling notes describe data it did not read
-    assert "Trained and evaluated on the synthetic sample data" in card
+    assert "Trained and evaluated on the synthetic samples bundled" in card
 
     real = make_adapter(tmp_path / "real", "phase1")
     card = build_model_card(real)
@@ -706,7 +706,7 @@ def test_card_of_a_phase2_run_names_a_synthetic_phase1_parent(tmp_path):
     (d / LINEAGE).write_text(json.dumps({"phase": "phase2", "parent": parent}))
     card = build_model_card(d)
     assert _front_matter(card)["datasets"] == []
-    assert "- phase1: the synthetic sample data bundled with xray-train (PadChest (BIMCV) format" in card
+    assert "- phase1: the synthetic samples bundled with xray-train, in PadChest (BIMCV) format" in card
     assert "Weak box labels" not in card  # no MeSH atlas boxes were read either
 
 
