@@ -649,7 +649,9 @@ def test_adapter_trained_from_a_local_base_is_published_under_its_hub_id(tmp_pat
         text = name.read_bytes()
         assert str(local_base).encode() not in text and local_base.name.encode() not in text, name.name
     assert json.loads((staged / "adapter_config.json").read_text())["base_model_name_or_path"] == "google/medgemma-4b-it"
-    assert yaml.safe_load((staged / "xray_train_config.yaml").read_text())["model"]["base"] == "google/medgemma-4b-it"
+    staged_model = yaml.safe_load((staged / "xray_train_config.yaml").read_text())["model"]
+    assert staged_model["base"] == "google/medgemma-4b-it"
+    assert staged_model["base_fingerprint"] is None  # the fingerprint was of the local folder, not of the Hub id
     assert {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()} == before  # only read
 
     # A downloader: peft reads the base from the staged adapter_config.json; a local folder stands in
