@@ -172,6 +172,15 @@ def test_card_reports_eval_numbers_and_nothing_invented(tmp_path):
     assert "0.1000" not in card  # the raw IoU list is not dumped into the card
 
 
+def test_card_from_eval_results_json_alone_names_the_parse_counts(tmp_path):
+    results = {"n_examples": 40, "n_parsed": 39, "n_unparsed": 1, "parse_rate": 0.975, "f1": 0.5,
+               "baseline": {"n_parsed": 0, "n_unparsed": 40, "parse_rate": 0.0, "f1": 0.0}}
+    card = build_model_card(make_adapter(tmp_path, "phase2", eval_results=results))
+    section = card.split("## Evaluation\n", 1)[1].split("\n## Usage", 1)[0]
+    assert section.strip().startswith("Answers in the trained format: adapter 39 of 40, base model 0 of 40.")
+    assert "never as a normal study" in section
+
+
 def test_card_evaluation_is_the_table_of_eval_results_md(tmp_path):
     """The card's Evaluation section embeds the tables ``xray-train evaluate`` wrote, not flattened keys,
     and shows neither a local path nor a secret that reached the file."""
