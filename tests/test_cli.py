@@ -73,7 +73,8 @@ def test_config_validate_on_the_demo_configs_shows_the_supervised_example(phase,
 def test_push_to_hub_dry_run_lists_the_staged_files(adapters, tmp_path):
     staged = tmp_path / "staged"
     result = runner.invoke(cli.app, ["push-to-hub", str(adapters["phase2"]), "--repo-id", "my-lab/cxr-lora", "--dry-run", str(staged),
-                                     "--base-model", "google/medgemma-4b-it"])  # the tiny base is a local folder
+                                     # the tiny base is a local folder, and not MedGemma: published knowingly
+                                     "--base-model", "google/medgemma-4b-it", "--force"])
     assert result.exit_code == 0, result.output
     for name in ("README.md", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
         assert name in result.output and (staged / name).is_file()
