@@ -29,6 +29,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: Third-party caches a test run would otherwise fill in the user's home: matplotlib's font list and config,
+#: the Hugging Face cache (the Hub is never reached: HF_HUB_OFFLINE).
+THIRD_PARTY_CACHES = ("MPLCONFIGDIR", "HF_HOME")
+_third_party_root: Path | None = None
+
+
+def pytest_configure(config):
+    """Before any test module imports matplotlib or huggingface_hub (they read these at import)."""
+    global _third_party_root
+    import tempfile
+
+    _third_party_root = Path(tempfile.mkdtemp(prefix="xray-train-tests-"))
+    for name in THIRD_PARTY_CACHES:
+        os.environ[name] = str(_third_party_root / name.lower())
+
+
+def pytest_unconfigure(config):
+    if _third_party_root is not None:
+        shutil.rmtree(_third_party_root, ignore_errors=True)
+
+
 #: The environment variables xray-train reads for the folders it keeps between runs (``xray_train.cache``).
 CACHE_VARIABLES = ("XRAY_TRAIN_CACHE", "XRAY_TRAIN_FEATURE_CACHE")
 

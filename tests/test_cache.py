@@ -32,3 +32,10 @@ def test_outside_tests_the_cache_is_the_users(monkeypatch, tmp_path):
     assert feature_cache_root() == cache_root() / "vision-features"
     monkeypatch.setenv("XRAY_TRAIN_CACHE", str(tmp_path))
     assert feature_cache_root() == tmp_path / "vision-features"
+
+
+def test_third_party_caches_are_temporary_too():
+    import tempfile
+
+    for name in ("MPLCONFIGDIR", "HF_HOME"):
+        assert Path(os.environ[name]).is_relative_to(tempfile.gettempdir()), name

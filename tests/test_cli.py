@@ -73,7 +73,8 @@ def test_config_validate_on_the_demo_configs_shows_the_supervised_example(phase,
 def test_push_to_hub_dry_run_lists_the_staged_files(adapters, tmp_path):
     staged = tmp_path / "staged"
     result = runner.invoke(cli.app, ["push-to-hub", str(adapters["phase2"]), "--repo-id", "my-lab/cxr-lora", "--dry-run", str(staged),
-                                     "--base-model", "google/medgemma-4b-it"])  # the tiny base is a local folder
+                                     # the tiny base is a local folder, and not MedGemma: published knowingly
+                                     "--base-model", "google/medgemma-4b-it", "--force"])
     assert result.exit_code == 0, result.output
     for name in ("README.md", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
         assert name in result.output and (staged / name).is_file()
@@ -324,11 +325,27 @@ def test_demo_says_what_it_shows_and_prints_no_pages_of_gibberish(tiny_model_dir
     assert result.exit_code == 0, result.output[-3000:]
     out = result.output
     assert out.index("It cannot show") < out.index("Data check")  # said before anything runs
-    assert "phase1:" in out and "phase2:" in out and "readable" in out
+    assert "phase1:" in out and "phase2:" in out and "in the trained format" in out
     assert re.search(r"predictions: \d+ box(es)? on 3 images", out)
     for run in ("phase1", "phase2"):
         assert (workdir / run / "eval_results.md").is_file() and (workdir / run / "f1_bars.png").is_file()
     results = [json.loads((workdir / run / "eval_results.json").read_text()) for run in ("phase1", "phase2")]
+    # The summary, eval_results.json and the staged card agree on every count.
+    from xray_train.hub import push_to_hub
+
+    flat = " ".join(out.split())
+    for run, r in zip(("phase1", "phase2"), results):
+        assert r["n_parsed"] + r["n_unparsed"] == r["n_examples"] == r["findings"]["n_studies"]
+        assert r["parse_rate"] == r["n_parsed"] / r["n_examples"] and r["findings"]["n_unparsed"] == r["n_unparsed"]
+        base = r["baseline"]
+        assert f"{run}: {r['n_parsed']} of {r['n_examples']} test" in flat
+        assert f"in the trained format (base {base['n_parsed']} of {r['n_examples']})" in flat
+        staged = push_to_hub(workdir / run, "my-lab/demo", dry_run_dir=tmp_path / f"staged-{run}",
+                             base_model="google/medgemma-4b-it", force=True)
+        card = (Path(staged) / "README.md").read_text()
+        assert (f"| metric | adapter ({r['n_parsed']} of {r['n_examples']} parsed) | base model, no adapter "
+                f"({base['n_parsed']} of {r['n_examples']} parsed) |") in card
+        assert "Trained on synthetic samples" in card and r["synthetic_sample"]
     nothing_readable = all(r["n_unparsed"] == r["n_examples"] for r in results)
     assert ("No answer was in the trained format, so the scores are 0" in out) == nothing_readable
     assert len(list((workdir / "predictions").glob("*_pred.png"))) == 3

@@ -172,6 +172,15 @@ def test_card_reports_eval_numbers_and_nothing_invented(tmp_path):
     assert "0.1000" not in card  # the raw IoU list is not dumped into the card
 
 
+def test_card_from_eval_results_json_alone_names_the_parse_counts(tmp_path):
+    results = {"n_examples": 40, "n_parsed": 39, "n_unparsed": 1, "parse_rate": 0.975, "f1": 0.5,
+               "baseline": {"n_parsed": 0, "n_unparsed": 40, "parse_rate": 0.0, "f1": 0.0}}
+    card = build_model_card(make_adapter(tmp_path, "phase2", eval_results=results))
+    section = card.split("## Evaluation\n", 1)[1].split("\n## Usage", 1)[0]
+    assert section.strip().startswith("Answers in the trained format: adapter 39 of 40, base model 0 of 40.")
+    assert "never as a normal study" in section
+
+
 def test_card_evaluation_is_the_table_of_eval_results_md(tmp_path):
     """The card's Evaluation section embeds the tables ``xray-train evaluate`` wrote, not flattened keys,
     and shows neither a local path nor a secret that reached the file."""
@@ -649,7 +658,9 @@ def test_adapter_trained_from_a_local_base_is_published_under_its_hub_id(tmp_pat
         text = name.read_bytes()
         assert str(local_base).encode() not in text and local_base.name.encode() not in text, name.name
     assert json.loads((staged / "adapter_config.json").read_text())["base_model_name_or_path"] == "google/medgemma-4b-it"
-    assert yaml.safe_load((staged / "xray_train_config.yaml").read_text())["model"]["base"] == "google/medgemma-4b-it"
+    staged_model = yaml.safe_load((staged / "xray_train_config.yaml").read_text())["model"]
+    assert staged_model["base"] == "google/medgemma-4b-it"
+    assert staged_model["base_fingerprint"] is None  # the fingerprint was of the local folder, not of the Hub id
     assert {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()} == before  # only read
 
     # A downloader: peft reads the base from the staged adapter_config.json; a local folder stands in
@@ -687,9 +698,9 @@ def test_card_of_a_run_on_the_bundled_samples_says_synthetic_not_padchest(tmp_pa
     card = build_model_card(d)
     assert _front_matter(card)["datasets"] == []  # the Hub's dataset metadata names no dataset it never saw
     assert "Trained on synthetic samples" in card
-    assert "the synthetic sample data bundled with xray-train (PadChest (BIMCV) format" in card
+    assert "the synthetic samples bundled with xray-train, in PadChest (BIMCV) format (drawn films, not real X-rays)" in card
     assert "label sources" not in card  # PadChest's labelling notes describe data it did not read
-    assert "Trained and evaluated on the synthetic sample data" in card
+    assert "Trained and evaluated on the synthetic samples bundled" in card
 
     real = make_adapter(tmp_path / "real", "phase1")
     card = build_model_card(real)
@@ -706,7 +717,7 @@ def test_card_of_a_phase2_run_names_a_synthetic_phase1_parent(tmp_path):
     (d / LINEAGE).write_text(json.dumps({"phase": "phase2", "parent": parent}))
     card = build_model_card(d)
     assert _front_matter(card)["datasets"] == []
-    assert "- phase1: the synthetic sample data bundled with xray-train (PadChest (BIMCV) format" in card
+    assert "- phase1: the synthetic samples bundled with xray-train, in PadChest (BIMCV) format" in card
     assert "Weak box labels" not in card  # no MeSH atlas boxes were read either
 
 

@@ -182,6 +182,8 @@ def test_image_note_says_why_a_picture_has_no_box():
 
     box = {"label": "mass", "x_min": 1, "y_min": 1, "x_max": 5, "y_max": 5}
     assert image_note({"boxes": [box], "detect_well_formed": True}) is None
+    # Boxes decoded from an answer that evaluation counts as unparsed (e.g. label-less <loc> runs) say so.
+    assert image_note({"boxes": [box], "detect_well_formed": False}) == "answer not in the box format: drawn as decoded"
     assert image_note({"boxes": [], "detect_well_formed": True}) == "no box: no localisable finding"
     assert image_note({"boxes": [], "detect_well_formed": False}) == "no box: answer not in the box format"
     assert "report only" in image_note({"boxes": None, "detect_well_formed": None})
@@ -238,3 +240,46 @@ def test_progress_counts_images_not_image_task_pairs(adapters, fixed_answers, tm
     err = capsys.readouterr().err
     assert "Predicting (report)" in err and "Predicting (detect)" in err
     assert "1/1" in err and "2/2" not in err
+
+
+def test_load_adapter_prints_no_third_party_noise(adapters):
+    import os
+    import subprocess
+    import sys
+
+    code = f"import xray_train; xray_train.load_adapter({str(adapters['phase2'])!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FutureWarning" not in proc.stderr and "kernels-community" not in proc.stderr, proc.stderr
+
+
+def test_a_run_predicts_from_any_folder_and_a_moved_base_says_how_to_point_at_it(
+    adapters, fixed_answers, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from tests.test_cli import run_main
+    from tests.test_evaluate import copy_adapter
+    from xray_train.run_dir import RunDir
+
+    work = tmp_path / "work"
+    base = work / "models" / "demo" / "tiny"
+    shutil.copytree(tiny_model_dir, base)
+    run = RunDir(copy_adapter(adapters["phase2"], work / "runs" / "p2"))
+    monkeypatch.chdir(work)  # trained from work/ with a relative base, as the demo does
+    cfg = run.config()
+    run.write_config(cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": "models/demo/tiny"})}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    image = str(INDIANA / "100_IM-4252-1001.dcm.png")
+
+    code, out, err = run_main(monkeypatch, capsys, "predict", str(run.path), image, "--out", "p1")
+    assert code == 0, err
+    assert (elsewhere / "p1" / PREDICTIONS_FILE).is_file()
+
+    moved = base.rename(work / "models" / "moved")
+    code, out, err = run_main(monkeypatch, capsys, "predict", str(run.path), image, "--out", "p2")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--base DIR" in err and "base=DIR" in err
+    code, out, err = run_main(monkeypatch, capsys, "predict", str(run.path), image, "--out", "p3", "--base", str(moved))
+    assert code == 0, err

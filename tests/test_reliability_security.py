@@ -65,7 +65,8 @@ def test_token_never_written_or_printed(phase1_run, monkeypatch):
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     staged = phase1_run.work / "staged"
-    push_to_hub(phase1_run.out, "my-lab/cxr-test", dry_run_dir=staged, base_model="google/medgemma-4b-it")
+    # The tiny base is not MedGemma: published under its id knowingly.
+    push_to_hub(phase1_run.out, "my-lab/cxr-test", dry_run_dir=staged, base_model="google/medgemma-4b-it", force=True)
     files = _every_file(phase1_run.out, staged)
     names = {p.name for p in files}
     assert {"training_args.bin", "trainer_state.json", "README.md", "xray_train_config.yaml"} <= names

@@ -166,6 +166,7 @@ def test_every_run_dir_and_checkpoint_records_its_resolved_settings_and_lineage(
         "path": str(cfg1.output_dir.resolve()),
         "phase": "phase1",
         "dataset": "padchest",
+        "synthetic_sample": True,  # the tests train on the bundled samples
         "adapter_sha256": sha256_of(cfg1.output_dir / ADAPTER_WEIGHTS),
     }
     assert json.loads((cfg2.output_dir / SUMMARY).read_text())["parent"] == parent

@@ -126,16 +126,9 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _silence_what_users_cannot_act_on() -> None:
-    """Third-party messages printed on every run that name nothing a user of xray-train can change."""
-    import warnings
+    from xray_train.quiet import silence_what_users_cannot_act_on
 
-    # bitsandbytes' CPU backend asks for the optional `kernels` package, which would fetch a kernel
-    # from the Hub at import; the built-in CPU path is used without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # "Matplotlib is building the font cache; this may take a moment." (once per machine).
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    # peft reads `model.is_gradient_checkpointing`, which newer transformers renamed.
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    silence_what_users_cannot_act_on()
 
 
 def _load(config: Path, overrides: Optional[list[str]], phase: str | None = None):

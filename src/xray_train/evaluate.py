@@ -475,7 +475,7 @@ def summary_lines(results: dict) -> list[str]:
     """A few lines for the console: the headline numbers, adapter vs base."""
     base = results.get("baseline") or {}
     n = results["n_examples"]
-    lines = [f"{'answers in the trained format (parsed)':>42}: {parsed_of(results, n)}"
+    lines = [f"{'answers parsed':>42}: {parsed_of(results, n)}"
              + (f"  (base {parsed_of(base, n)})" if base else "")]
     for key, text in HEADLINE:
         if results.get(key) is None and base.get(key) is None:

@@ -397,6 +397,9 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
     (``model.residual_scale``, float16 runs: on) unless ``residual_scale`` says otherwise (1: the
     unmodified base, as ``merge`` needs it). Returns ``(model, processor)`` in eval mode.
     """
+    from xray_train.quiet import silence_what_users_cannot_act_on
+
+    silence_what_users_cannot_act_on()  # before peft imports bitsandbytes, which logs at import
     from peft import PeftModel
     from transformers import AutoProcessor
 

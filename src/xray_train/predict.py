@@ -117,11 +117,12 @@ def line_width(width: int, height: int) -> int:
 
 
 def image_note(record: dict) -> str | None:
-    """What a picture without boxes should say about why it has none (None when boxes are drawn)."""
+    """What a picture should say about its boxes: why it has none, or that the boxes drawn come from an answer
+    not in the box format (which evaluation counts as unparsed); None for the boxes of a well-formed answer."""
     if record.get("boxes") is None:
         return "report only (no boxes asked for)"
     if record["boxes"]:
-        return None
+        return None if record.get("detect_well_formed") else "answer not in the box format: drawn as decoded"
     if record.get("detect_well_formed"):
         return "no box: no localisable finding"
     return "no box: answer not in the box format"

@@ -111,7 +111,7 @@ def _evaluation_from_markdown(markdown: str) -> str:
     return _LOCAL_PATH.sub("(local path)", scrub("\n".join(lines).strip(), None))
 
 
-SYNTHETIC = "the synthetic sample data bundled with xray-train ({name} format; drawn films, not {name})"
+SYNTHETIC = "the synthetic samples bundled with xray-train, in {name} format (drawn films, not real X-rays)"
 
 
 def dataset_title(dataset: str | None, synthetic: bool) -> str | None:

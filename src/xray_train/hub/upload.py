@@ -108,7 +108,7 @@ def stage_upload(
     if model.get("base") != base:
         # ``xray_train.load_adapter`` reads the base from the config: name the Hub id, without a local
         # folder's revision.
-        config["model"] = {**model, "base": base, "revision": None}
+        config["model"] = {**model, "base": base, "revision": None, "base_fingerprint": None}
     atomic_write_text(dest / RESOLVED_CONFIG, yaml.safe_dump(sanitise(config), sort_keys=False))
     for name in SANITISED_JSON:
         data = run_dir.read_json(name)
