@@ -703,7 +703,7 @@ class FeatureSource:
         own dtype, outside the step's mixed-precision autocast), handed to the filling cache as ``rows``."""
         if self.mode is not FeatureMode.FILLING:
             raise RuntimeError(f"a {self.mode.value} feature source makes no rows")
-        dtype = next(gemma3_model.vision_tower.parameters()).dtype
+        dtype = vision_dtype(gemma3_model)
         with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
             made = pooled_vision_features(gemma3_model, self.pixel_loader.normalize(pixels, dtype),
                                           self._cache.attention)

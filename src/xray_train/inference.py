@@ -100,10 +100,12 @@ def plan_inference(model_cfg: ModelConfig, free: int | None = None, n_params: in
 def load_for_inference(adapter_dir, model_cfg: ModelConfig, base: str | None = None, echo=None):
     """``(model, processor, plan)``: the adapter on the base chosen by :func:`plan_inference`, in eval mode."""
     from xray_train.model import load_adapter
+    from xray_train.run_dir import RunDir
 
     model_cfg = model_cfg or ModelConfig()
-    if base is not None:
-        model_cfg = model_cfg.model_copy(update={"base": base})
+    # The base is found (or a moved one refused, in one line) before the plan reads its size.
+    found, revision = RunDir(adapter_dir).require_adapter().base_to_load(base)
+    model_cfg = model_cfg.model_copy(update={"base": found, "revision": revision})
     plan = plan_inference(model_cfg)
     message = f"Inference on the {plan.description} ({plan.reason})"
     logger.info("%s", message)
@@ -115,11 +117,10 @@ def load_for_inference(adapter_dir, model_cfg: ModelConfig, base: str | None = N
 
 def kv_bytes_per_token(model) -> int:
     """Bytes of KV cache one token of one row takes across the decoder's layers."""
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import text_model, unwrap_gemma3
 
-    inner = unwrap_gemma3(model)
-    text = inner.config.get_text_config()
-    dtype = next(inner.model.language_model.parameters()).dtype
+    text = unwrap_gemma3(model).config.get_text_config()
+    dtype = next(text_model(model).parameters()).dtype
     size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
     return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * max(size, 2)
 
@@ -130,7 +131,7 @@ def rows_that_fit(model, tokens_per_row: int, free: int | None = None, cap: int 
     free = free_memory() if free is None else free
     if free is None:
         return CPU_ROWS
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import unwrap_gemma3
 
     vocab = unwrap_gemma3(model).config.get_text_config().vocab_size
     per_row = 3 * kv_bytes_per_token(model) * tokens_per_row + 4 * vocab * 4
