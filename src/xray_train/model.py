@@ -21,7 +21,7 @@ from xray_train.config import ModelConfig, RunConfig
 from xray_train.data.loc import LOC_TOKENS
 from xray_train.errors import XrayTrainError
 from xray_train.names import looks_like_local_path, target_modules_regex
-from xray_train.resolve import require_resolved
+from xray_train.resolve import compute_dtype, require_resolved
 from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir
 
 PROJECTOR = "multi_modal_projector"
@@ -39,7 +39,7 @@ def quantization_config(model_cfg: ModelConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=model_cfg.quant_type,
         bnb_4bit_use_double_quant=model_cfg.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[model_cfg.compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype(model_cfg)],
         # The projector is a bare parameter and the vision tower is small next to the LM; keeping
         # them unquantised keeps image features exact (and makes the vision cache base-exact).
         llm_int8_skip_modules=["model.vision_tower", f"model.{PROJECTOR}", "lm_head"],
@@ -67,7 +67,7 @@ def load_base(model_cfg: ModelConfig, device_map=None, with_processor: bool = Tr
     _check_base_exists(model_cfg.base)
     kwargs = dict(
         revision=model_cfg.revision,
-        dtype=DTYPES[model_cfg.compute_dtype],
+        dtype=DTYPES[compute_dtype(model_cfg)],
         attn_implementation=model_cfg.attn_implementation,
         use_safetensors=True,
         trust_remote_code=False,
