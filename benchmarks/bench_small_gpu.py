@@ -229,6 +229,13 @@ def seed_row(base, processor, encoder, items, workdir, steps, cap_gb) -> dict:
 
 def run_benchmark(args, base, processor, encoder, items, work) -> dict:
     rows = []
+
+    class _Rows(list):
+        def append(self, row):  # what was measured survives a run cut short by a time limit
+            super().append(row)
+            args.partial.write_text(json.dumps({"rows_so_far": list(self)}, indent=2) + "\n")
+
+    rows = _Rows()
     cap_small, cap_mid = args.caps
     if "seed" in args.rows:
         rows.append(seed_row(base, processor, encoder, items, work, args.seed_steps, cap_small))
@@ -263,7 +270,7 @@ def run_benchmark(args, base, processor, encoder, items, work) -> dict:
             if full:
                 r["share_of_uncapped"] = round(r["samples_per_s"] / full, 3)
                 targets[f"{r['phase']}@{cap_mid:g}GB"] = {"at_least_90pct_of_uncapped": r["share_of_uncapped"] >= 0.9}
-    return {"rows": rows, "targets": targets}
+    return {"rows": list(rows), "targets": targets}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +322,8 @@ def measure_memory(args, base, items, work) -> dict:
                 row["wall_s"] = round(time.perf_counter() - started, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.partial:  # what was measured survives a run cut short by a time limit
+                    args.partial.write_text(json.dumps({"rows_so_far": rows}, indent=2) + "\n")
             del model, make_trainer
     return {"rows": rows, "fit": fit_memory_model(rows)}
 
@@ -355,6 +364,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="the tiny test model on CPU (shake-out)")
     args = parser.parse_args()
+    args.partial = args.out.with_suffix(".partial.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XRAY_TRAIN_FEATURE_CACHE", str(args.workdir / "features"))

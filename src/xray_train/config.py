@@ -269,8 +269,9 @@ class TrainingSection(_Section):
         16,
         gt=0,
         description="Examples per optimizer step over all GPUs (per_device_train_batch_size x "
-        "gradient_accumulation_steps x GPUs) when either of those two is left to the default: the memory "
-        "choice keeps this and splits it into micro-batches that fit the card (docs/small_gpus.md).",
+        "gradient_accumulation_steps x GPUs) when per_device_train_batch_size is left to the default: the "
+        "memory choice keeps this and splits it into micro-batches that fit the card (docs/small_gpus.md). The "
+        "resolved config records the effective batch that ran.",
     )
     per_device_train_batch_size: int | None = Field(
         None,
@@ -283,7 +284,8 @@ class TrainingSection(_Section):
     gradient_accumulation_steps: int | None = Field(
         None,
         gt=0,
-        description="Micro-batches per optimizer step. Default: effective_batch_size / (micro-batch x GPUs).",
+        description="Micro-batches per optimizer step. Default: effective_batch_size / (micro-batch x GPUs) when "
+        "the micro-batch is chosen from the memory, 1 when per_device_train_batch_size is set.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
     projector_learning_rate: float | None = Field(

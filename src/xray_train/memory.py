@@ -86,9 +86,9 @@ def plan(
     """The micro-batch, accumulation and checkpointing depth for a rank with ``memory_gb`` GB free.
 
     ``share``: the rank's part of the effective batch (examples per optimizer step). ``batch`` and
-    ``accumulation`` are the user's explicit settings (None: chosen here); ``depths`` the checkpointing
-    depths allowed (default: any, 0 to every layer). An explicit batch that cannot fit is refused with the
-    largest that can.
+    ``accumulation`` are the user's explicit settings (None: chosen here; an explicit batch without an
+    accumulation steps once per micro-batch, as it always has); ``depths`` the checkpointing depths allowed
+    (default: any, 0 to every layer). An explicit batch that cannot fit is refused with the largest that can.
     """
     budget = memory_gb - HEADROOM_GB
     depths = list(range(DECODER_LAYERS + 1)) if depths is None else depths
@@ -104,7 +104,7 @@ def plan(
                 f"(about {peak_gb(phase, batch, deepest):.1f} GB with {layers}); {advice} (leave it unset to "
                 "choose the batch and accumulation from the memory)"
             )
-        return Plan(batch, accumulation or split_share(share, batch), depth, round(peak_gb(phase, batch, depth), 2))
+        return Plan(batch, accumulation or 1, depth, round(peak_gb(phase, batch, depth), 2))
     per_step = max(1, share // accumulation) if accumulation else share
     for candidate in [b for b in range(per_step, 0, -1) if per_step % b == 0]:
         depth = fewest_checkpointed(phase, candidate, budget, depths)

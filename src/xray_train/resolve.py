@@ -252,7 +252,9 @@ def memory_settings(cfg: RunConfig, device: Device) -> tuple[int, int, bool, int
     else:
         per_step = max(1, share // t.gradient_accumulation_steps) if t.gradient_accumulation_steps else share
         batch = t.per_device_train_batch_size or per_step
-        accumulation = t.gradient_accumulation_steps or split_share(share, batch)
+        accumulation = t.gradient_accumulation_steps or (
+            1 if t.per_device_train_batch_size else split_share(share, batch)
+        )
         depth = explicit_depth if explicit_depth is not None else (DECODER_LAYERS if device.cuda else 0)
         if t.gradient_checkpointing is False:
             depth = 0
@@ -263,7 +265,7 @@ def memory_settings(cfg: RunConfig, device: Device) -> tuple[int, int, bool, int
         layers = t.checkpoint_layers
     else:
         layers = "all" if depth >= DECODER_LAYERS else depth
-    if batch * accumulation * processes != t.effective_batch_size:
+    if t.per_device_train_batch_size is None and batch * accumulation * processes != t.effective_batch_size:
         logger.warning("training: %d examples per optimizer step (%d x %d accumulation x %d GPU(s)), not "
                        "effective_batch_size %d", batch * accumulation * processes, batch, accumulation,
                        processes, t.effective_batch_size)
