@@ -97,7 +97,8 @@ def compiled_variant(model, name: str, attention: str = "default"):
     compiles of a variant before are undone."""
     import torch
 
-    from xray_train.features import compile_vision_layers, pooled_vision_features, vision_encoder_layers
+    from xray_train.features import compile_vision_layers, pooled_vision_features
+    from xray_train.gemma3 import vision_encoder_layers
 
     torch._dynamo.reset()
     for layer in vision_encoder_layers(model):

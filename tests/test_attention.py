@@ -10,7 +10,8 @@ from xray_train import attention
 from xray_train.attention import IMPLEMENTATION, span_masks, split_image_attention
 from xray_train.collate import Collator, PromptEncoder, image_span
 from xray_train.config import RunConfig
-from xray_train.loss import targets_only_loss, unwrap_gemma3
+from xray_train.gemma3 import decoder_layers, unwrap_gemma3
+from xray_train.loss import targets_only_loss
 from xray_train.model import build_training_model
 from xray_train.resolve import resolve
 
@@ -110,7 +111,7 @@ def test_training_loss_with_split_attention_matches_the_dense_mask(tiny_model_di
     dense, dense_grads = loss_and_grads(dense_model)
     assert not calls
     split, split_grads = loss_and_grads(split_model)
-    n_layers = len(unwrap_gemma3(split_model).model.language_model.layers)
+    n_layers = len(decoder_layers(split_model))
     assert calls == [batch["image_span"]] * n_layers
     torch.testing.assert_close(split.loss_sum, dense.loss_sum, rtol=1e-5, atol=1e-5)
     assert int(split.n_correct) == int(dense.n_correct)

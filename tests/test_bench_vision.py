@@ -3,7 +3,8 @@
 import torch
 
 from tests.conftest import benchmark
-from xray_train.features import pooled_vision_features, vision_encoder_layers
+from xray_train.features import pooled_vision_features
+from xray_train.gemma3 import vision_encoder_layers
 
 bench = benchmark("bench_vision")
 

@@ -130,10 +130,9 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
         _feature_rows_from=cache,
     )
     fake.gather_features = lambda inputs: XrayTrainer.gather_features(fake, inputs)
-    tower = torch.nn.Linear(1, 1)
-    monkeypatch.setattr("xray_train.loss.unwrap_gemma3", lambda model: SimpleNamespace(model=SimpleNamespace(vision_tower=tower)))
+    model = SimpleNamespace(vision_tower=torch.nn.Linear(1, 1))  # the inner Gemma3Model, as far as the step asks
     monkeypatch.setattr("xray_train.features.pooled_vision_features", lambda gemma, px, attention="default": px[:, :2, :3].float())
-    out = XrayTrainer.fill_features(fake, None, batch)
+    out = XrayTrainer.fill_features(fake, model, batch)
     assert "fill_pixels" not in out and out["image_features"].shape == (3, 2, 3)
     assert (out["image_features"][0] == 10).all() and (out["image_features"][2] == 20).all()
     assert torch.equal(out["image_features"][1], table[1])
@@ -144,5 +143,5 @@ def test_a_batch_mixing_cached_rows_and_images_still_to_fill_keeps_each_in_its_p
     by_number = Collator(ids, gather_features=False)(items)
     assert "image_features" not in by_number and by_number["feature_rows"].tolist() == [1]
     assert not isinstance(by_number["feature_rows"], torch.Tensor)
-    here = XrayTrainer.fill_features(fake, None, by_number)
+    here = XrayTrainer.fill_features(fake, model, by_number)
     assert "feature_rows" not in here and torch.equal(here["image_features"], out["image_features"])

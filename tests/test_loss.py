@@ -11,7 +11,8 @@ from xray_train.collate import IGNORE_INDEX, Collator, PromptEncoder
 from xray_train.config import RunConfig, TrainingSection
 from xray_train.features import pool_vision_outputs, pooled_vision_features
 from xray_train.inputs import PixelLoader
-from xray_train.loss import full_logits_loss, targets_only_loss, unwrap_gemma3
+from xray_train.gemma3 import decoder_layers, unwrap_gemma3
+from xray_train.loss import full_logits_loss, targets_only_loss
 from xray_train.model import build_training_model
 from xray_train.resolve import resolve
 
@@ -131,7 +132,7 @@ def test_checkpointing_all_or_some_layers_matches_no_checkpointing(tiny_model_di
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated transformers name on the way
         enable_checkpointing(model)
-    layers = unwrap_gemma3(model).model.language_model.layers
+    layers = decoder_layers(model)
     chosen = list(range(len(layers)))
     if checkpoint_layers is not None:
         chosen = keep_activations_except(model, checkpoint_layers)

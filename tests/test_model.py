@@ -145,15 +145,15 @@ def test_missing_local_base_is_one_clear_error(tmp_path):
     ({"gradient_checkpointing": True, "checkpoint_layers": 0}, [False, False]),
 ])
 def test_checkpointing_config_reaches_the_decoder_layers(tiny_model_dir, overrides, expected):
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import decoder_layers
 
     model, _ = build_training_model(config(tiny_model_dir, "phase1", training=overrides))
-    layers = unwrap_gemma3(model).model.language_model.layers
+    layers = decoder_layers(model)
     assert [bool(layer.gradient_checkpointing) for layer in layers] == expected
 
 
 def test_ordinal_loc_init_makes_neighbouring_bins_alike_and_survives_save_and_load(tiny_model_dir, tmp_path):
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import unwrap_gemma3
     from xray_train.model import load_adapter, loc_token_ids
 
     cfg = config(tiny_model_dir, "phase2")  # ordinal is the default
@@ -185,7 +185,7 @@ def test_ordinal_loc_init_makes_neighbouring_bins_alike_and_survives_save_and_lo
 
 def test_numbers_loc_init_adds_the_base_embedding_of_each_bins_number(tiny_model_dir):
     """'numbers': ordinal code + the base's own rows of the bin's digits (0-999), leading digit first."""
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import unwrap_gemma3
     from xray_train.model import loc_token_ids
 
     ordinal, processor = build_training_model(config(tiny_model_dir, "phase2", loc_token_init="ordinal"))

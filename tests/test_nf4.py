@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xray_train.loss import targets_only_loss, unwrap_gemma3
+from xray_train.gemma3 import decoder_layers
+from xray_train.loss import targets_only_loss
 from xray_train.model import build_training_model
 from xray_train.nf4 import dequantize_nf4
 
@@ -34,7 +35,7 @@ def test_in_graph_dequantisation_gives_bitsandbytes_loss_and_gradients(tiny_mode
         cfg = _config(tiny_model_dir, phase, dequantize_in_graph=in_graph)
         torch.manual_seed(0)  # LoRA A's initialisation draws from the global generator
         model, proc = build_training_model(cfg)
-        layers = unwrap_gemma3(model).model.language_model.layers
+        layers = decoder_layers(model)
         quantised = [m for m in layers.modules() if isinstance(m, bnb.nn.Linear4bit)]
         switched = [type(m).__name__ == "InGraphLinear4bit" for m in quantised]
         assert switched and all(s == in_graph for s in switched)

@@ -45,7 +45,8 @@ from xray_train.data.splits import SPLITS, cap_examples, split_examples
 from xray_train.errors import XrayTrainError
 from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, progress_bar
 from xray_train.inputs import PixelLoader, encode_examples
-from xray_train.loss import targets_only_loss, unwrap_gemma3
+from xray_train.gemma3 import unwrap_gemma3, vision_dtype
+from xray_train.loss import targets_only_loss
 from xray_train.metrics import box_scores, finding_scores, parse_rate
 from xray_train.outputs import atomic_write_json, atomic_write_text
 from xray_train.run_dir import EVAL_MARKDOWN, EVAL_RESULTS, RunDir
@@ -201,7 +202,7 @@ def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoad
     encoded, _ = encode_examples(examples, phase, encoder, max_length, box_format)
     collator = Collator(encoder.ids)
     inner = unwrap_gemma3(model)
-    dtype = next(inner.model.vision_tower.parameters()).dtype
+    dtype = vision_dtype(inner)
     correct = total = scored = 0
     with progress_bar(progress and bool(encoded)) as bar:
         handle = bar.add_task("Teacher-forced accuracy", total=len(encoded)) if bar is not None else None

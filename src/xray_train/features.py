@@ -32,22 +32,11 @@ import torch
 from xray_train.cache import feature_cache_root
 from xray_train.config import VisionAttention
 from xray_train.errors import XrayTrainError
+from xray_train.gemma3 import active_projector, vision_device, vision_dtype, vision_encoder_layers, vision_tower
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-
-
-def active_projector(gemma3_model):
-    """The projector module actually in use (peft wraps a trainable copy in Phase 2)."""
-    proj = gemma3_model.multi_modal_projector
-    if hasattr(proj, "modules_to_save"):
-        if getattr(proj, "disable_adapters", False):
-            return proj.original_module
-        name = proj.active_adapter
-        name = name[0] if isinstance(name, (list, tuple)) else name
-        return proj.modules_to_save[name]
-    return proj
 
 
 def pool_vision_outputs(projector, vision_last_hidden: torch.Tensor) -> torch.Tensor:
@@ -89,10 +78,9 @@ def vision_attention(backend: str = "default", only: bool = False):
 @torch.no_grad()
 def pooled_vision_features(gemma3_model, pixel_values: torch.Tensor, attention: str = "default") -> torch.Tensor:
     """Pixel values -> pooled SigLIP features (what the cache stores), with ``attention`` tried first."""
-    tower = gemma3_model.vision_tower
-    dtype = next(tower.parameters()).dtype
+    tower = vision_tower(gemma3_model)
     with vision_attention(attention):
-        out = tower(pixel_values=pixel_values.to(dtype), return_dict=True).last_hidden_state
+        out = tower(pixel_values=pixel_values.to(vision_dtype(gemma3_model)), return_dict=True).last_hidden_state
     return pool_vision_outputs(active_projector(gemma3_model), out)
 
 
@@ -102,7 +90,7 @@ def vision_fingerprint(gemma3_model) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(gemma3_model.config.vision_config.to_dict(), sort_keys=True, default=str).encode())
     h.update(str(gemma3_model.config.mm_tokens_per_image).encode())
-    for name, tensor in sorted(gemma3_model.vision_tower.state_dict().items()):
+    for name, tensor in sorted(vision_tower(gemma3_model).state_dict().items()):
         t = tensor.detach().double()
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{t.sum().item():.10e}|{(t * t).sum().item():.10e}".encode())
     return h.hexdigest()[:16]
@@ -277,7 +265,7 @@ def feature_row_shape(gemma3_model) -> tuple[int, int]:
 
 
 def _storage(gemma3_model) -> tuple[str, type]:
-    dtype = next(gemma3_model.vision_tower.parameters()).dtype
+    dtype = vision_dtype(gemma3_model)
     return ("bfloat16", np.uint16) if dtype == torch.bfloat16 else ("float32", np.float32)
 
 
@@ -296,12 +284,6 @@ def check_free_space(root: Path, films: int, row_bytes: int) -> None:
             f"but {root} has {free / 1e9:.1f} GB free; point XRAY_TRAIN_FEATURE_CACHE at a larger disk or set "
             "training.cache_vision_features=false"
         )
-
-
-def vision_encoder_layers(gemma3_model):
-    """SigLIP's encoder layers (transformers 5 drops the ``vision_model`` level some versions have)."""
-    tower = gemma3_model.vision_tower
-    return getattr(tower, "vision_model", tower).encoder.layers
 
 
 def compile_vision_layers(gemma3_model, mode: str | None = None) -> None:
@@ -360,8 +342,7 @@ def build_features(  # noqa: PLR0913
 
     from xray_train.data.loader import prepared_batches
 
-    device = next(gemma3_model.vision_tower.parameters()).device
-    dtype = next(gemma3_model.vision_tower.parameters()).dtype
+    device, dtype = vision_device(gemma3_model), vision_dtype(gemma3_model)
     dtype_name, storage = _storage(gemma3_model)
     shape = (len(paths), *feature_row_shape(gemma3_model))
     state = _read_progress(folder)
@@ -599,8 +580,7 @@ class CacheFill(_FeatureRows):
         missing = np.flatnonzero(self._filled == 0)
         failed: dict[str, str] = {}
         if len(missing):
-            device = next(gemma3_model.vision_tower.parameters()).device
-            dtype = next(gemma3_model.vision_tower.parameters()).dtype
+            device, dtype = vision_device(gemma3_model), vision_dtype(gemma3_model)
             paths = [self.paths[i] for i in missing]
             with torch.no_grad(), host_threads_for(device):
                 for batch in prepared_batches(paths, pixel_loader.prepare, batch_size, workers):

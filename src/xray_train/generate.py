@@ -26,7 +26,7 @@ import torch
 from xray_train.collate import TASK_PROMPTS, PromptEncoder
 from xray_train.data.images import ImageError
 from xray_train.inputs import PixelLoader
-from xray_train.loss import unwrap_gemma3
+from xray_train.gemma3 import unwrap_gemma3, vision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Generator:
             raise ValueError(f"loc_decode must be 'argmax' or 'expected', not {loc_decode!r}")
         inner = unwrap_gemma3(model)
         self.device = inner.device
-        self.pixel_dtype = next(inner.model.vision_tower.parameters()).dtype
+        self.pixel_dtype = vision_dtype(inner)
 
     def __call__(
         self, requests: Sequence[Request], progress: bool = True, description: str = "Generating", console=None

@@ -17,23 +17,14 @@ from torch.utils.checkpoint import checkpoint
 
 from xray_train.attention import span_masks
 from xray_train.collate import IGNORE_INDEX, target_positions
-from xray_train.features import active_projector, project_pooled
+from xray_train.features import project_pooled
+from xray_train.gemma3 import active_projector, unwrap_gemma3
 
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor  # summed token cross-entropy (fp32)
     n_tokens: torch.Tensor  # supervised tokens in the batch
     n_correct: torch.Tensor  # supervised tokens whose argmax is the label (teacher-forced accuracy)
-
-
-def unwrap_gemma3(model):
-    """PeftModel / DDP wrappers -> the Gemma3ForConditionalGeneration inside (LoRA layers stay injected)."""
-    inner = model
-    while hasattr(inner, "module"):  # DDP / accelerate wrappers
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
 
 
 def _image_features(gemma3_model, batch) -> torch.Tensor | None:

@@ -154,10 +154,10 @@ def check_samples(processor, system_prompt: str, image_size: int | None, with_lo
 @torch.inference_mode()
 def sample_logits(model, samples: list[dict]) -> list[torch.Tensor]:
     """Float32 logits of the answer positions only (no full-sequence, full-vocabulary tensor)."""
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import unwrap_gemma3, vision_dtype
 
     inner = unwrap_gemma3(model)
-    dtype = next(inner.model.vision_tower.parameters()).dtype
+    dtype = vision_dtype(inner)
     out = []
     for s in samples:
         result = model(

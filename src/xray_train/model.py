@@ -20,7 +20,8 @@ import torch
 from xray_train.config import ModelConfig, RunConfig
 from xray_train.data.loc import LOC_TOKENS
 from xray_train.errors import XrayTrainError
-from xray_train.names import looks_like_local_path, target_modules_regex
+from xray_train.gemma3 import decoder_layers, local_config_file, require_gemma3
+from xray_train.names import target_modules_regex
 from xray_train.resolve import compute_dtype, require_resolved
 from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir
 
@@ -46,11 +47,6 @@ def quantization_config(model_cfg: ModelConfig):
     )
 
 
-def _check_base_exists(base: str) -> None:
-    if looks_like_local_path(base) and not (Path(base).expanduser() / "config.json").is_file():
-        raise XrayTrainError(f"model.base: no config.json in local model directory {base}")
-
-
 def default_device_map():
     if torch.cuda.is_available():
         from accelerate import PartialState
@@ -64,7 +60,7 @@ def load_base(model_cfg: ModelConfig, device_map=None, with_processor: bool = Tr
     or a local directory."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _check_base_exists(model_cfg.base)
+    local_config_file(model_cfg.base)
     kwargs = dict(
         revision=model_cfg.revision,
         dtype=DTYPES[compute_dtype(model_cfg)],
@@ -83,11 +79,7 @@ def load_base(model_cfg: ModelConfig, device_map=None, with_processor: bool = Tr
             processor = AutoProcessor.from_pretrained(model_cfg.base, revision=model_cfg.revision)
     except OSError as exc:
         raise XrayTrainError(f"model.base: cannot load {model_cfg.base}: {str(exc).splitlines()[0]}") from None
-    if type(model).__name__ != "Gemma3ForConditionalGeneration":
-        raise XrayTrainError(
-            f"model.base: {model_cfg.base} is a {type(model).__name__}, expected a Gemma 3 "
-            "image-text model (Gemma3ForConditionalGeneration) such as google/medgemma-4b-it"
-        )
+    require_gemma3(model, f"{model_cfg.base} is")
     # Training never reuses past keys/values; the text config is where Gemma 3 reads the flag.
     model.config.get_text_config().use_cache = False
     return model, processor
@@ -305,10 +297,9 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
 
         use_split_attention(model)
     if t.dequantize_in_graph:
-        from xray_train.loss import unwrap_gemma3
         from xray_train.nf4 import dequantize_in_graph
 
-        dequantize_in_graph(unwrap_gemma3(peft_model).model.language_model.layers.modules())
+        dequantize_in_graph(decoder_layers(peft_model).modules())
     if t.torch_compile:
         compile_decoder_layers(peft_model)
     if t.gradient_checkpointing:
@@ -341,9 +332,7 @@ def keep_activations_except(model, n_checkpointed: int) -> list[int]:
     its share of the recomputation (about a third of its step time), so a memory budget between "all"
     and "none" is met at the best speed. Returns the indices of the checkpointed layers.
     """
-    from xray_train.loss import unwrap_gemma3
-
-    layers = unwrap_gemma3(model).model.language_model.layers
+    layers = decoder_layers(model)
     chosen = checkpointed_layer_indices(len(layers), n_checkpointed)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen
@@ -361,9 +350,7 @@ def compile_decoder_layers(model, backend: str | None = None) -> int:
     The sequence length is a dynamic size from the first step (:func:`_sequence_dynamic`), not a second
     compile at step 2. ``backend``: tests pass ``"eager"`` (the same graphs and guards, nothing generated).
     """
-    from xray_train.loss import unwrap_gemma3
-
-    layers = unwrap_gemma3(model).model.language_model.layers
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**({"backend": backend} if backend else {}))
         # nn.Module.compile's compiled call: the wrapper runs eagerly around it, where marks may be set.

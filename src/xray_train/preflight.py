@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from xray_train.errors import XrayTrainError
-from xray_train.names import did_you_mean, looks_like_local_path, target_modules_regex
+from xray_train.gemma3 import local_config_file, require_gemma3
+from xray_train.names import did_you_mean, target_modules_regex
 
 #: Seconds to wait for the Hub before calling it unreachable (transformers would retry for minutes).
 HUB_TIMEOUT_S = 10
@@ -129,12 +130,7 @@ def hub_config_file(repo_id: str, revision: str | None) -> Path:
 
 
 def base_config_file(base: str, revision: str | None) -> Path:
-    if looks_like_local_path(base):
-        path = Path(base).expanduser() / "config.json"
-        if not path.is_file():
-            raise XrayTrainError(f"model.base: no config.json in local model directory {base}")
-        return path
-    return hub_config_file(base, revision)
+    return local_config_file(base) or hub_config_file(base, revision)
 
 
 def base_modules(config_file: Path) -> dict:
@@ -149,11 +145,7 @@ def base_modules(config_file: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise XrayTrainError(f"model.base: {config_file} does not describe an image-text model ({reason})") from None
-    if type(model).__name__ != "Gemma3ForConditionalGeneration":
-        raise XrayTrainError(
-            f"model.base: the config describes a {type(model).__name__}, expected a Gemma 3 image-text model "
-            "(Gemma3ForConditionalGeneration) such as google/medgemma-4b-it"
-        )
+    require_gemma3(model, "the config describes")
     return dict(model.named_modules())
 
 

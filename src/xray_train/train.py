@@ -77,7 +77,8 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
 
     from xray_train import trainer as trainer_module
     from xray_train.features import CacheFill
-    from xray_train.loss import LocTargets, unwrap_gemma3
+    from xray_train.gemma3 import gemma3_core
+    from xray_train.loss import LocTargets
     from xray_train.model import build_training_model, loc_token_ids
 
     set_seed(cfg.training.seed)
@@ -129,7 +130,7 @@ def _train(cfg: RunConfig, read: ReadResult, parent, resume_from, overwrite: boo
         if val_set is not None and len(val_set):
             metrics.update(trainer.evaluate())
         if isinstance(train_set.feature_cache, CacheFill):
-            train_set.feature_cache.finish(unwrap_gemma3(model).model, train_set.pixel_loader,
+            train_set.feature_cache.finish(gemma3_core(model), train_set.pixel_loader,
                                            cfg.training.feature_cache_batch_size, cfg.data.decode_workers)
     metrics["torch_compiles"] = compile_count() - compiles_before
     logger.info("torch.compile compiled %d graphs in this run (training and evaluation)", metrics["torch_compiles"])
@@ -147,7 +148,7 @@ def cache_features(cfg: RunConfig, echo=print):
     from transformers import set_seed
 
     from xray_train.features import feature_cache_root, open_feature_cache
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import gemma3_core
     from xray_train.model import build_training_model
 
     read = read_for_training(cfg.data)
@@ -157,7 +158,7 @@ def cache_features(cfg: RunConfig, echo=print):
     data = prepare_data(cfg, PromptEncoder(processor, cfg.system_prompt), read)
     paths = [it.example.image_path for it in data.train + data.validation]
     echo(f"{cfg.phase}: caching vision features of {len(set(paths))} images in {feature_cache_root()}")
-    cache = open_feature_cache(cfg, unwrap_gemma3(model).model, PixelLoader(processor, cfg.data.image_size), paths)
+    cache = open_feature_cache(cfg, gemma3_core(model), PixelLoader(processor, cfg.data.image_size), paths)
     echo(f"{len(cache.index)} images cached, {len(cache.failed)} unreadable: {cache.folder}")
     return cache
 
@@ -272,7 +273,7 @@ def prepare_data(cfg: RunConfig, encoder: PromptEncoder, read: ReadResult | None
 
 def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
     from xray_train.features import open_feature_cache
-    from xray_train.loss import unwrap_gemma3
+    from xray_train.gemma3 import gemma3_core
 
     pixel_loader = PixelLoader(processor, cfg.data.image_size)
     cache = None
@@ -281,7 +282,7 @@ def build_datasets(cfg: RunConfig, model, processor, data: PreparedData):
         state = distributed_state()
         # Rank 0 computes the cache; the other ranks then find it complete and memory-map it.
         with state.main_process_first():
-            cache = open_feature_cache(cfg, unwrap_gemma3(model).model, pixel_loader, paths, state.is_main_process,
+            cache = open_feature_cache(cfg, gemma3_core(model), pixel_loader, paths, state.is_main_process,
                                        fill=cfg.training.fill_cache_during_epoch and state.num_processes == 1)
         if cache.failed:
             data.counts["unreadable_images"] = len(cache.failed)

@@ -192,13 +192,13 @@ class XrayTrainer(Trainer):
         if "fill_pixels" not in inputs:
             return inputs
         from xray_train.features import pooled_vision_features
-        from xray_train.loss import unwrap_gemma3
+        from xray_train.gemma3 import gemma3_core, vision_dtype
 
-        gemma = unwrap_gemma3(model).model
+        gemma = gemma3_core(model)
         inputs = dict(inputs)
         pixels, rows = inputs.pop("fill_pixels"), inputs.pop("fill_rows")
         fill_at, cached_at = inputs.pop("fill_positions"), inputs.pop("feature_positions")
-        dtype = next(gemma.vision_tower.parameters()).dtype
+        dtype = vision_dtype(gemma)
         # The build's numbers: the tower in its own dtype, outside the step's mixed-precision autocast.
         with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
             made = pooled_vision_features(gemma, self._pixel_loader.normalize(pixels, dtype),

@@ -27,7 +27,8 @@ from xray_train.config import RunConfig, TrainingSection
 from xray_train.resolve import resolve
 from xray_train.features import pooled_vision_features
 from xray_train.inputs import PixelLoader
-from xray_train.loss import targets_only_loss, full_logits_loss, unwrap_gemma3
+from xray_train.gemma3 import decoder_layers, unwrap_gemma3
+from xray_train.loss import targets_only_loss, full_logits_loss
 from xray_train.model import build_training_model, compile_decoder_layers
 
 base, samples, out, variant = sys.argv[1:5]
@@ -81,7 +82,7 @@ if variant == "compile":
     compile_decoder_layers(model)
 elif variant in ("in_graph_dequant", "compile_in_graph_dequant"):
     from xray_train.nf4 import dequantize_in_graph
-    assert dequantize_in_graph(unwrap_gemma3(model).model.language_model.layers.modules()) > 0
+    assert dequantize_in_graph(decoder_layers(model).modules()) > 0
     if variant == "compile_in_graph_dequant":
         compile_decoder_layers(model)
 elif variant == "compile_checkpoint_some":
