@@ -12,10 +12,13 @@ plans for it), then ``resolve`` picks precision, micro-batch, accumulation and c
 the row trains through the project's path (``build_training_model`` + ``XrayTrainer`` + the
 vision-feature cache) on MedGemma-4B's architecture with random weights, on bench_train.py's samples
 (426 tokens: 256 image tokens, 120 supervised). The seed recipe (bench_train.py's ``run_seed``) is
-forced to fp16 under the same cap, at the largest of 8, 4, 2, 1 that does not run out of memory.
+forced to fp16 under the same cap, at the largest of 4, 2, 1 that does not run out of memory.
 
-Steps 1..3 are warm-up (compiles); ``samples_per_s`` is over steps 4..N (steady state: a diagnostic of
-the step, not a first epoch from films). ``peak_mem_gb`` is ``torch.cuda.max_memory_reserved`` (what
+Steps 1..3 are warm-up (compiles); ``samples_per_s`` is over steps 4..N. Every row starts with an empty
+vision-feature cache that its steps fill, so each step runs SigLIP on its images as a first epoch does;
+the images are bench_train.py's synthetic films, not PadChest-size ones, so decoding full-size 16-bit
+films (benchmarks/bench_e2e.py) is not part of these numbers: a diagnostic of the training step on the
+emulated card. ``peak_mem_gb`` is ``torch.cuda.max_memory_reserved`` (what
 the cap limits; allocated is beside it). ``compiles_after_step_3`` counts torch.compile graphs made after
 step 3; ``non_finite_steps`` the logged steps whose loss was inf or NaN.
 
@@ -131,8 +134,12 @@ def row_config(base: Path, items, phase: str, workdir: Path, training: dict):
     })
 
 
-def build(cfg, items):
-    """The project's training path for ``cfg`` (resolved): model, datasets (cache built), trainer."""
+def build(cfg, items, workdir: Path):
+    """The project's training path for ``cfg`` (resolved): the model, and a maker of trainers.
+
+    Every trainer gets a fresh, empty vision-feature cache that its steps fill (the default), so each row
+    and each memory point runs SigLIP in its steps as a user's first epoch does, whatever ran before it.
+    """
     from xray_train.collate import Collator, PromptEncoder
     from xray_train.features import CacheFill
     from xray_train.model import build_training_model
@@ -141,22 +148,23 @@ def build(cfg, items):
 
     model, proc = build_training_model(cfg)
     encoder = PromptEncoder(proc, cfg.system_prompt)
-    train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
-    args = training_arguments(cfg, has_eval=False)
-    args.disable_tqdm = True
-    args.dataloader_drop_last = True  # a smaller last batch would recompile inside the timed steps
-
-    # As train.run wires it: the steps fill the vision-feature cache during the first epoch (the default).
-    fill = train_set.feature_cache if isinstance(train_set.feature_cache, CacheFill) else None
-    rows_here = (train_set.feature_cache is not None and cfg.training.dataloader_num_workers > 0
-                 and train_set.reads_images())
 
     def trainer(callbacks, steps, batch=None):
+        os.environ["XRAY_TRAIN_FEATURE_CACHE"] = str(workdir / f"features-{time.time_ns()}")
+        train_set, _ = build_datasets(cfg, model, proc, PreparedData(items, []))
+        args = training_arguments(cfg, has_eval=False)
+        args.disable_tqdm = True
+        args.dataloader_drop_last = True  # a smaller last batch would recompile inside the timed steps
         args.max_steps = steps
         args.per_device_train_batch_size = batch or cfg.training.per_device_train_batch_size
+        # As train.run wires it: the steps fill the vision-feature cache during the first epoch.
+        fill = train_set.feature_cache if isinstance(train_set.feature_cache, CacheFill) else None
+        rows_here = (train_set.feature_cache is not None and cfg.training.dataloader_num_workers > 0
+                     and train_set.reads_images())
         return XrayTrainer(
-            model=model, args=args, train_dataset=train_set, data_collator=Collator(encoder.ids, gather_features=not rows_here),
-            lengths=None, targets_only=cfg.training.loss_on_targets_only, head_chunk_rows=cfg.training.head_chunk_rows,
+            model=model, args=args, train_dataset=train_set,
+            data_collator=Collator(encoder.ids, gather_features=not rows_here), lengths=None,
+            targets_only=cfg.training.loss_on_targets_only, head_chunk_rows=cfg.training.head_chunk_rows,
             head_grad_in_forward=cfg.training.head_grad_in_forward, feature_fill=fill,
             feature_rows_from=train_set.feature_cache if rows_here else None, pixel_loader=train_set.pixel_loader,
             callbacks=callbacks,
@@ -186,7 +194,7 @@ def xray_row(name, base, items, phase, workdir, steps, emulate, cap_gb) -> dict:
         row.update(precision=precision_name(cfg), batch=t.per_device_train_batch_size,
                    accumulation=t.gradient_accumulation_steps,
                    checkpoint_layers=DECODER_LAYERS if layers == "all" else layers, torch_compile=t.torch_compile)
-        model, make_trainer = build(cfg, items)
+        model, make_trainer = build(cfg, items, workdir)
         timer, watch = StepTimer(WARMUP), StepWatch()
         make_trainer([timer.callback, watch.callback], steps).train()
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -206,11 +214,11 @@ def xray_row(name, base, items, phase, workdir, steps, emulate, cap_gb) -> dict:
 
 
 def seed_row(base, processor, encoder, items, workdir, steps, cap_gb) -> dict:
-    """The seed recipe forced to fp16 under the cap, at the largest batch of 8, 4, 2, 1 that fits."""
+    """The seed recipe forced to fp16 under the cap, at the largest batch of 4, 2, 1 that fits."""
     set_switches(False, cap_gb)
     row = {"name": "seed recipe forced to fp16", "phase": "phase1", "memory_cap_gb": cap_gb, "precision": "fp16",
            "accumulation": 1, "checkpoint_layers": 34}  # the seed checkpoints every layer (HF's flag)
-    for batch in (8, 4, 2, 1):
+    for batch in (4, 2, 1):  # batch 8 peaks near 23 GB in bf16 (train_speed.json)
         fresh()
         started = time.perf_counter()
         try:
@@ -295,7 +303,7 @@ def measure_memory(args, base, items, work) -> dict:
                 "per_device_train_batch_size": first_batch, "gradient_accumulation_steps": 1,
                 "gradient_checkpointing": True, "checkpoint_layers": "all"}))
             try:
-                model, make_trainer = build(cfg, items)
+                model, make_trainer = build(cfg, items, work)
             except Exception as exc:  # noqa: BLE001
                 rows.append({"phase": phase, "precision": precision, "error": f"{type(exc).__name__}: {exc}"[:400]})
                 traceback.print_exc()
