@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 #: Fixtures that build or train a model: a test using one (directly or through another fixture) is slow.
-MODEL_FIXTURES = {"tiny_model_dir", "learned"}
+MODEL_FIXTURES = {"tiny_model_dir", "learned", "gemma3_270m"}
 
 
 def pytest_collection_modifyitems(items):

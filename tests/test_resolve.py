@@ -8,6 +8,7 @@ import yaml
 from xray_train import memory
 from xray_train.config import RunConfig, dump_config
 from xray_train.errors import XrayTrainError
+from xray_train.gemma3 import FP16_RESIDUAL_SCALE
 from xray_train.resolve import COMPILE_VISION_MIN_IMAGES, RESOLVED_KEYS, Device, require_resolved, resolve, unresolved
 
 CPU = Device(cuda=False, native_bf16=False, name="CPU", cpu_count=6)
@@ -82,6 +83,8 @@ def test_each_card_gets_its_documented_precision_compile_and_memory(card, phase,
         cfg = resolve(_cfg(phase), device, image_size=896, images=COMPILE_VISION_MIN_IMAGES)
     t = cfg.training
     assert (cfg.model.compute_dtype, t.bf16, t.fp16) == (dtype, bf16, fp16)
+    # fp16 cards run Gemma 3's residual stream rescaled (xray_train.gemma3), bf16 ones unmodified.
+    assert cfg.model.residual_scale == (FP16_RESIDUAL_SCALE if fp16 else 1)
     assert t.torch_compile is t.dequantize_in_graph is t.compile_vision_cache is compiles
     if not compiles:  # one line says why, naming the card
         assert any("compute capability 6.0: torch.compile is off" in r.message for r in caplog.records)

@@ -148,6 +148,21 @@ class ModelConfig(_Section):
         "('expected'; measured worse: where the model hesitates between two places, the expectation lands "
         "between them). See docs/learning.md.",
     )
+    residual_scale: int | None = Field(
+        None,
+        ge=1,
+        description="Divide Gemma 3's residual stream by this power of two while the model runs (an exact "
+        "reparametrisation: the same logits, the same adapter, the same merged model), so that float16 "
+        "activations cannot overflow. 1 turns it off. Default: 16 with compute_dtype float16, 1 otherwise. "
+        "See docs/fp16.md.",
+    )
+
+    @field_validator("residual_scale")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"must be a power of two (1, 2, 4, ... 16, ...) so scaling is exact, not {value}")
+        return value
 
 
 class LoraSection(_Section):

@@ -49,8 +49,11 @@ def pool_vision_outputs(projector, vision_last_hidden: torch.Tensor) -> torch.Te
 
 def project_pooled(projector, pooled: torch.Tensor) -> torch.Tensor:
     """The (possibly trainable) second half: RMSNorm + projection to the language model's width."""
-    normed = projector.mm_soft_emb_norm(pooled)
-    return torch.matmul(normed, projector.mm_input_projection_weight).type_as(pooled)
+    weight = projector.mm_input_projection_weight
+    # In the projector's dtype, as Gemma 3's own image path runs it: a float16 tower's cache holds float32
+    # rows, and a float16 base without autocast has no other place to meet them.
+    normed = projector.mm_soft_emb_norm(pooled.to(weight.dtype))
+    return torch.matmul(normed, weight).type_as(pooled)
 
 
 #: The SDPA kernels ``training.vision_attention`` can name, in the order they are tried after the named one.

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from xray_train.errors import XrayTrainError
+from xray_train.gemma3 import residual_scale_for, residual_scaled
 from xray_train.outputs import atomic_write_json, share_like_umask, staging_dir
 from xray_train.run_dir import RESOLVED_CONFIG, RunDir
 
@@ -233,8 +234,14 @@ def merge(
     settings = saved_settings(adapter_dir)
 
     echo(f"Loading the base unquantised and attaching {adapter_dir}")
-    model, processor = load_adapter(adapter_dir, base=base, load_in_4bit=False, device_map=device_map)
+    # Merged into the unmodified base: the residual scaling of a float16 run is switched on only around
+    # the check's forward passes (it changes frozen norms, which a merged model must not carry).
+    model, processor = load_adapter(adapter_dir, base=base, load_in_4bit=False, device_map=device_map,
+                                    residual_scale=1)
     dtype = next(model.get_base_model().parameters()).dtype
+    source = RunDir(adapter_dir)
+    check_scale = residual_scale_for(str(dtype).removeprefix("torch."),
+                                     source.config().model.residual_scale if source.has_config() else None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out_dir.parent, f".{out_dir.name}.staging-")
     try:
@@ -242,7 +249,8 @@ def merge(
             processor, settings["system_prompt"], settings["image_size"], RunDir(adapter_dir).has_loc_rows(), staging
         )
         (staging / "merge_check_film.png").unlink()
-        reference = sample_logits(model, samples)
+        with residual_scaled(model, check_scale):
+            reference = sample_logits(model, samples)
         expected, changes = expected_weights(model)
 
         echo("Merging LoRA, projector and loc-token rows into the base weights")
@@ -253,7 +261,6 @@ def merge(
         merged.config.get_text_config().use_cache = True
         merged.save_pretrained(staging)
         processor.save_pretrained(staging)
-        source = RunDir(adapter_dir)
         if source.has_config():
             shutil.copyfile(source.file(RESOLVED_CONFIG), staging / RESOLVED_CONFIG)
         del model, merged
@@ -266,7 +273,8 @@ def merge(
         )
         reloaded.eval()
         weights = compare_weights(expected, reloaded, dtype)
-        logits = compare_logits(reference, sample_logits(reloaded, samples))
+        with residual_scaled(reloaded, check_scale):
+            logits = compare_logits(reference, sample_logits(reloaded, samples))
         del reloaded
         gc.collect()
         needed = MIN_AGREEMENT.get(dtype, 0.97)
@@ -274,6 +282,7 @@ def merge(
         report = {
             "adapter": adapter_dir.resolve().name,
             "dtype": str(dtype).removeprefix("torch."),
+            "check_residual_scale": check_scale,
             "adapter_change_from_base": changes,
             "weights": weights,
             "logits": logits | {"required_argmax_agreement": needed, "samples": [s["task"] for s in samples]},

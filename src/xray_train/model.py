@@ -20,7 +20,9 @@ import torch
 from xray_train.config import ModelConfig, RunConfig
 from xray_train.data.loc import LOC_TOKENS
 from xray_train.errors import XrayTrainError
-from xray_train.gemma3 import decoder_layers, local_config_file, require_gemma3
+from xray_train.gemma3 import (
+    decoder_layers, local_config_file, require_gemma3, residual_scale_for, scale_residual_stream,
+)
 from xray_train.names import target_modules_regex
 from xray_train.resolve import compute_dtype, require_resolved
 from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir
@@ -288,6 +290,8 @@ def build_training_model(cfg: RunConfig, resume_from: Path | None = None, device
         resize_embeddings_for(model, loc_ids)
         if fresh:
             init_loc_rows(model, loc_ids, cfg.model.loc_token_init, processor.tokenizer)
+    # Frozen base weights only (nothing peft adapts or saves), so the adapter means what a bf16 run's does.
+    scale_residual_stream(model, residual_scale_for(cfg.model.compute_dtype, cfg.model.residual_scale))
     peft_model = get_peft_model(model, lora_config(cfg, loc_ids))
     if resume_from is not None:
         continue_adapter(peft_model, resume_from)
@@ -386,10 +390,13 @@ def lora_module_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
 
 
-def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None = None, device_map=None):
+def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None = None, device_map=None,
+                 residual_scale: int | None = None):
     """Base + loc tokens + adapter + processor from an xray-train output dir (or a pushed Hub repo dir).
 
-    ``base`` overrides the base recorded at training time (e.g. a local copy of MedGemma).
+    ``base`` overrides the base recorded at training time (e.g. a local copy of MedGemma). The residual
+    stream is scaled as the run's config says (``model.residual_scale``, float16 runs: on) unless
+    ``residual_scale`` says otherwise (1: the unmodified base, as ``merge`` needs it).
     Returns ``(model, processor)`` in eval mode.
     """
     from peft import PeftModel
@@ -404,6 +411,9 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
         model_cfg.load_in_4bit = load_in_4bit
     # The adapter directory carries its own processor (with the <loc> tokens).
     model, _ = load_base(model_cfg, device_map=device_map, with_processor=False)
+    if residual_scale is None:
+        residual_scale = residual_scale_for(compute_dtype(model_cfg), model_cfg.residual_scale)
+    scale_residual_stream(model, residual_scale)
     processor = AutoProcessor.from_pretrained(adapter_dir)
     loc_ids = loc_token_ids(processor.tokenizer)
     if loc_ids:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from xray_train.config import ModelConfig, RunConfig
 from xray_train.data.loader import available_cpus, decode_workers
 from xray_train.errors import XrayTrainError
+from xray_train.gemma3 import residual_scale_for
 from xray_train.memory import DECODER_LAYERS, plan, split_share
 
 logger = logging.getLogger("xray_train")
@@ -39,6 +40,7 @@ RESOLVED_KEYS = (
     "model.add_loc_tokens",
     "model.train_projector",
     "model.compute_dtype",
+    "model.residual_scale",
     "data.image_size",
     "data.decode_workers",
     "training.bf16",
@@ -194,9 +196,11 @@ def resolve(
             "head_grad_in_forward": t.head_grad_in_forward and not add_loc,
         }
     )
-    model = cfg.model.model_copy(
-        update={"add_loc_tokens": add_loc, "train_projector": projector, "compute_dtype": compute}
-    )
+    model = cfg.model.model_copy(update={
+        "add_loc_tokens": add_loc, "train_projector": projector, "compute_dtype": compute,
+        # Gemma 3's fp16-safe residual scale follows the compute dtype this run resolved to.
+        "residual_scale": residual_scale_for(compute, cfg.model.residual_scale),
+    })
     size = cfg.data.image_size or image_size or base_image_size(cfg)
     readers = decode_workers(cfg.data.decode_workers, device.cpu_count)
     data = cfg.data.model_copy(update={"image_size": size, "decode_workers": readers})
