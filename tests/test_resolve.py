@@ -277,3 +277,45 @@ def test_two_ranks_resolve_the_same_effective_batch_over_gloo(tmp_path):
         alone.checkpoint_layers]
     l4_pair = Device(**{**t4_pair.__dict__, "memory_gb": 22.0})
     assert resolve(_cfg(), l4_pair, image_size=896).training.checkpoint_layers != depth  # the cards differ alone
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    """torch.cuda as an H100 reports itself; records the memory fraction the process is capped at."""
+    import torch
+
+    caps = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (84.0e9, 85.0e9))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: caps.append((f, d)))
+    for name in ("XRAY_TRAIN_EMULATE_NO_BF16", "XRAY_TRAIN_MEMORY_CAP_GB", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return caps
+
+
+def test_the_switches_make_a_big_gpu_choose_what_a_t4_would(h100, monkeypatch):
+    plain = Device.detect()
+    assert (plain.native_bf16, plain.compute_capability, plain.memory_gb) == (True, (9, 0), 84.0)
+    assert h100 == []  # no cap asked for: the whole GPU
+    monkeypatch.setenv("XRAY_TRAIN_EMULATE_NO_BF16", "1")
+    monkeypatch.setenv("XRAY_TRAIN_MEMORY_CAP_GB", "15")
+    emulated = Device.detect()
+    assert emulated.native_bf16 is False and "XRAY_TRAIN_EMULATE_NO_BF16" in emulated.name
+    assert emulated.memory_gb == 15.0
+    assert h100 == [(pytest.approx(15.0 / 85.0), 0)]  # the process is capped at start-up
+    seen = resolve(_cfg(), emulated, image_size=896)
+    t4 = resolve(_cfg(), Device(**{**T4.__dict__, "compute_capability": (9, 0)}), image_size=896)
+    assert seen.model.compute_dtype == "float16" and seen.training.fp16 is True
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "checkpoint_layers", "torch_compile")
+    assert [getattr(seen.training, k) for k in keys] == [getattr(t4.training, k) for k in keys]
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-3"])
+def test_a_bad_memory_cap_is_one_line(h100, monkeypatch, value):
+    monkeypatch.setenv("XRAY_TRAIN_MEMORY_CAP_GB", value)
+    with pytest.raises(XrayTrainError, match=rf"XRAY_TRAIN_MEMORY_CAP_GB: expected a number of GB > 0, got '{value}'"):
+        Device.detect()
