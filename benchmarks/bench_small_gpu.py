@@ -180,7 +180,7 @@ def precision_name(cfg) -> str:
 
 def xray_row(name, base, items, phase, workdir, steps, emulate, cap_gb) -> dict:
     """One row: the defaults a user's config gets on this (emulated) card."""
-    from xray_train.memory import DECODER_LAYERS
+    from xray_train.memory import DECODER_LAYERS, peak_gb
     from xray_train.resolve import resolve
 
     set_switches(emulate, cap_gb)
@@ -194,6 +194,7 @@ def xray_row(name, base, items, phase, workdir, steps, emulate, cap_gb) -> dict:
         row.update(precision=precision_name(cfg), batch=t.per_device_train_batch_size,
                    accumulation=t.gradient_accumulation_steps,
                    checkpoint_layers=DECODER_LAYERS if layers == "all" else layers, torch_compile=t.torch_compile)
+        row["model_peak_gb"] = round(peak_gb(phase, row["batch"], row["checkpoint_layers"]), 2)
         model, make_trainer = build(cfg, items, workdir)
         timer, watch = StepTimer(WARMUP), StepWatch()
         make_trainer([timer.callback, watch.callback], steps).train()

@@ -7,9 +7,9 @@ A step's peak is modelled per phase as
 where ``kept_layers`` are the decoder layers that keep their activations for backward (the others are
 checkpointed and keep only their input). ``fixed`` holds the 4-bit weights, the embeddings, the frozen
 vision tower, the LoRA optimizer state and the LM-head chunk; the two per-sample terms grow with the
-batch. The constants (``MEMORY_MODEL``) are fit to peaks measured on MedGemma-4B's architecture by
-``benchmarks/bench_small_gpu.py --memory-model``: the measurements and the fit are in
-``benchmarks/results/memory_model.json``. They describe MedGemma-4B's samples of that benchmark (an
+batch. The constants (``MEMORY_MODEL``) are fit to peaks measured on MedGemma-4B's architecture
+(``benchmarks/results/memory_model.json`` holds the points, the fit and its checks;
+``benchmarks/bench_small_gpu.py --memory-model`` measures more). They describe MedGemma-4B's samples of that benchmark (an
 896-px image's 256 tokens plus about 170 text tokens); a smaller base needs less.
 
 ``plan`` turns a memory budget into the settings: the largest micro-batch that divides the rank's share
@@ -27,11 +27,11 @@ from xray_train.errors import XrayTrainError
 #: MedGemma-4B's decoder layers: the unit of ``training.checkpoint_layers``.
 DECODER_LAYERS = 34
 
-#: GB (1e9 bytes) of ``torch.cuda.max_memory_reserved`` per step, per phase; fit in
-#: benchmarks/results/memory_model.json (see the module docstring).
+#: GB (1e9 bytes) at a step's peak, per phase: the least-squares fit and the measured peaks it is fit to
+#: are in benchmarks/results/memory_model.json, beside the peaks of the runs that check it.
 MEMORY_MODEL = {
-    "phase1": {"fixed": 3.3, "per_sample": 0.207, "per_sample_per_layer": 0.0376},
-    "phase2": {"fixed": 4.9, "per_sample": 0.207, "per_sample_per_layer": 0.0384},
+    "phase1": {"fixed": 6.93, "per_sample": 0.0916, "per_sample_per_layer": 0.0339},
+    "phase2": {"fixed": 6.74, "per_sample": 0.0916, "per_sample_per_layer": 0.0384},
 }
 
 #: Kept free under the budget: the model's error on the measured peaks, the CUDA context's growth after
