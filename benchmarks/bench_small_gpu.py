@@ -259,27 +259,35 @@ def run_benchmark(args, base, processor, encoder, items, work) -> dict:
         if f"{phase}@full" in args.rows:
             rows.append(xray_row(f"xray-train {phase} defaults, uncapped", base, items, phase, work, args.steps,
                                  False, None))
+    return {"rows": list(rows), "targets": targets_of(rows, cap_small, cap_mid)}
+
+
+def targets_of(rows: list[dict], cap_small: float, cap_mid: float) -> dict:
+    """Each target of the issue, per phase, from the rows; a row that failed (out of memory) misses all of its."""
     seed = next((r["samples_per_s"] for r in rows if r["name"].startswith("seed") and r.get("samples_per_s")), None)
     targets = {}
     for r in rows:
-        if r["name"].startswith("seed") or not r.get("samples_per_s"):
+        if r["name"].startswith("seed"):
             continue
-        if seed:
-            r["speedup_vs_seed_fp16"] = round(r["samples_per_s"] / seed, 2)
+        sps = r.get("samples_per_s")
+        if seed and sps:
+            r["speedup_vs_seed_fp16"] = round(sps / seed, 2)
         if r["memory_cap_gb"] == cap_small:
             targets[f"{r['phase']}@{cap_small:g}GB"] = {
-                "peak_le_cap": r["peak_mem_gb"] is not None and r["peak_mem_gb"] <= cap_small,
-                "no_non_finite_loss": r["non_finite_steps"] == 0,
-                "no_compile_after_step_3": r["compiles_after_step_3"] == 0,
-                "at_least_5x_seed_fp16": bool(seed) and r["samples_per_s"] >= 5 * seed,
+                "ran": bool(sps), **({"error": r["error"]} if r.get("error") else {}),
+                "peak_le_cap": bool(sps) and r["peak_mem_gb"] <= cap_small,
+                "no_non_finite_loss": bool(sps) and r["non_finite_steps"] == 0,
+                "no_compile_after_step_3": bool(sps) and r["compiles_after_step_3"] == 0,
+                "at_least_5x_seed_fp16": bool(seed and sps) and sps >= 5 * seed,
             }
         if r["memory_cap_gb"] == cap_mid:
             full = next((u["samples_per_s"] for u in rows if u["phase"] == r["phase"] and u["memory_cap_gb"] is None
                          and u.get("samples_per_s")), None)
-            if full:
-                r["share_of_uncapped"] = round(r["samples_per_s"] / full, 3)
-                targets[f"{r['phase']}@{cap_mid:g}GB"] = {"at_least_90pct_of_uncapped": r["share_of_uncapped"] >= 0.9}
-    return {"rows": list(rows), "targets": targets}
+            if full and sps:
+                r["share_of_uncapped"] = round(sps / full, 3)
+            targets[f"{r['phase']}@{cap_mid:g}GB"] = {
+                "ran": bool(sps), "at_least_90pct_of_uncapped": bool(full and sps) and sps / full >= 0.9}
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------

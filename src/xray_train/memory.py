@@ -31,7 +31,7 @@ DECODER_LAYERS = 34
 #: are in benchmarks/results/memory_model.json, beside the peaks of the runs that check it.
 MEMORY_MODEL = {
     "phase1": {"fixed": 6.93, "per_sample": 0.0916, "per_sample_per_layer": 0.0339},
-    "phase2": {"fixed": 6.74, "per_sample": 0.0916, "per_sample_per_layer": 0.0384},
+    "phase2": {"fixed": 8.6, "per_sample": 0.0916, "per_sample_per_layer": 0.0384},
 }
 
 #: Kept free under the budget: the model's error on the measured peaks, the CUDA context's growth after
