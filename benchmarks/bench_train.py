@@ -229,21 +229,25 @@ def pixel_dataset(items, processor):
     return TrainingDataset(items, FeatureSource.pixels(PixelLoader(processor)))
 
 
-def run_seed(base, processor, encoder, items, batch, steps, workdir):
-    """The seed recipe: every q_proj/v_proj (SigLIP too), kbit prep + checkpointing, full logits."""
+def run_seed(base, processor, encoder, items, batch, steps, workdir, precision="bf16"):
+    """The seed recipe: every q_proj/v_proj (SigLIP too), kbit prep + checkpointing, full logits.
+    ``precision="fp16"``: the same recipe as a GPU without bf16 runs it (float16 weights, fp16 autocast)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, Trainer
 
     from xray_train.collate import Collator
 
+    half = torch.float16 if precision == "fp16" else torch.bfloat16
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForImageTextToText.from_pretrained(base, quantization_config=bnb, dtype=torch.bfloat16,
+                             bnb_4bit_compute_dtype=half)
+    model = AutoModelForImageTextToText.from_pretrained(base, quantization_config=bnb, dtype=half,
                                                         device_map={"": 0}, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     timer = StepTimer()
-    trainer = Trainer(model=model, args=training_args(workdir / "seed", batch, steps, gradient_checkpointing=True),
+    flags = {"bf16": False, "fp16": True} if precision == "fp16" else {}
+    trainer = Trainer(model=model, args=training_args(workdir / "seed", batch, steps, gradient_checkpointing=True,
+                                                      **flags),
                       train_dataset=pixel_dataset(items, processor), data_collator=Collator(encoder.ids),
                       callbacks=[timer.callback])
     trainer.train()

@@ -32,7 +32,10 @@ def test_real_configs_use_the_seed_quantisation_and_lora(name):
     cfg = load_config(REPO / "configs" / name, check_paths=False)
     assert cfg.model.base == "google/medgemma-4b-it"
     assert (cfg.model.load_in_4bit, cfg.model.quant_type, cfg.model.double_quant) == (True, "nf4", True)
-    assert cfg.model.compute_dtype == "bfloat16"
+    # Precision, micro-batch and checkpointing are left to resolve (the card decides): only the effective batch.
+    assert cfg.model.compute_dtype is None and cfg.training.fp16 is None and cfg.training.bf16 is None
+    assert cfg.training.per_device_train_batch_size is None and cfg.training.checkpoint_layers is None
+    assert cfg.training.effective_batch_size == 16
     assert (cfg.lora.r, cfg.lora.alpha, sorted(cfg.lora.target_modules)) == (32, 64, ["q_proj", "v_proj"])
     assert cfg.add_loc_tokens == cfg.train_projector == (cfg.phase == "phase2")
 
@@ -63,8 +66,9 @@ def test_in_graph_dequantisation_refused_without_compile():
 def test_checkpoint_layers_conflicts_only_with_checkpointing_switched_off():
     path = REPO / "configs" / "phase1_padchest.yaml"
     with pytest.raises(ConfigError) as err:
-        load_config(path, ["training.gradient_checkpointing=false", "training.lora_typo=1"], check_paths=False)
-    # The YAML sets checkpoint_layers, so switching checkpointing off must say to drop one of them,
+        load_config(path, ["training.checkpoint_layers=6", "training.gradient_checkpointing=false",
+                           "training.lora_typo=1"], check_paths=False)
+    # checkpoint_layers is set, so switching checkpointing off must say to drop one of them,
     # in the same report as the other problems.
     assert any(p.startswith("training.checkpoint_layers") for p in err.value.problems)
     assert any("lora_typo" in p for p in err.value.problems)

@@ -224,8 +224,9 @@ def test_mixed_precision_choices(tmp_path, gpu):
     assert mixed_precision(_cfg(tmp_path, compute_dtype="float16", fp16=True)) == (False, True)
     assert mixed_precision(_cfg(tmp_path, compute_dtype="float32", fp16=True)) == (False, True)
     assert mixed_precision(_cfg(tmp_path, compute_dtype="float32")) == (False, False)
+    assert mixed_precision(_cfg(tmp_path)) == (False, True)  # default: fp16 autocast, float16 compute
     with pytest.raises(XrayTrainError, match=r"model\.compute_dtype: bfloat16 is only emulated on Tesla T4.*training\.fp16=true"):
-        mixed_precision(_cfg(tmp_path))
+        mixed_precision(_cfg(tmp_path, compute_dtype="bfloat16"))
     with pytest.raises(XrayTrainError, match=r"training\.bf16: Tesla T4 has no native bf16"):
         mixed_precision(_cfg(tmp_path, compute_dtype="float16", bf16=True))
 
@@ -245,7 +246,7 @@ def test_precision_refused_before_the_model_loads(tmp_path, monkeypatch, gpu):
     monkeypatch.setattr(model, "build_training_model", no_load)
     gpu("fp16-only")
     with pytest.raises(XrayTrainError, match="only emulated"):
-        train.run(_cfg(tmp_path))
+        train.run(_cfg(tmp_path, compute_dtype="bfloat16"))
     assert not (tmp_path / "out").exists()
 
 

@@ -73,9 +73,6 @@ def _training_conflicts(bf16, fp16, report_to, levers: dict | None = None) -> li
 
 _LEVER_KEYS = ("gradient_checkpointing", "checkpoint_layers", "dequantize_in_graph", "torch_compile")
 
-#: Decoder layers checkpointed when training.checkpoint_layers is null, per phase (benchmarks/results/train_speed.md).
-DEFAULT_CHECKPOINT_LAYERS = {"phase1": 6, "phase2": 10}
-
 
 _PHASE_TARGETS = {"phase1": "report targets", "phase2": "boxes"}
 
@@ -132,8 +129,10 @@ class ModelConfig(_Section):
     load_in_4bit: bool = Field(True, description="Quantise the base to 4-bit NF4 with bitsandbytes (QLoRA).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit quantisation type.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype of the non-quantised weights and of the 4-bit matmuls' compute."
+    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None,
+        description="dtype of the non-quantised weights and of the 4-bit matmuls' compute. Default: bfloat16, "
+        "or float16 on a GPU without native bf16 (T4, V100, P100; see docs/small_gpus.md).",
     )
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Attention kernel. SDPA is faster and smaller; eager is the reference."
@@ -390,14 +389,28 @@ class TrainingSection(_Section):
 
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training split.")
     max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps (overrides epochs).")
-    per_device_train_batch_size: int = Field(
+    effective_batch_size: int = Field(
         16,
         gt=0,
-        description="Micro-batch per GPU. 16 with the checkpointing defaults below: ~62 samples/s in <24 GB "
-        "for MedGemma-4B on an H200 (benchmarks/results/train_speed.md).",
+        description="Examples per optimizer step over all GPUs (per_device_train_batch_size x "
+        "gradient_accumulation_steps x GPUs) when per_device_train_batch_size is left to the default: the "
+        "memory choice keeps this and splits it into micro-batches that fit the card (docs/small_gpus.md). The "
+        "resolved config records the effective batch that ran.",
+    )
+    per_device_train_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Micro-batch per GPU. Default: the largest share of effective_batch_size that fits the GPU's "
+        "memory (xray_train.memory: a model of MedGemma-4B's peak, fit to measurements); on CPU the whole share. "
+        "A batch set here that does not fit is refused with the largest that does.",
     )
     per_device_eval_batch_size: int = Field(8, gt=0, description="Evaluation batch per GPU.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Micro-batches per optimizer step. Default: effective_batch_size / (micro-batch x GPUs) when "
+        "the micro-batch is chosen from the memory, 1 when per_device_train_batch_size is set.",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
     projector_learning_rate: float | None = Field(
         None, gt=0, description="Learning rate of the projector and loc-token rows (default: learning_rate)."
@@ -417,20 +430,23 @@ class TrainingSection(_Section):
     eval_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to evaluate.")
     max_eval_samples: int | None = Field(256, gt=0, description="Cap on validation examples per evaluation.")
     bf16: bool | None = Field(None, description="bf16 autocast. Default: on where the GPU supports it.")
-    fp16: bool = Field(False, description="fp16 autocast (GPUs without bf16).")
+    fp16: bool | None = Field(
+        None,
+        description="fp16 autocast. Default: on where the GPU has no native bf16 (T4, V100, P100), with "
+        "model.compute_dtype float16.",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute decoder-layer activations in backward instead of keeping them (less GPU memory). "
-        "Default: on with CUDA (on CPU memory is not what limits and recomputation only costs time).",
+        "Default: on with CUDA when the micro-batch does not fit without it (see checkpoint_layers); off on CPU "
+        "(memory is not what limits there and recomputation only costs time).",
     )
     checkpoint_layers: int | Literal["all"] | None = Field(
         None,
         description="With gradient_checkpointing: how many decoder layers recompute (spread evenly over the "
-        "stack; MedGemma-4B has 34); the others keep their activations. \"all\": every layer (the least "
-        f"memory, for small GPUs). null: the measured default of the phase, {DEFAULT_CHECKPOINT_LAYERS['phase1']} "
-        f"in Phase 1 and {DEFAULT_CHECKPOINT_LAYERS['phase2']} in Phase 2 (whose trainable projector and <loc> rows "
-        "keep more activations): the fastest counts that stay under 24 GB at batch 16 on MedGemma-4B "
-        "(benchmarks/results/train_speed.md).",
+        "stack; MedGemma-4B has 34); the others keep their activations. \"all\": every layer. null: the fewest "
+        "that let the micro-batch fit the GPU's memory (xray_train.memory), per phase; with "
+        "gradient_checkpointing also null, none when everything fits.",
     )
     dataloader_num_workers: int | None = Field(
         None,
@@ -476,7 +492,8 @@ class TrainingSection(_Section):
     compile_vision_cache: bool | None = Field(
         None,
         description="torch.compile SigLIP's encoder layers for the vision-feature cache build. Default: on "
-        "with CUDA when there are at least 8000 images to cache (below that the compile costs more than it saves).",
+        "with CUDA when there are at least 8000 images to cache (below that the compile costs more than it saves), "
+        "off below compute capability 7.0.",
     )
     vision_attention: VisionAttention = Field(
         "default",
@@ -533,7 +550,8 @@ class TrainingSection(_Section):
     torch_compile: bool | None = Field(
         None,
         description="torch.compile each decoder layer: removes most of the host overhead that bounds a QLoRA "
-        "step (measured 2.2x at batch 32 on an H200); the first steps compile. Default: on with CUDA.",
+        "step (measured 2.2x at batch 32 on an H200); the first steps compile. Default: on with CUDA on GPUs of "
+        "compute capability 7.0 or more (Triton's minimum; off on a P100).",
     )
     dequantize_in_graph: bool | None = Field(
         None,

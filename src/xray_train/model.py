@@ -24,7 +24,7 @@ from xray_train.gemma3 import (
     decoder_layers, local_config_file, require_gemma3, residual_scale_for, scale_residual_stream,
 )
 from xray_train.names import target_modules_regex
-from xray_train.resolve import require_resolved
+from xray_train.resolve import compute_dtype, require_resolved
 from xray_train.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG, RunDir, absolute_base
 
 PROJECTOR = "multi_modal_projector"
@@ -42,7 +42,7 @@ def quantization_config(model_cfg: ModelConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=model_cfg.quant_type,
         bnb_4bit_use_double_quant=model_cfg.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[model_cfg.compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype(model_cfg)],
         # The projector is a bare parameter and the vision tower is small next to the LM; keeping
         # them unquantised keeps image features exact (and makes the vision cache base-exact).
         llm_int8_skip_modules=["model.vision_tower", f"model.{PROJECTOR}", "lm_head"],
@@ -65,7 +65,7 @@ def load_base(model_cfg: ModelConfig, device_map=None, with_processor: bool = Tr
     local_config_file(model_cfg.base)
     kwargs = dict(
         revision=model_cfg.revision,
-        dtype=DTYPES[model_cfg.compute_dtype],
+        dtype=DTYPES[compute_dtype(model_cfg)],
         attn_implementation=model_cfg.attn_implementation,
         use_safetensors=True,
         trust_remote_code=False,
@@ -412,7 +412,7 @@ def load_adapter(adapter_dir, base: str | None = None, load_in_4bit: bool | None
     # The adapter directory carries its own processor (with the <loc> tokens).
     model, _ = load_base(model_cfg, device_map=device_map, with_processor=False)
     if residual_scale is None:
-        residual_scale = residual_scale_for(model_cfg.compute_dtype, model_cfg.residual_scale)
+        residual_scale = residual_scale_for(compute_dtype(model_cfg), model_cfg.residual_scale)
     scale_residual_stream(model, residual_scale)
     processor = AutoProcessor.from_pretrained(adapter_dir)
     loc_ids = loc_token_ids(processor.tokenizer)
