@@ -13,7 +13,8 @@ bench = benchmark("bench_generate")
 def test_made_adapter_loads_with_non_zero_lora(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from xray_train.model import load_adapter, lora_module_names
+    from xray_train.model import load_adapter
+    from xray_train.testing.tiny import lora_module_names
 
     adapter = bench.make_adapter(tiny_model_dir, tmp_path / "adapter")
     state = load_file(str(adapter / "adapter_model.safetensors"))

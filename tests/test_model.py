@@ -17,6 +17,7 @@ from xray_train.model import (
 )
 from xray_train.resolve import resolve
 from xray_train.run_dir import RESOLVED_CONFIG
+from xray_train.testing.tiny import lora_module_names
 
 from .conftest import SAMPLES
 
@@ -31,10 +32,6 @@ def config(tiny_model_dir, phase, training=None, **model):
         {"phase": phase, "output_dir": "unused", "model": {"base": str(tiny_model_dir), **model}, "data": data,
          "training": training or {}}
     ))
-
-
-def lora_module_names(model) -> list[str]:
-    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ class _FakeModel:
 
 
 def _save(out: Path, fail_model: bool):
-    cfg = RunConfig.model_validate(phase1_raw(out))
+    cfg = resolve(RunConfig.model_validate(phase1_raw(out)), image_size=896)  # save_outputs gets a resolved run
     trainer = SimpleNamespace(
         model=_FakeModel(fail_model),
         state=SimpleNamespace(global_step=4, log_history=[{"loss": 1.0, "step": 1}]),

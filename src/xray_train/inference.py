@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from xray_train.config import ModelConfig
+from xray_train.resolve import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def plan_inference(model_cfg: ModelConfig, free: int | None = None, n_params: in
     if free is None:
         return InferencePlan("4bit", "no GPU: the training layout (model.load_in_4bit) is kept")
     n_params = parameter_count(model_cfg.base, model_cfg.revision) if n_params is None else n_params
-    needed = n_params * _DTYPE_BYTES[model_cfg.compute_dtype]
+    needed = n_params * _DTYPE_BYTES[compute_dtype(model_cfg)]
     # The 16-bit copy must leave at least as much again for the decode batch, or the 4-bit base with a
     # larger batch is the better use of the card.
     if 2 * needed + HEADROOM_BYTES <= free:

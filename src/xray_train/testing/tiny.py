@@ -334,3 +334,8 @@ def save_model_dir(model, processor, out_dir: Path, prefix: str, extra_files: di
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def lora_module_names(model) -> list[str]:
+    """Names of the modules that carry a LoRA adapter (peft's ``lora_A``), to check where LoRA went."""
+    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
