@@ -112,7 +112,7 @@ def row(name: str, films: int, seconds: float, new_tokens: int, first: float | N
 
 def _first_batch_clock(generator, t0: float, marks: list) -> None:
     """Record when ``generator``'s first batch of answers comes back (an instance attribute shadows the method)."""
-    real = generator.generate_batch
+    real = generator.decode
 
     def timed(*args, **kwargs):
         started = time.perf_counter()
@@ -126,7 +126,7 @@ def _first_batch_clock(generator, t0: float, marks: list) -> None:
               f"peak {_peak_gb()} GB", flush=True)
         return out
 
-    generator.generate_batch = timed
+    generator.decode = timed
 
 
 def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: str, with_baseline: bool,
@@ -150,11 +150,19 @@ def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: 
                     adapter_s, tokens, marks[0], batch=generator.rows, answers=len(answers)))
     done(rows)
     if with_baseline:
-        with model.disable_adapter():
-            base_answers = generator(requests, progress=False)
+        from xray_train.generate import Variant
+
+        # evaluate's way: one pass, each batch's SigLIP rows shared by the adapter and the base model.
+        _reset_peak()
+        marks.clear()
+        del generator.decode  # the clock restarts with this row
+        t0 = time.perf_counter()
+        _first_batch_clock(generator, t0, marks)
+        both = generator.answer(requests, [Variant("adapter"), Variant("baseline", model.disable_adapter)],
+                                progress=False, on_batch=lambda *a: None)
         _sync()
         total_s = time.perf_counter() - t0
-        tokens += sum(g.n_new_tokens for g in base_answers)
+        tokens = sum(g.n_new_tokens for answers in both.values() for g in answers)
         rows.append(row(f"xray-train evaluate generation, adapter + baseline ({label}, {generator.rows} rows)",
                         len(films), total_s, tokens, marks[0], batch=generator.rows, answers=2 * len(films),
                         answers_per_s=round(2 * len(films) / total_s, 3)))
