@@ -130,12 +130,14 @@ def _first_batch_clock(generator, t0: float, marks: list) -> None:
 
 
 def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: str, with_baseline: bool,
-              label: str, batch_size: int | None = None, done=lambda rows: None) -> list[dict]:
+              label: str, batch_size: int | None = None, done=lambda rows: None,
+              decode_cache: str = "dynamic") -> list[dict]:
     """The Generator ``evaluate`` builds: the adapter's answers, then (``with_baseline``) the base's too;
     ``done(rows)`` after each row (so a stopped run keeps the rows it finished)."""
     from xray_train.generate import Generator, Request
 
-    generator = Generator(model, processor, system_prompt, None, max_new, batch_size, None, min_new_tokens=max_new)
+    generator = Generator(model, processor, system_prompt, None, max_new, batch_size, None, min_new_tokens=max_new,
+                          decode_cache=decode_cache)
     requests = [Request(f, "report") for f in films]
     rows = []
     _reset_peak()
@@ -265,7 +267,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=None,
                     help="rows per generate call of the xray-train rows (default: what the free memory holds)")
-    ap.add_argument("--rows", default="xray,notebook,predict,card,cap")
+    ap.add_argument("--rows", default="xray,static,notebook,predict,card,cap")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip rows that would start later than this")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     args = ap.parse_args()
@@ -345,6 +347,13 @@ def main() -> None:
             rows += attempt("xray", lambda: xray_rows(model, processor, films, max_new, system_prompt, True, label,
                                                       args.batch, done=lambda done_rows: write(done_rows)))
             write()
+        if due("static"):
+            # model.decode_cache: static (the decode step compiled by transformers), not the default until it wins.
+            static = attempt("static", lambda: xray_rows(model, processor, films, max_new, system_prompt, False,
+                                                         f"{label}, static KV cache", args.batch,
+                                                         decode_cache="static"))
+            rows += [{**r, "name": r["name"].replace("adapter only", "adapter only, static KV cache")} for r in static]
+            write()
         # The notebook's merge_and_unload leaves the same weights as the merged path without peft's wrappers;
         # predict then runs on those (its Generator merges nothing more).
         merged = model.merge_and_unload() if due("notebook") or due("predict") else model
@@ -398,7 +407,10 @@ def summary(rows: list[dict]) -> dict:
     ours = next((r for r in rows if r["name"].startswith("xray-train evaluate generation, adapter only (")
                  and "cap" not in r["name"]), None)
     both = next((r for r in rows if "adapter + baseline" in r["name"]), None)
+    static = next((r for r in rows if "static KV cache" in r["name"]), None)
     out: dict = {}
+    if ours and static:
+        out["static_kv_cache_vs_dynamic"] = round(static["films_per_s"] / ours["films_per_s"], 2)
     if ours:
         for peer in ("notebook", "model card batch 1"):
             if peer in by:

@@ -37,11 +37,14 @@ def test_summary_ratios_and_projection():
          "answers_per_s": 30.0},
         {"name": "notebook (bf16 base, adapter merged, batched generate, batch 64)", "films_per_s": 6.0},
         {"name": "model card batch 1 (4-bit base + peft generate)", "films_per_s": 0.2},
+        {"name": "xray-train evaluate generation, adapter only, static KV cache (16-bit merged, static KV cache, "
+                 "256 rows)", "films_per_s": 45.0},
     ]
     out = bench.summary(rows)
     assert out["evaluate_vs_notebook"] == 5.0 and out["evaluate_vs_model_card_batch_1"] == 150.0
+    assert out["static_kv_cache_vs_dynamic"] == 1.5
     assert out["projection"]["minutes_for_10k_films_with_baseline"] == round(20_000 / 30.0 / 60, 1)
-    assert bench.summary(rows[2:]) == {}
+    assert bench.summary(rows[2:4]) == {}
 
 
 def test_xray_rows_time_the_adapter_then_evaluates_one_pass_with_the_baseline(tiny_model_dir, tmp_path):

@@ -100,6 +100,33 @@ def test_fast_path_gives_plain_generate_tokens(model16, loc_decode, monkeypatch)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base's bits are back
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_static_kv_cache_gives_plain_generate_tokens(model16, shared):
+    model, processor = model16
+    requests = _requests()
+    reference = _plain(model, processor, requests, "expected")
+    seen = []
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return real(**kwargs)
+
+    generator = Generator(model, processor, "sys", max_new_tokens=12, batch_size=None, loc_decode="expected",
+                          decode_cache="static")
+    model.generate = spy
+    try:
+        if shared:
+            fast = generator.answer(requests, [Variant("adapter")], progress=False, on_batch=lambda *a: None)["adapter"]
+        else:
+            fast = generator(requests, progress=False)
+    finally:
+        del model.generate
+    assert seen and set(seen) == {"static"}
+    assert [g.text for g in fast] == [g.text for g in reference]
+    assert sum("<loc" in g.text for g in fast) >= 3
+
+
 def test_expected_loc_rule_changes_answers_here(model16):
     """The fixture's <loc> answers are ones the ``expected`` rule decodes differently (else the test above
     would not show the rule is kept)."""

@@ -400,7 +400,8 @@ def evaluate(
     if baseline and not hasattr(model, "disable_adapter"):
         raise XrayTrainError("baseline needs a peft model (load it with xray_train.load_adapter)")
     generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, generate_rows,
-                          cfg.data.decode_workers, loc_decode=cfg.model.loc_decode)
+                          cfg.data.decode_workers, loc_decode=cfg.model.loc_decode,
+                          decode_cache=cfg.model.decode_cache)
     teacher_forced = TeacherForcedCounts(model, generator.encoder, examples, cfg, batch_size)
     # One pass over the films: each batch's images read and encoded by SigLIP once, then answered (and
     # scored teacher-forced) by the adapter and by the base model with the adapter disabled.

@@ -167,11 +167,12 @@ class Generator:
         merge_lora: bool = True,
         sort_by_length: bool = True,
         min_new_tokens: int | None = None,
+        decode_cache: str = "dynamic",
     ):
         """``batch_size``: rows per ``generate`` call, None for as many as the free memory holds;
         ``merge_lora``: merge an active LoRA into a 16-bit base while generating (``inference.lora_merged``);
         ``sort_by_length``: batch requests of equal prompt length together; ``min_new_tokens``: benchmarks
-        only (forces every answer to that length)."""
+        only (forces every answer to that length); ``decode_cache``: ``model.decode_cache``."""
         from xray_train.data.loader import decode_workers as default_workers
 
         if max_new_tokens <= 0 or (batch_size is not None and batch_size <= 0):
@@ -185,6 +186,9 @@ class Generator:
         self.merge_lora = merge_lora
         self.sort_by_length = sort_by_length
         self.min_new_tokens = min_new_tokens
+        if decode_cache not in ("dynamic", "static"):
+            raise ValueError(f"decode_cache must be 'dynamic' or 'static', not {decode_cache!r}")
+        self.decode_cache = decode_cache
         #: Rows per ``generate`` call of the last call (the automatic choice once made).
         self.rows = batch_size
         tok = processor.tokenizer
@@ -377,6 +381,9 @@ class Generator:
                 # load_base sets config.use_cache=False for training; decoding without a KV cache would
                 # recompute the whole prompt (256 image tokens at MedGemma's size) for every new token.
                 use_cache=True,
+                # "static": the KV cache allocated once at its full length, which lets transformers compile
+                # the decode step on a GPU (see model.decode_cache).
+                cache_implementation="static" if self.decode_cache == "static" else None,
             )
         new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
         out = []
