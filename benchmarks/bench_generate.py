@@ -112,7 +112,7 @@ def row(name: str, films: int, seconds: float, new_tokens: int, first: float | N
 
 def _first_batch_clock(generator, t0: float, marks: list) -> None:
     """Record when ``generator``'s first batch of answers comes back (an instance attribute shadows the method)."""
-    real = generator.generate_batch
+    real = generator.decode
 
     def timed(*args, **kwargs):
         started = time.perf_counter()
@@ -126,16 +126,18 @@ def _first_batch_clock(generator, t0: float, marks: list) -> None:
               f"peak {_peak_gb()} GB", flush=True)
         return out
 
-    generator.generate_batch = timed
+    generator.decode = timed
 
 
 def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: str, with_baseline: bool,
-              label: str, batch_size: int | None = None, done=lambda rows: None) -> list[dict]:
+              label: str, batch_size: int | None = None, done=lambda rows: None,
+              decode_cache: str = "dynamic") -> list[dict]:
     """The Generator ``evaluate`` builds: the adapter's answers, then (``with_baseline``) the base's too;
     ``done(rows)`` after each row (so a stopped run keeps the rows it finished)."""
     from xray_train.generate import Generator, Request
 
-    generator = Generator(model, processor, system_prompt, None, max_new, batch_size, None, min_new_tokens=max_new)
+    generator = Generator(model, processor, system_prompt, None, max_new, batch_size, None, min_new_tokens=max_new,
+                          decode_cache=decode_cache)
     requests = [Request(f, "report") for f in films]
     rows = []
     _reset_peak()
@@ -150,11 +152,19 @@ def xray_rows(model, processor, films: list[Path], max_new: int, system_prompt: 
                     adapter_s, tokens, marks[0], batch=generator.rows, answers=len(answers)))
     done(rows)
     if with_baseline:
-        with model.disable_adapter():
-            base_answers = generator(requests, progress=False)
+        from xray_train.generate import Variant
+
+        # evaluate's way: one pass, each batch's SigLIP rows shared by the adapter and the base model.
+        _reset_peak()
+        marks.clear()
+        del generator.decode  # the clock restarts with this row
+        t0 = time.perf_counter()
+        _first_batch_clock(generator, t0, marks)
+        both = generator.answer(requests, [Variant("adapter"), Variant("baseline", model.disable_adapter)],
+                                progress=False, on_batch=lambda *a: None)
         _sync()
         total_s = time.perf_counter() - t0
-        tokens += sum(g.n_new_tokens for g in base_answers)
+        tokens = sum(g.n_new_tokens for answers in both.values() for g in answers)
         rows.append(row(f"xray-train evaluate generation, adapter + baseline ({label}, {generator.rows} rows)",
                         len(films), total_s, tokens, marks[0], batch=generator.rows, answers=2 * len(films),
                         answers_per_s=round(2 * len(films) / total_s, 3)))
@@ -257,7 +267,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=None,
                     help="rows per generate call of the xray-train rows (default: what the free memory holds)")
-    ap.add_argument("--rows", default="xray,notebook,predict,card,cap")
+    ap.add_argument("--rows", default="xray,static,notebook,predict,card,cap")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip rows that would start later than this")
     ap.add_argument("--tiny", action="store_true", help="tiny model and small films: a CPU shake-out")
     args = ap.parse_args()
@@ -337,6 +347,13 @@ def main() -> None:
             rows += attempt("xray", lambda: xray_rows(model, processor, films, max_new, system_prompt, True, label,
                                                       args.batch, done=lambda done_rows: write(done_rows)))
             write()
+        if due("static"):
+            # model.decode_cache: static (the decode step compiled by transformers), not the default until it wins.
+            static = attempt("static", lambda: xray_rows(model, processor, films, max_new, system_prompt, False,
+                                                         f"{label}, static KV cache", args.batch,
+                                                         decode_cache="static"))
+            rows += [{**r, "name": r["name"].replace("adapter only", "adapter only, static KV cache")} for r in static]
+            write()
         # The notebook's merge_and_unload leaves the same weights as the merged path without peft's wrappers;
         # predict then runs on those (its Generator merges nothing more).
         merged = model.merge_and_unload() if due("notebook") or due("predict") else model
@@ -390,7 +407,10 @@ def summary(rows: list[dict]) -> dict:
     ours = next((r for r in rows if r["name"].startswith("xray-train evaluate generation, adapter only (")
                  and "cap" not in r["name"]), None)
     both = next((r for r in rows if "adapter + baseline" in r["name"]), None)
+    static = next((r for r in rows if "static KV cache" in r["name"]), None)
     out: dict = {}
+    if ours and static:
+        out["static_kv_cache_vs_dynamic"] = round(static["films_per_s"] / ours["films_per_s"], 2)
     if ours:
         for peer in ("notebook", "model card batch 1"):
             if peer in by:

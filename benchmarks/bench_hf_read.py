@@ -22,7 +22,6 @@ a fresh process so its peak memory is its own:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

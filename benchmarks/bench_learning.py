@@ -347,7 +347,6 @@ def _iou_and_hits(pred, ref) -> tuple[float, float]:
 
 def probe(base: Path, phase2_yaml: Path, data: dict, device: str, attention: bool = True) -> dict:
     """Ridge and (``attention``) an attention readout on the frozen pooled features (the projector's input)."""
-    import torch
 
     (xtr, ytr), (xte, yte) = _features_and_boxes(base, phase2_yaml, data, device)
     n, t, d = xtr.shape

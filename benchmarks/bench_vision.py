@@ -39,7 +39,6 @@ def _sync() -> None:
 
 
 def _timed(fn, pixels, repeats: int) -> tuple[float, object]:
-    import torch
 
     out = fn(pixels)
     fn(pixels)

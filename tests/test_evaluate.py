@@ -268,10 +268,10 @@ def _perfect_generation(monkeypatch, cfg):
     examples, _ = select_examples(cfg, "test")
     answers = {ex.image_path: build_target(ex, cfg.phase) for ex in examples}
 
-    def fake(self, requests, prepared=None):
+    def fake(self, requests, image_inputs):
         return [Generation(answers[r.image], 5) for r in requests]
 
-    monkeypatch.setattr(Generator, "generate_batch", fake)
+    monkeypatch.setattr(Generator, "decode", fake)
 
 
 def test_evaluate_phase2_writes_results_plots_and_baseline(adapters, make_config, tmp_path):
@@ -305,6 +305,44 @@ def test_evaluate_phase2_writes_results_plots_and_baseline(adapters, make_config
     evaluate(adapter, cfg, max_new_tokens=2, baseline=False, overwrite=True, model=model, processor=processor,
              progress=False, echo=lambda *a: None)
     assert json.loads((adapter / EVAL_RESULTS).read_text())["baseline"] is None
+
+
+def _plain_teacher_forced(model, processor, cfg, examples) -> tuple[int, int, float]:
+    """(correct, total, mean loss) by the plain path: HF's full-logits forward on each example's pixels, one at a time."""
+    import torch
+
+    from xray_train.collate import Collator, PromptEncoder, batch_to
+    from xray_train.inputs import PixelLoader, encode_examples
+    from xray_train.loss import full_logits_loss
+
+    encoder = PromptEncoder(processor, cfg.system_prompt)
+    pixels = PixelLoader(processor, cfg.data.image_size)
+    encoded, _ = encode_examples(examples, cfg.phase, encoder, cfg.training.max_length, cfg.data.box_format)
+    correct = total = 0
+    loss = 0.0
+    with torch.inference_mode():
+        for it in encoded:
+            item = {"input_ids": it.input_ids, "labels": it.labels, "pixel_values": pixels(it.example.image_path)}
+            out = full_logits_loss(model, batch_to(Collator(encoder.ids)([item]), model.device))
+            correct, total = correct + int(out.n_correct), total + int(out.n_tokens)
+            loss += float(out.loss_sum)
+    return correct, total, loss / total
+
+
+def test_teacher_forced_counts_from_the_shared_siglip_rows_equal_the_plain_forward(adapters, make_config, tmp_path):
+    model, processor = loaded_adapter(adapters["phase2"])
+    cfg = make_config("phase2")
+    examples, _ = select_examples(cfg, "test", max_samples=5)
+    results = evaluate(adapters["phase2"], cfg, max_samples=5, max_new_tokens=2, out_dir=tmp_path, model=model,
+                       processor=processor, progress=False, echo=lambda *a: None)
+    adapter = _plain_teacher_forced(model, processor, cfg, examples)
+    with model.disable_adapter():
+        base = _plain_teacher_forced(model, processor, cfg, examples)
+    assert abs(adapter[2] - base[2]) > 1e-3  # the adapter changes the loss: the two models are told apart
+    got = results["teacher_forced"], results["baseline"]["teacher_forced"]
+    assert [(c["correct"], c["total"]) for c in got] == [adapter[:2], base[:2]]
+    assert [c["loss"] for c in got] == pytest.approx([adapter[2], base[2]], rel=1e-5)
+    assert got[0]["examples"] == len(examples)
 
 
 def test_perfect_phase2_model_scores_perfectly_in_original_coordinates(adapters, make_config, tmp_path, monkeypatch):

@@ -770,3 +770,18 @@ def test_base_model_matching_the_runs_base_is_published(tmp_path, monkeypatch):
     # Unknown to the Hub and its cache: cannot be checked, so refused with the way round it.
     with pytest.raises(XrayTrainError, match="cannot check that the run's base is that model.*--force"):
         push_to_hub(d, "my-lab/cxr", dry_run_dir=tmp_path / "other", base_model="my-lab/other-base")
+
+
+@pytest.mark.parametrize("source, fmt, revision, title, hub", [
+    ("someone/cxr-reports", "auto", "0123abc", "someone/cxr-reports (Hugging Face Hub, revision 0123abc)",
+     ["someone/cxr-reports"]),
+    ("/private/alice/reports.parquet", "parquet", None, "local files (parquet) read with Hugging Face datasets", []),
+])
+def test_card_of_an_hf_run_names_its_hub_dataset_and_hides_a_local_path(tmp_path, source, fmt, revision, title, hub):
+    d = make_adapter(tmp_path, "phase1")
+    _with_data(d, {"dataset": "hf", "source": source, "format": fmt, "revision": revision,
+                   "columns": {"image": "image", "report": ["report"]}})
+    card = build_model_card(d)
+    assert f"- phase1: {title}" in card
+    assert _front_matter(card)["datasets"] == hub
+    assert "alice" not in card

@@ -8,13 +8,14 @@ call per request (batch 1, LoRA unmerged, no sorting).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from xray_train.config import ModelConfig
-from xray_train.generate import Generator, Request, rate_text
+from xray_train.generate import Generator, Request, Variant, rate_text
 from xray_train.inference import (
     CPU_ROWS,
     InferencePlan,
@@ -99,6 +100,33 @@ def test_fast_path_gives_plain_generate_tokens(model16, loc_decode, monkeypatch)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base's bits are back
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_static_kv_cache_gives_plain_generate_tokens(model16, shared):
+    model, processor = model16
+    requests = _requests()
+    reference = _plain(model, processor, requests, "expected")
+    seen = []
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return real(**kwargs)
+
+    generator = Generator(model, processor, "sys", max_new_tokens=12, batch_size=None, loc_decode="expected",
+                          decode_cache="static")
+    model.generate = spy
+    try:
+        if shared:
+            fast = generator.answer(requests, [Variant("adapter")], progress=False, on_batch=lambda *a: None)["adapter"]
+        else:
+            fast = generator(requests, progress=False)
+    finally:
+        del model.generate
+    assert seen and set(seen) == {"static"}
+    assert [g.text for g in fast] == [g.text for g in reference]
+    assert sum("<loc" in g.text for g in fast) >= 3
+
+
 def test_expected_loc_rule_changes_answers_here(model16):
     """The fixture's <loc> answers are ones the ``expected`` rule decodes differently (else the test above
     would not show the rule is kept)."""
@@ -118,6 +146,90 @@ def test_baseline_under_disable_adapter_is_not_merged_and_matches_plain(model16)
         fast = Generator(model, processor, "sys", max_new_tokens=12, batch_size=None)(requests, progress=False)
     assert [g.text for g in fast] == [g.text for g in reference]
     assert adapter_enabled(model)
+
+
+@pytest.mark.parametrize("loc_decode", ["argmax", "expected"])
+def test_adapter_and_base_from_one_siglip_pass_give_plain_generate_tokens(model16, loc_decode, monkeypatch):
+    """evaluate's way: each batch answered by the adapter, then the base, from one SigLIP encoding per film."""
+    model, processor = model16
+    requests = _requests()
+    with _projector_copy_moved(model):
+        _one_siglip_pass(model, processor, requests, loc_decode)
+
+
+def test_one_siglip_pass_fills_the_image_rows_before_the_fp16_residual_scale(model16):
+    """The image rows enter the residual stream like the token rows, divided by the scale with them."""
+    from xray_train.gemma3 import residual_scaled
+
+    model, processor = model16
+    with _projector_copy_moved(model), residual_scaled(model, 16):
+        _one_siglip_pass(model, processor, _requests()[:4], "argmax")
+
+
+@contextmanager
+def _projector_copy_moved(model):
+    """The adapter's projector copy made unlike the base's, so answers show which one projected the image."""
+    from xray_train.gemma3 import active_projector
+
+    projector = active_projector(model)
+    with model.disable_adapter():
+        assert active_projector(model) is not projector
+    weight = projector.mm_input_projection_weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(-1.0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def _one_siglip_pass(model, processor, requests, loc_decode):
+    from xray_train.gemma3 import vision_tower
+
+    adapter_reference = _plain(model, processor, requests, loc_decode)
+    with model.disable_adapter():
+        base_reference = _plain(model, processor, requests, loc_decode)
+    films_encoded, hooked = [], []
+
+    def on_batch(label, indices, image_inputs):
+        hooked.append((label, indices, image_inputs["image_features"].shape[0], adapter_enabled(model)))
+
+    tower = vision_tower(model)
+    handle = tower.register_forward_hook(lambda m, args, kwargs, out: films_encoded.append(
+        kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    try:
+        generator = Generator(model, processor, "sys", max_new_tokens=12, batch_size=None, loc_decode=loc_decode)
+        answers = generator.answer(
+            requests, [Variant("adapter"), Variant("base model", model.disable_adapter)], progress=False,
+            on_batch=on_batch)
+    finally:
+        handle.remove()
+
+    assert [g.text for g in answers["adapter"]] == [g.text for g in adapter_reference]
+    assert [g.text for g in answers["base model"]] == [g.text for g in base_reference]
+    assert [g.text for g in answers["adapter"]] != [g.text for g in answers["base model"]]
+    assert sum(films_encoded) == len(requests)  # once per film, not once per film and model
+    # The hook sees each batch in each model's state, with every request exactly once per model.
+    batches = -(-len(requests) // generator.rows)
+    assert [(label, on) for label, _, _, on in hooked] == [("adapter", True), ("base model", False)] * batches
+    for label in ("adapter", "base model"):
+        seen = [i for lab, indices, rows, _ in hooked if lab == label for i in indices]
+        assert sorted(seen) == list(range(len(requests)))
+        assert sum(rows for lab, _, rows, _ in hooked if lab == label) == len(requests)
+
+
+def test_shared_path_reports_unreadable_films_under_every_model(model16, tmp_path):
+    model, processor = model16
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    requests = [Request(broken, "report"), *_requests()[:2]]
+    answers = Generator(model, processor, "sys", max_new_tokens=3).answer(
+        requests, [Variant("adapter"), Variant("base model", model.disable_adapter)], progress=False)
+    for label in ("adapter", "base model"):
+        assert answers[label][0].text is None and "broken.png" in answers[label][0].error
+        assert all(isinstance(g.text, str) for g in answers[label][1:])
 
 
 def test_lora_merged_restores_the_base_bit_for_bit(model16):

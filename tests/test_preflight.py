@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_train import cli, model
+from xray_train import model
 from xray_train.config import load_config
 
 from tests.test_cli import run_main

@@ -188,6 +188,13 @@ class ModelConfig(_Section):
         description="Rows decoded at once by evaluate and predict (prompts sorted by length). Default: as many "
         "as the free GPU memory holds after the weights, up to 256 (8 on a CPU).",
     )
+    decode_cache: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="KV cache of evaluate's and predict's decoding: 'dynamic' (grows token by token) or "
+        "'static' (allocated once at the prompt plus max_new_tokens, which lets transformers compile the "
+        "decode step on a GPU). Both give the same greedy tokens; 'static' is not yet measured faster, so "
+        "it is not the default (docs/evaluation.md).",
+    )
 
 
 class LoraSection(_Section):

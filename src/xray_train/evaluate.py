@@ -33,7 +33,6 @@ training is never scored.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +49,9 @@ from xray_train.data.registry import read_dataset
 from xray_train.data.reports import canonical_findings, parse_report
 from xray_train.data.splits import SPLITS, cap_examples, split_examples
 from xray_train.errors import XrayTrainError
-from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, progress_bar
-from xray_train.inputs import PixelLoader, encode_examples
-from xray_train.gemma3 import unwrap_gemma3, vision_dtype
+from xray_train.generate import DEFAULT_MAX_NEW_TOKENS, Generator, Request, Variant
+from xray_train.inputs import encode_examples
+from xray_train.gemma3 import unwrap_gemma3
 from xray_train.loss import targets_only_loss
 from xray_train.metrics import UNPARSED_RULE, answer_counts, box_scores, finding_scores, parsed_of
 from xray_train.outputs import atomic_write_json, atomic_write_text
@@ -208,56 +207,45 @@ class ModelRun:
     token_correct: int
     token_total: int
     token_examples: int
+    token_loss_sum: float  # summed cross-entropy over the supervised tokens (nats)
 
 
-@torch.inference_mode()
-def teacher_forced_counts(model, encoder: PromptEncoder, pixel_loader: PixelLoader, examples: list[Example],
-                          phase: str, max_length: int, batch_size: int, chunk_rows: int, progress: bool = True,
-                          workers: int = 0, box_format: str = "loc") -> tuple[int, int, int]:
-    """(correct, total, examples scored): argmax == label over supervised tokens, batched; images are read
-    by ``workers`` processes ahead of the GPU."""
-    from xray_train.data.loader import read_ahead
+class TeacherForcedCounts:
+    """Teacher-forced accuracy (argmax == label over the supervised tokens), counted per model state from the
+    batches generation runs over (``Generator.answer``'s ``on_batch``): the images' SigLIP rows made for the
+    answers serve this pass too. Sub-batches of ``batch_size`` rows, the head in ``chunk_rows`` chunks."""
 
-    encoded, _ = encode_examples(examples, phase, encoder, max_length, box_format)
-    collator = Collator(encoder.ids)
-    inner = unwrap_gemma3(model)
-    dtype = vision_dtype(inner)
-    correct = total = scored = 0
-    with progress_bar(progress and bool(encoded)) as bar:
-        handle = bar.add_task("Teacher-forced accuracy", total=len(encoded)) if bar is not None else None
-        batches = read_ahead(encoded, lambda it: it.example.image_path, pixel_loader.prepare, batch_size, workers)
-        for chunk, prepared in batches:
-            for err in prepared.failed.values():
-                logger.warning("%s", err)
-            items = []
-            if prepared.pixels is not None:
-                for i, pixels in zip(prepared.indices, pixel_loader.normalize(prepared.pixels)):
-                    it = chunk[i]
-                    items.append({"input_ids": it.input_ids, "labels": it.labels, "pixel_values": pixels})
-            if items:
-                batch = batch_to(collator(items), inner.device)
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                out = targets_only_loss(model, batch, chunk_rows, grad_in_forward=False)
-                correct += int(out.n_correct)
-                total += int(out.n_tokens)
-                scored += len(items)
-            if bar is not None:
-                bar.advance(handle, len(chunk))
-    return correct, total, scored
+    def __init__(self, model, encoder: PromptEncoder, examples: list[Example], cfg: RunConfig, batch_size: int):
+        encoded, _ = encode_examples(examples, cfg.phase, encoder, cfg.training.max_length, cfg.data.box_format)
+        by_example = {id(it.example): it for it in encoded}
+        # Request i is examples[i]; those whose target does not fit max_length are not scored here.
+        self.items = [by_example.get(id(ex)) for ex in examples]
+        self.model = model
+        self.collator = Collator(encoder.ids)
+        self.batch_size = batch_size
+        self.chunk_rows = cfg.training.head_chunk_rows
+        self.counts: dict[str, list] = {}
 
+    @torch.inference_mode()
+    def __call__(self, label: str, indices: list[int], image_inputs: dict) -> None:
+        counts = self.counts.setdefault(label, [0, 0, 0, 0.0])
+        rows = [(self.items[i], r) for r, i in enumerate(indices) if self.items[i] is not None]
+        device = unwrap_gemma3(self.model).device
+        for start in range(0, len(rows), self.batch_size):
+            part = rows[start : start + self.batch_size]
+            items = [{"input_ids": it.input_ids, "labels": it.labels, "image_features": image_inputs["image_features"][r]}
+                     for it, r in part]
+            out = targets_only_loss(self.model, batch_to(self.collator(items), device), self.chunk_rows,
+                                    grad_in_forward=False)
+            counts[0] += int(out.n_correct)
+            counts[1] += int(out.n_tokens)
+            counts[2] += len(part)
+            counts[3] += float(out.loss_sum)
 
-def run_model(model, generator: Generator, encoder: PromptEncoder, pixel_loader: PixelLoader,
-              examples: list[Example], cfg: RunConfig, batch_size: int, label: str, progress: bool) -> ModelRun:
-    task = PHASE_TASK[cfg.phase]
-    from xray_train.data.loader import decode_workers
-
-    correct, total, scored = teacher_forced_counts(
-        model, encoder, pixel_loader, examples, cfg.phase, cfg.training.max_length, batch_size,
-        cfg.training.head_chunk_rows, progress, decode_workers(cfg.data.decode_workers), cfg.data.box_format,
-    )
-    generations = generator([Request(ex.image_path, task) for ex in examples], progress=progress,
-                            description=f"Generating ({label})")
-    return ModelRun([g.text for g in generations], [g.finished for g in generations], correct, total, scored)
+    def run(self, label: str, generations: list) -> ModelRun:
+        correct, total, scored, loss_sum = self.counts.get(label, (0, 0, 0, 0.0))
+        return ModelRun([g.text for g in generations], [g.finished for g in generations], correct, total, scored,
+                        loss_sum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,20 +397,20 @@ def evaluate(
         weights = plan.weights
     generate_rows = batch_size or cfg.model.generate_batch_size  # None: what the free memory holds
     batch_size = batch_size or cfg.training.per_device_eval_batch_size
-    encoder = PromptEncoder(processor, cfg.system_prompt)
-    pixel_loader = PixelLoader(processor, cfg.data.image_size)
+    if baseline and not hasattr(model, "disable_adapter"):
+        raise XrayTrainError("baseline needs a peft model (load it with xray_train.load_adapter)")
     generator = Generator(model, processor, cfg.system_prompt, cfg.data.image_size, max_new_tokens, generate_rows,
-                          cfg.data.decode_workers, loc_decode=cfg.model.loc_decode)
-
+                          cfg.data.decode_workers, loc_decode=cfg.model.loc_decode,
+                          decode_cache=cfg.model.decode_cache)
+    teacher_forced = TeacherForcedCounts(model, generator.encoder, examples, cfg, batch_size)
+    # One pass over the films: each batch's images read and encoded by SigLIP once, then answered (and
+    # scored teacher-forced) by the adapter and by the base model with the adapter disabled.
+    variants = [Variant("adapter")] + ([Variant("baseline", model.disable_adapter)] if baseline else [])
     started = time.time()
-    runs = {"adapter": run_model(model, generator, encoder, pixel_loader, examples, cfg, batch_size, "adapter", progress)}
-    if baseline:
-        if not hasattr(model, "disable_adapter"):
-            raise XrayTrainError("baseline needs a peft model (load it with xray_train.load_adapter)")
-        with model.disable_adapter():
-            runs["baseline"] = run_model(
-                model, generator, encoder, pixel_loader, examples, cfg, batch_size, "base model", progress
-            )
+    answers = generator.answer([Request(ex.image_path, PHASE_TASK[cfg.phase]) for ex in examples], variants,
+                               progress=progress, on_batch=teacher_forced,
+                               description="Evaluating" + (" (adapter and base model)" if baseline else ""))
+    runs = {label: teacher_forced.run(label, generations) for label, generations in answers.items()}
     elapsed = time.time() - started
 
     # Images that could not be read are nobody's answer: left out of every metric, counted.
@@ -440,7 +428,9 @@ def evaluate(
         if name == "adapter" and block["boxes"] is not None:
             ious = block["boxes"]["ious"]
         acc = run.token_correct / run.token_total if run.token_total else None
-        token_counts = {"correct": run.token_correct, "total": run.token_total, "examples": run.token_examples}
+        token_counts = {"correct": run.token_correct, "total": run.token_total, "examples": run.token_examples,
+                        # Mean cross-entropy per supervised token: the held-out loss, comparable to training's.
+                        "loss": round(run.token_loss_sum / run.token_total, 6) if run.token_total else None}
         blocks[name] = _model_block(block, acc, token_counts)
 
     results = {

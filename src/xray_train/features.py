@@ -93,6 +93,38 @@ def pooled_vision_features(gemma3_model, pixel_values: torch.Tensor, attention: 
     return pool_vision_outputs(active_projector(gemma3_model), out)
 
 
+@contextlib.contextmanager
+def image_features_at_prefill(model, input_ids: torch.Tensor, pooled: torch.Tensor):
+    """Inside the block, the first call of ``model``'s text model (a ``generate`` call's prefill of
+    ``input_ids``, given without pixels) gets its image soft tokens from ``pooled`` SigLIP rows, projected by
+    the projector active then: what Gemma 3 computes from the pixels, without running SigLIP again.
+
+    A forward pre-hook on the text model, put before any other (the fp16 residual scale divides what enters
+    the stream, image rows included); it removes itself after the prefill, so decode steps run untouched.
+    """
+    from xray_train.gemma3 import gemma3_core, text_model
+
+    core = gemma3_core(model)
+    index = (input_ids == core.config.image_token_id).flatten().nonzero().squeeze(1)
+
+    def fill(stream, args, kwargs):
+        handle.remove()
+        embeds = kwargs.get("inputs_embeds")
+        if args or embeds is None or embeds.shape[:2] != input_ids.shape:
+            raise RuntimeError("the text model's first call is not the prefill of the prompt it was given")
+        features = project_pooled(active_projector(core), pooled).to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        if features.shape[0] != index.shape[0]:
+            raise ValueError(f"{features.shape[0]} image features for {index.shape[0]} image tokens")
+        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index.to(embeds.device), features)
+        return args, {**kwargs, "inputs_embeds": flat.reshape(embeds.shape)}
+
+    handle = text_model(model).register_forward_pre_hook(fill, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def vision_fingerprint(gemma3_model) -> str:
     """Cheap content hash of the frozen vision path: per-tensor name, shape, dtype, sum and sum of squares."""

@@ -19,14 +19,17 @@ What makes it fast (each exact: the same greedy tokens as one plain ``generate``
 * the batch is as large as the free memory allows (``xray_train.inference.rows_that_fit``) unless set:
   a decode step reads every weight whatever the batch, so rows are nearly free;
 * on a 16-bit base the adapter's LoRA is merged into the weights while its answers are generated
-  (``xray_train.inference.lora_merged``) and the base's weights restored afterwards.
+  (``xray_train.inference.lora_merged``) and the base's weights restored afterwards;
+* answering under several model states (``Generator.answer`` with several :class:`Variant`: evaluate's
+  adapter and base model), each batch's images are read once and SigLIP encodes each film once: its pooled
+  output is frozen in every state, so only the projector and the decoder run per state.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +80,21 @@ class Request:
 
     image: Path
     task: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model state every request is answered under: ``state()`` enters it (evaluate: the adapter as
+    loaded, then the base with ``model.disable_adapter()``)."""
+
+    label: str
+    state: Callable[[], AbstractContextManager] = nullcontext
+
+
+#: ``on_batch(label, request_indices, image_inputs)``: called in each variant's state before its answers, with
+#: the batch's readable requests (indices into the caller's list) and their image inputs, one row each
+#: (``{"image_features": pooled SigLIP rows}``): evaluate's teacher-forced pass rides on the same encoding.
+BatchHook = Callable[[str, list, dict], None]
 
 
 @dataclass
@@ -149,11 +167,12 @@ class Generator:
         merge_lora: bool = True,
         sort_by_length: bool = True,
         min_new_tokens: int | None = None,
+        decode_cache: str = "dynamic",
     ):
         """``batch_size``: rows per ``generate`` call, None for as many as the free memory holds;
         ``merge_lora``: merge an active LoRA into a 16-bit base while generating (``inference.lora_merged``);
         ``sort_by_length``: batch requests of equal prompt length together; ``min_new_tokens``: benchmarks
-        only (forces every answer to that length)."""
+        only (forces every answer to that length); ``decode_cache``: ``model.decode_cache``."""
         from xray_train.data.loader import decode_workers as default_workers
 
         if max_new_tokens <= 0 or (batch_size is not None and batch_size <= 0):
@@ -167,6 +186,9 @@ class Generator:
         self.merge_lora = merge_lora
         self.sort_by_length = sort_by_length
         self.min_new_tokens = min_new_tokens
+        if decode_cache not in ("dynamic", "static"):
+            raise ValueError(f"decode_cache must be 'dynamic' or 'static', not {decode_cache!r}")
+        self.decode_cache = decode_cache
         #: Rows per ``generate`` call of the last call (the automatic choice once made).
         self.rows = batch_size
         tok = processor.tokenizer
@@ -192,9 +214,27 @@ class Generator:
     def __call__(
         self, requests: Sequence[Request], progress: bool = True, description: str = "Generating", console=None
     ) -> list[Generation]:
-        from xray_train.data.loader import read_ahead
-        from xray_train.inference import lora_merged
+        """One answer per request, in request order."""
+        return self.answer(requests, [Variant(description)], progress, console)[description]
 
+    def answer(
+        self,
+        requests: Sequence[Request],
+        variants: Sequence[Variant],
+        progress: bool = True,
+        console=None,
+        on_batch: BatchHook | None = None,
+        description: str | None = None,
+    ) -> dict[str, list[Generation]]:
+        """Every request answered under every variant: ``{label: [Generation in request order]}``.
+
+        Batch by batch, each variant in turn, so a film is read once; with several variants (or ``on_batch``)
+        its SigLIP features are made once and shared. The progress bar counts films with every answer made.
+        """
+        from xray_train.data.loader import read_ahead
+
+        if not variants or len({v.label for v in variants}) != len(variants):
+            raise ValueError("variants must be non-empty with distinct labels")
         lengths = {}
         for req in requests:
             if req.task not in TASK_PROMPTS:
@@ -207,19 +247,47 @@ class Generator:
         ordered = [requests[i] for i in order]
         batch_size = self.batch_size or self.auto_batch_size(max(lengths.values(), default=0))
         self.rows = batch_size
-        results: list[Generation] = []
-        with progress_bar(progress and bool(requests), console) as bar, \
-                (lora_merged(self.model) if self.merge_lora else nullcontext()):
+        shared = len(variants) > 1 or on_batch is not None
+        answers = {v.label: [None] * len(requests) for v in variants}
+        description = description or " + ".join(v.label for v in variants)
+        with progress_bar(progress and bool(requests), console) as bar:
             handle = bar.add_task(description, total=len(requests)) if bar is not None else None
+            start = 0
             # Images are read by worker processes while the GPU generates for the batch before.
             for chunk, prepared in read_ahead(ordered, lambda r: r.image, self.pixels.prepare, batch_size, self.workers):
-                results += self.generate_batch(chunk, prepared)
+                where = order[start : start + len(chunk)]
+                start += len(chunk)
+                if shared:
+                    results = self._answer_shared(chunk, prepared, variants, on_batch, where)
+                else:
+                    with variants[0].state():
+                        results = {variants[0].label: self.generate_batch(chunk, prepared)}
+                for label, generations in results.items():
+                    for i, generation in zip(where, generations):
+                        answers[label][i] = generation
                 if bar is not None:
                     bar.advance(handle, len(chunk))
-        answers: list = [None] * len(requests)
-        for i, result in zip(order, results):
-            answers[i] = result
         return answers
+
+    def _answer_shared(self, chunk, prepared, variants, on_batch, where) -> dict[str, list[Generation]]:
+        """One batch under every variant, SigLIP run once for all of them."""
+        from xray_train.features import pooled_vision_features
+
+        pixels, errors = self._pixels(chunk, prepared)
+        ok = [i for i, p in enumerate(pixels) if p is not None]
+        results = {v.label: [Generation(None, 0, err) for err in errors] for v in variants}
+        if not ok:
+            return results
+        readable = [chunk[i] for i in ok]
+        with torch.inference_mode():
+            pooled = pooled_vision_features(self.model, torch.stack([pixels[i] for i in ok]).to(self.device))
+        for variant in variants:
+            with variant.state():
+                if on_batch is not None:
+                    on_batch(variant.label, [where[i] for i in ok], {"image_features": pooled})
+                for i, generation in zip(ok, self.decode(readable, {"image_features": pooled})):
+                    results[variant.label][i] = generation
+        return results
 
     def auto_batch_size(self, prompt_length: int) -> int:
         """Rows per ``generate`` call when none is set: what the free memory holds (``inference.rows_that_fit``)."""
@@ -251,8 +319,8 @@ class Generator:
                 errors.append(str(exc))
         return pixels, errors
 
-    def build_batch(self, requests: Sequence[Request], pixel_values: Sequence[torch.Tensor]) -> dict:
-        """Left-padded prompt ids, attention mask, token_type_ids and stacked pixel values."""
+    def build_batch(self, requests: Sequence[Request]) -> dict:
+        """Left-padded prompt ids, attention mask and token_type_ids, on the model's device."""
         prompts = [self.encoder.prompt_ids(req.task) for req in requests]
         longest = max(len(p) for p in prompts)
         pad = self.encoder.ids.pad
@@ -265,40 +333,62 @@ class Generator:
             "input_ids": input_ids.to(self.device),
             "attention_mask": attention.to(self.device),
             "token_type_ids": (input_ids == self.encoder.ids.image).long().to(self.device),
-            "pixel_values": torch.stack(list(pixel_values)).to(self.device, self.pixel_dtype),
         }
 
-    @torch.inference_mode()
     def generate_batch(self, requests: Sequence[Request], prepared=None) -> list[Generation]:
         """One ``generate`` call for up to ``batch_size`` requests (unreadable images are left out);
         ``prepared``: their images already read (a ``data.loader.PreparedBatch``)."""
         pixels, errors = self._pixels(requests, prepared)
         ok = [i for i, p in enumerate(pixels) if p is not None]
         out: list[Generation] = [Generation(None, 0, err) for err in errors]
-        if not ok:
-            return out
-        batch = self.build_batch([requests[i] for i in ok], [pixels[i] for i in ok])
-        generated = self.model.generate(
-            **batch,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            # Unset the sampling knobs a base generation_config may carry (MedGemma's does), so greedy
-            # decoding is exactly greedy and transformers does not warn about ignored flags.
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            num_beams=1,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.encoder.ids.pad,
-            logits_processor=self.logits_processor,
-            min_new_tokens=self.min_new_tokens,
-            # load_base sets config.use_cache=False for training; decoding without a KV cache would
-            # recompute the whole prompt (256 image tokens at MedGemma's size) for every new token.
-            use_cache=True,
-        )
+        if ok:
+            answers = self.decode([requests[i] for i in ok], {"pixel_values": torch.stack([pixels[i] for i in ok])})
+            for i, generation in zip(ok, answers):
+                out[i] = generation
+        return out
+
+    @torch.inference_mode()
+    def decode(self, requests: Sequence[Request], image_inputs: dict) -> list[Generation]:
+        """Greedy answers to ``requests`` in the model's current state, one ``generate`` call; ``image_inputs``:
+        one row per request, ``{"pixel_values": ...}`` or ``{"image_features": pooled SigLIP rows}``."""
+        from xray_train.inference import lora_merged
+
+        from xray_train.features import image_features_at_prefill
+
+        batch = self.build_batch(requests)
+        if "image_features" in image_inputs:
+            # No pixels: the prefill gets the shared SigLIP rows through the projector active now (Phase 2
+            # trains a copy of it, which the base model does not use).
+            images = image_features_at_prefill(self.model, batch["input_ids"], image_inputs["image_features"])
+        else:
+            batch["pixel_values"] = image_inputs["pixel_values"].to(self.device, self.pixel_dtype)
+            images = nullcontext()
+        with images, lora_merged(self.model) if self.merge_lora else nullcontext():
+            generated = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                # Unset the sampling knobs a base generation_config may carry (MedGemma's does), so greedy
+                # decoding is exactly greedy and transformers does not warn about ignored flags.
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                num_beams=1,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.encoder.ids.pad,
+                logits_processor=self.logits_processor,
+                min_new_tokens=self.min_new_tokens,
+                # load_base sets config.use_cache=False for training; decoding without a KV cache would
+                # recompute the whole prompt (256 image tokens at MedGemma's size) for every new token.
+                use_cache=True,
+                # "static": the KV cache allocated once at its full length, which lets transformers compile
+                # the decode step on a GPU (see model.decode_cache).
+                cache_implementation="static" if self.decode_cache == "static" else None,
+            )
         new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
-        for i, ids in zip(ok, new_tokens):
+        out = []
+        for ids in new_tokens:
             stops = [ids.index(s) + 1 for s in self.stop_ids if s in ids]
             n = min(stops) if stops else len(ids)
-            out[i] = Generation(self.encoder.decode_answer(ids), n, finished=bool(stops))
+            out.append(Generation(self.encoder.decode_answer(ids), n, finished=bool(stops)))
         return out

@@ -80,10 +80,12 @@ def saved_settings(adapter_dir: Path) -> dict:
     if not run_dir.has_config():
         return {"phase": None, "system_prompt": RunConfig.model_fields["system_prompt"].default, "image_size": None,
                 "loc_decode": ModelConfig.model_fields["loc_decode"].default,
+                "decode_cache": ModelConfig.model_fields["decode_cache"].default,
                 "box_format": _DataSection.model_fields["box_format"].default}
     saved = run_dir.config()
     return {"phase": saved.phase, "system_prompt": saved.system_prompt, "image_size": saved.data.image_size,
-            "loc_decode": saved.model.loc_decode, "box_format": saved.data.box_format}
+            "loc_decode": saved.model.loc_decode, "decode_cache": saved.model.decode_cache,
+            "box_format": saved.data.box_format}
 
 
 def tasks_for(task: str) -> list[str]:
@@ -272,7 +274,7 @@ def predict(
         model, processor, _ = load_for_inference(adapter_dir, model_cfg, base=base, echo=echo)
         batch_size = batch_size or (model_cfg.generate_batch_size if model_cfg else None)
     generator = Generator(model, processor, settings["system_prompt"], settings["image_size"], max_new_tokens, batch_size,
-                          loc_decode=settings["loc_decode"])
+                          loc_decode=settings["loc_decode"], decode_cache=settings["decode_cache"])
     # One pass per task, so the bar counts images ("1/1" for one image), not image-task pairs.
     answers_by_task = {
         t: dict(zip(readable, generator([Request(image, t) for image in readable], progress=progress,

@@ -114,9 +114,28 @@ def _evaluation_from_markdown(markdown: str) -> str:
 SYNTHETIC = "the synthetic samples bundled with xray-train, in {name} format (drawn films, not real X-rays)"
 
 
-def dataset_title(dataset: str | None, synthetic: bool) -> str | None:
-    """The data a run actually read, as the card names it."""
+def hf_hub_id(data: dict | None) -> str | None:
+    """The Hub dataset id a ``dataset: hf`` run read (``data.source``), or None for local files."""
+    data = data or {}
+    source = str(data.get("source") or "")
+    if data.get("dataset") != "hf" or not source:
+        return None
+    hub = data.get("format") == "hub" or (data.get("format", "auto") == "auto" and not looks_like_local_path(source))
+    return source if hub else None
+
+
+def dataset_title(dataset: str | None, synthetic: bool, data: dict | None = None) -> str | None:
+    """The data a run actually read, as the card names it; ``data``: the run's data section, which names the
+    dataset behind a generic reader (``dataset: hf``: its Hub id and revision; a local source stays unnamed,
+    its path being private)."""
     name = registry_title(dataset)
+    if dataset == "hf" and data is not None:
+        hub_id = hf_hub_id(data)
+        if hub_id:
+            revision = data.get("revision")
+            return f"{hub_id} (Hugging Face Hub" + (f", revision {revision})" if revision else ")")
+        kind = data.get("format", "auto")
+        return "local files" + (f" ({kind})" if kind != "auto" else "") + " read with Hugging Face datasets"
     return SYNTHETIC.format(name=name) if synthetic and name else name
 
 
@@ -211,7 +230,7 @@ def _data_notes(cfg: dict, parent: dict | None, synthetic: bool, parent_syntheti
         )
     for cfg in [cfg]:
         data = cfg.get("data") or {}
-        name = dataset_title(data.get("dataset"), synthetic) or str(data.get("dataset"))
+        name = dataset_title(data.get("dataset"), synthetic, data) or str(data.get("dataset"))
         line = f"- {cfg.get('phase', '?')}: {name}"
         if data.get("dataset") == "padchest" and not synthetic:
             line += (
@@ -263,12 +282,16 @@ def build_model_card(
     synthetic = reads_bundled_samples(config.data.model_dump(mode="json"))
     parent_synthetic = _parent_read_samples(parent)
     datasets, hub_datasets = [], []
-    for name, fake in (((parent or {}).get("dataset"), parent_synthetic), (config.data.dataset, synthetic)):
-        title = dataset_title(name, fake)
+    own = config.data.model_dump(mode="json")
+    for name, fake, data in (((parent or {}).get("dataset"), parent_synthetic, None),
+                             (config.data.dataset, synthetic, own)):
+        title = dataset_title(name, fake, data)
         if title and title not in datasets:
             datasets.append(title)
-            if not fake:
+            if not fake and name != "hf":
                 hub_datasets.append(title)
+    if hf_hub_id(own):
+        hub_datasets.append(hf_hub_id(own))  # the Hub links the card to the dataset by its id
     loc = config.add_loc_tokens
     projector = config.train_projector
 
