@@ -27,6 +27,8 @@ Rows written to ``benchmarks/results/learns_boxes.json`` (``rows``), each with t
   three times its default weight; ``main_seed_1``, ``main_seed_2``: ``main`` with other
   training seeds (the spread a lever's difference must exceed); ``text_format_seed_1``: ``text_format``
   with another seed;
+- ``main_fp16``: ``main`` with the resolver's no-bf16 switch on for its whole chain (Phase 1 too) and the
+  precision left to it: fp16 with the residual scale, as on a T4 (CUDA only);
 - ``mean_box``: no model: each held-out film gets the mean training box (labels given);
 
 and ``probe``: ridge regression and a non-linear attention readout fitted on the frozen tower's pooled
@@ -76,7 +78,14 @@ VARIANTS = {
     "main_seed_1": ("pretrained", ["training.seed=1"], []),
     "main_seed_2": ("pretrained", ["training.seed=2"], []),
     "text_format_seed_1": ("pretrained", ["data.box_format=text", "training.seed=1"], ["data.box_format=text"]),
+    # ``main`` as a GPU without bf16 (a T4) runs it: the precision left to the resolver, which picks fp16 with
+    # Gemma 3's residual scale (NO_BF16 below). Its seed spread is the ``main`` rows'.
+    "main_fp16": ("pretrained", ["model.compute_dtype=null"], ["model.compute_dtype=null"]),
 }
+#: Rows whose chain (its own Phase 1, Phase 2 and evaluation) runs with the resolver's no-bf16 switch on, as
+#: on a T4. fp16 autocast needs CUDA: on a CPU these rows are left out with a note.
+NO_BF16 = {"main_fp16"}
+NO_BF16_ENV = {"XRAY_TRAIN_EMULATE_NO_BF16": "1"}
 #: Rows that re-score another row's adapter with other evaluation settings: (adapter's row, overrides).
 RESCORED = {"expected_decode": ("main", ["model.loc_decode=expected"])}
 TRAINED_ROWS = tuple(VARIANTS)
@@ -501,6 +510,16 @@ def prepare(workdir: Path, preset: dict, device: str, echo=print) -> dict:
     return data
 
 
+def chain_of(name: str, tower_of: dict) -> tuple[str, bool]:
+    """The Phase-1 run a trained row continues: its tower, and whether it runs without bf16 (NO_BF16)."""
+    return tower_of[name], name in NO_BF16
+
+
+def phase1_dir(workdir: Path, chain: tuple[str, bool]) -> Path:
+    tower, no_bf16 = chain
+    return Path(workdir) / (f"phase1_{tower}_no_bf16" if no_bf16 else f"phase1_{tower}")
+
+
 def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra_sets: list[str] = (),
                   echo=print, jobs: int = 1, on_progress=None) -> dict:
     """Build bases and data under ``workdir``, train and score ``rows``; returns the results dict.
@@ -523,6 +542,9 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
     cpus = os.cpu_count() or 1
     needed_by = {r: RESCORED[r][0] for r in RESCORED if r in rows}
     wanted = [r for r in TRAINED_ROWS if r in rows or r in needed_by.values()]
+    if device != "cuda" and NO_BF16 & set(wanted):
+        echo(f"left out on a CPU (fp16 autocast needs CUDA): {', '.join(sorted(NO_BF16 & set(wanted)))}")
+        wanted = [r for r in wanted if r not in NO_BF16]
     main_tower = "pretrained" if preset.get("pretrain_tower", True) else "random"
     tower_of = {name: main_tower if VARIANTS[name][0] == "pretrained" else "random" for name in VARIANTS}
     towers = sorted({tower_of[r] for r in wanted} | ({main_tower} if {"probe", "mean_box"} & set(rows) else set()))
@@ -568,9 +590,9 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
 
     n_gpus = _visible_gpus() if device == "cuda" else 0
 
-    def run_steps(args_list: list[tuple[list[str], Path]], slot: int = 0) -> list[float]:
+    def run_steps(args_list: list[tuple[list[str], Path]], slot: int = 0, extra_env: dict | None = None) -> list[float]:
         pinned = {"CUDA_VISIBLE_DEVICES": str(slot % n_gpus)} if n_gpus > 1 else {}
-        return [_cli(args, log, env | pinned) for args, log in args_list]
+        return [_cli(args, log, env | pinned | (extra_env or {})) for args, log in args_list]
 
     def evaluation(name: str, adapter: Path, tower: str, overrides: list[str]) -> tuple[list[str], Path]:
         out = workdir / f"eval_{name}"
@@ -613,31 +635,35 @@ def run_benchmark(workdir: Path, preset: dict, device: str, rows=ALL_ROWS, extra
 
     with ThreadPoolExecutor(1 + len(towers)) as side_pool, ThreadPoolExecutor(max(jobs, 1)) as pool:
         side = [side_pool.submit(baselines)]
-        def phase1_of(tower: str, slot: int) -> list[float]:
+        def phase1_of(chain: tuple[str, bool], slot: int) -> list[float]:
             # A later call on the same machine (other rows) reuses Phase 1 when nothing it depends on changed.
-            args = ["phase1", "--config", str(p1_yaml[tower]), "--overwrite", *sets]
+            tower, no_bf16 = chain
+            out = phase1_dir(workdir, chain)
+            args = ["phase1", "--config", str(p1_yaml[tower]), "--overwrite", *sets,
+                    *(["--set", f"output_dir={out}", "--set", "model.compute_dtype=null"] if no_bf16 else [])]
             settings = {"args": args, "yaml": p1_yaml[tower].read_text(), "source": _source_digest(),
                         "base": bases[tower].with_name(bases[tower].name + ".settings.json").read_text()}
-            return _cached(workdir / f"phase1_{tower}", settings,
-                           lambda _path: run_steps([(args, workdir / f"phase1_{tower}.log")], slot))
+            return _cached(out, settings, lambda _path: run_steps([(args, out.with_suffix(".log"))], slot,
+                                                                  NO_BF16_ENV if no_bf16 else {}))
 
-        phase1 = {tower: side_pool.submit(phase1_of, tower, i)
-                  for i, tower in enumerate(towers) if any(tower_of[n] == tower for n in wanted)}
+        chains = sorted({chain_of(n, tower_of) for n in wanted})
+        phase1 = {chain: side_pool.submit(phase1_of, chain, i) for i, chain in enumerate(chains)}
         slots = iter(range(10**6))
 
         def phase2(name: str) -> dict:
             _, train_sets, eval_sets = VARIANTS[name]
             train_sets = [o.format(lora_start=lora_start) for o in train_sets]
-            tower = tower_of[name]
-            results["timeline_s"][f"phase1_{tower}"] = round(phase1[tower].result()[0], 1)
+            chain = chain_of(name, tower_of)
+            tower = chain[0]
+            results["timeline_s"][phase1_dir(workdir, chain).name] = round(phase1[chain].result()[0], 1)
             adapter = workdir / f"phase2_{name}"
             train = (["phase2", "--config", str(p2_yaml[tower]), "--overwrite", "--set", f"output_dir={adapter}",
-                      "--resume", str(workdir / f"phase1_{tower}"), *sets,
+                      "--resume", str(phase1_dir(workdir, chain)), *sets,
                       *[x for o in train_sets for x in ("--set", o)]], workdir / f"phase2_{name}.log")
             rescored = [r for r, of in needed_by.items() if of == name]
             steps = [train, evaluation(name, adapter, tower, eval_sets)]
             steps += [evaluation(r, adapter, tower, eval_sets + RESCORED[r][1]) for r in rescored]
-            train_s, eval_s, *more = run_steps(steps, next(slots))
+            train_s, eval_s, *more = run_steps(steps, next(slots), NO_BF16_ENV if name in NO_BF16 else {})
             row = _read_eval(workdir / f"eval_{name}.json", eval_s) | {"train_seconds": round(train_s, 1)}
             summary = json.loads((adapter / "training_summary.json").read_text())
             metrics = summary.get("metrics") or {}
@@ -665,6 +691,20 @@ def best_probe_hit_rate(results: dict) -> float | None:
     if not p or "ridge" not in p:
         return None
     return max(p[k]["hit_rate_50"] for k in ("ridge", "attention") if k in p)
+
+
+#: The rows whose spread (training seeds only) a lever's row must leave to mean anything.
+SEED_ROWS = ("main", "main_seed_1", "main_seed_2")
+
+
+def fp16_within_seed_spread(results: dict, key: str = "map50") -> dict | None:
+    """``main_fp16``'s ``key`` against the bf16 ``main`` rows' seed spread (None until both were run)."""
+    fp16 = (results["rows"].get("main_fp16") or {}).get(key)
+    seeds = [v for v in ((results["rows"].get(r) or {}).get(key) for r in SEED_ROWS) if v is not None]
+    if fp16 is None or len(seeds) < 2:
+        return None
+    low, high = min(seeds), max(seeds)
+    return {"metric": key, "main_fp16": fp16, "bf16_seed_spread": [low, high], "within": low <= fp16 <= high}
 
 
 def verdict(results: dict) -> dict:
@@ -730,6 +770,7 @@ def main(argv: list[str] | None = None) -> None:
             "targets": TARGETS,
             "main_hit_rate_50_of_best_probe": main_hit / best if best and main_hit is not None else None,
             "meets_targets": verdict(results),
+            "main_fp16_vs_bf16_seeds": fp16_within_seed_spread(results),
             **results,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,18 @@ def test_boxes_reach_a_share_of_the_probe_ceiling(learned):
     main, ceiling = learned["rows"]["main"], learned["probe"]["ridge"]["mean_iou"]
     assert ceiling > 2 * learned["rows"]["mean_box"]["mean_iou"], json.dumps(learned["probe"])  # the tower carries the box
     assert main["mean_iou"] >= 0.2 * ceiling, json.dumps({"main": main, "probe": learned["probe"]})
+
+
+def test_the_fp16_row_has_its_own_no_bf16_chain_and_is_judged_by_the_seed_spread():
+    bench = _bench()
+    tower_of = {name: "pretrained" for name in bench.VARIANTS}
+    assert bench.chain_of("main", tower_of) == ("pretrained", False)
+    assert bench.chain_of("main_fp16", tower_of) == ("pretrained", True)
+    # Its own Phase 1: a bf16 Phase 1 continued in fp16 would not be the run a T4 user makes.
+    assert bench.phase1_dir(Path("w"), ("pretrained", True)) != bench.phase1_dir(Path("w"), ("pretrained", False))
+    assert "model.compute_dtype=null" in bench.VARIANTS["main_fp16"][1]  # the precision left to the resolver
+    rows = {"main": {"map50": 0.7}, "main_seed_1": {"map50": 0.8}, "main_seed_2": {"map50": 0.75}}
+    assert bench.fp16_within_seed_spread({"rows": rows}) is None
+    check = bench.fp16_within_seed_spread({"rows": rows | {"main_fp16": {"map50": 0.72}}})
+    assert check["within"] and check["bf16_seed_spread"] == [0.7, 0.8]
+    assert not bench.fp16_within_seed_spread({"rows": rows | {"main_fp16": {"map50": 0.6}}})["within"]
