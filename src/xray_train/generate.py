@@ -271,22 +271,14 @@ class Generator:
 
     def _answer_shared(self, chunk, prepared, variants, on_batch, where) -> dict[str, list[Generation]]:
         """One batch under every variant, SigLIP run once for all of them."""
-        from xray_train.features import pooled_vision_features
-
-        pixels, errors = self._pixels(chunk, prepared)
-        ok = [i for i, p in enumerate(pixels) if p is not None]
-        results = {v.label: [Generation(None, 0, err) for err in errors] for v in variants}
-        if not ok:
-            return results
+        ok, errors, images = self._image_rows(chunk, prepared, encode=True)
         readable = [chunk[i] for i in ok]
-        with torch.inference_mode():
-            pooled = pooled_vision_features(self.model, torch.stack([pixels[i] for i in ok]).to(self.device))
+        results = {}
         for variant in variants:
             with variant.state():
-                if on_batch is not None:
-                    on_batch(variant.label, [where[i] for i in ok], {"image_features": pooled})
-                for i, generation in zip(ok, self.decode(readable, {"image_features": pooled})):
-                    results[variant.label][i] = generation
+                if ok and on_batch is not None:
+                    on_batch(variant.label, [where[i] for i in ok], images)
+                results[variant.label] = self._placed(errors, ok, self.decode(readable, images) if ok else [])
         return results
 
     def auto_batch_size(self, prompt_length: int) -> int:
@@ -338,22 +330,37 @@ class Generator:
     def generate_batch(self, requests: Sequence[Request], prepared=None) -> list[Generation]:
         """One ``generate`` call for up to ``batch_size`` requests (unreadable images are left out);
         ``prepared``: their images already read (a ``data.loader.PreparedBatch``)."""
+        ok, errors, images = self._image_rows(requests, prepared, encode=False)
+        return self._placed(errors, ok, self.decode([requests[i] for i in ok], images) if ok else [])
+
+    def _image_rows(self, requests: Sequence[Request], prepared, encode: bool) -> tuple[list[int], list, dict | None]:
+        """(readable positions, each request's read error or None, the readable rows' image inputs): their
+        pixels, or with ``encode`` their pooled SigLIP rows (None when nothing could be read)."""
+        from xray_train.features import pooled_vision_features
+
         pixels, errors = self._pixels(requests, prepared)
         ok = [i for i, p in enumerate(pixels) if p is not None]
-        out: list[Generation] = [Generation(None, 0, err) for err in errors]
-        if ok:
-            answers = self.decode([requests[i] for i in ok], {"pixel_values": torch.stack([pixels[i] for i in ok])})
-            for i, generation in zip(ok, answers):
-                out[i] = generation
+        if not ok:
+            return ok, errors, None
+        stacked = torch.stack([pixels[i] for i in ok])
+        if encode:
+            return ok, errors, {"image_features": pooled_vision_features(self.model, stacked.to(self.device))}
+        return ok, errors, {"pixel_values": stacked}
+
+    @staticmethod
+    def _placed(errors: list, ok: list[int], answers: list[Generation]) -> list[Generation]:
+        """One Generation per request: the answers at the readable positions, the read errors elsewhere."""
+        out = [Generation(None, 0, err) for err in errors]
+        for i, generation in zip(ok, answers):
+            out[i] = generation
         return out
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[Request], image_inputs: dict) -> list[Generation]:
         """Greedy answers to ``requests`` in the model's current state, one ``generate`` call; ``image_inputs``:
         one row per request, ``{"pixel_values": ...}`` or ``{"image_features": pooled SigLIP rows}``."""
-        from xray_train.inference import lora_merged
-
         from xray_train.features import image_features_at_prefill
+        from xray_train.inference import lora_merged
 
         batch = self.build_batch(requests)
         if "image_features" in image_inputs:
