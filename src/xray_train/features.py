@@ -38,7 +38,15 @@ import torch
 from xray_train.cache import feature_cache_root
 from xray_train.config import VisionAttention
 from xray_train.errors import XrayTrainError
-from xray_train.gemma3 import active_projector, vision_device, vision_dtype, vision_encoder_layers, vision_tower
+from xray_train.gemma3 import (
+    active_projector,
+    gemma3_core,
+    text_model,
+    vision_device,
+    vision_dtype,
+    vision_encoder_layers,
+    vision_tower,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +101,16 @@ def pooled_vision_features(gemma3_model, pixel_values: torch.Tensor, attention: 
     return pool_vision_outputs(active_projector(gemma3_model), out)
 
 
+def with_image_rows(embeds: torch.Tensor, index: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``embeds`` [batch, seq, hidden] with the rows at flat positions ``index`` (the image soft tokens)
+    replaced by the projected image ``features``, one row per position, in order."""
+    features = features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+    if features.shape[0] != index.shape[0]:
+        raise ValueError(f"{features.shape[0]} image features for {index.shape[0]} image tokens")
+    flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index.to(embeds.device), features)
+    return flat.reshape(embeds.shape)
+
+
 @contextlib.contextmanager
 def image_features_at_prefill(model, input_ids: torch.Tensor, pooled: torch.Tensor):
     """Inside the block, the first call of ``model``'s text model (a ``generate`` call's prefill of
@@ -102,8 +120,6 @@ def image_features_at_prefill(model, input_ids: torch.Tensor, pooled: torch.Tens
     A forward pre-hook on the text model, put before any other (the fp16 residual scale divides what enters
     the stream, image rows included); it removes itself after the prefill, so decode steps run untouched.
     """
-    from xray_train.gemma3 import gemma3_core, text_model
-
     core = gemma3_core(model)
     index = (input_ids == core.config.image_token_id).flatten().nonzero().squeeze(1)
 
@@ -112,11 +128,8 @@ def image_features_at_prefill(model, input_ids: torch.Tensor, pooled: torch.Tens
         embeds = kwargs.get("inputs_embeds")
         if args or embeds is None or embeds.shape[:2] != input_ids.shape:
             raise RuntimeError("the text model's first call is not the prefill of the prompt it was given")
-        features = project_pooled(active_projector(core), pooled).to(embeds.dtype).reshape(-1, embeds.shape[-1])
-        if features.shape[0] != index.shape[0]:
-            raise ValueError(f"{features.shape[0]} image features for {index.shape[0]} image tokens")
-        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index.to(embeds.device), features)
-        return args, {**kwargs, "inputs_embeds": flat.reshape(embeds.shape)}
+        features = project_pooled(active_projector(core), pooled)
+        return args, {**kwargs, "inputs_embeds": with_image_rows(embeds, index, features)}
 
     handle = text_model(model).register_forward_pre_hook(fill, with_kwargs=True, prepend=True)
     try:

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from xray_train.attention import span_masks
 from xray_train.collate import IGNORE_INDEX, target_positions
-from xray_train.features import project_pooled
+from xray_train.features import project_pooled, with_image_rows
 from xray_train.gemma3 import active_projector, unwrap_gemma3
 
 @dataclass
@@ -44,15 +44,11 @@ def merged_inputs_embeds(gemma3_model, batch) -> torch.Tensor:
     features = _image_features(gemma3_model, batch)
     if features is None:
         return embeds
-    features = features.to(embeds.dtype).reshape(-1, embeds.shape[-1])
     # Positions from the collator (host): a mask-based scatter would synchronise with the GPU in backward.
     index = batch.get("image_index")
     if index is None:
         index = image_mask.flatten().nonzero().squeeze(1)
-    if features.shape[0] != index.shape[0]:
-        raise ValueError(f"{features.shape[0]} image features for {index.shape[0]} image tokens")
-    flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index.to(embeds.device), features)
-    return flat.reshape(embeds.shape)
+    return with_image_rows(embeds, index, features)
 
 
 @dataclass(frozen=True)
