@@ -776,6 +776,7 @@ def test_base_model_matching_the_runs_base_is_published(tmp_path, monkeypatch):
     ("someone/cxr-reports", "auto", "0123abc", "someone/cxr-reports (Hugging Face Hub, revision 0123abc)",
      ["someone/cxr-reports"]),
     ("/private/alice/reports.parquet", "parquet", None, "local files (parquet) read with Hugging Face datasets", []),
+    ("alice/*.parquet", "auto", None, "local files read with Hugging Face datasets", []),  # a glob, not an id
 ])
 def test_card_of_an_hf_run_names_its_hub_dataset_and_hides_a_local_path(tmp_path, source, fmt, revision, title, hub):
     d = make_adapter(tmp_path, "phase1")

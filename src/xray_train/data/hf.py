@@ -53,6 +53,19 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
+def hub_dataset_id(data: dict) -> str | None:
+    """The Hub dataset id a ``dataset: hf`` data section (as a dict: a saved run's) reads, or None where
+    ``data.source`` names local files. Decided from the text and ``data.format``, as ``_local`` decides it,
+    so a card written on another machine than the run's names the same dataset."""
+    source = str(data.get("source") or "")
+    if data.get("dataset") != "hf" or not source:
+        return None
+    if data.get("format") == "hub":
+        return source
+    auto = data.get("format", "auto") == "auto"
+    return source if auto and not _is_glob(source) and not looks_like_local_path(source) else None
+
+
 def _local(cfg: HfData) -> Path | None:
     """The local folder or file of ``data.source`` (a glob: its fixed folder); None for a Hub id."""
     if cfg.format == "hub":

@@ -19,6 +19,7 @@ import yaml
 
 from xray_train.bundled import reads_bundled_samples
 from xray_train.collate import PHASE_TASK, TASK_PROMPTS
+from xray_train.data.hf import hub_dataset_id
 from xray_train.data.registry import title as registry_title
 from xray_train.errors import XrayTrainError
 from xray_train.names import looks_like_local_path
@@ -114,23 +115,13 @@ def _evaluation_from_markdown(markdown: str) -> str:
 SYNTHETIC = "the synthetic samples bundled with xray-train, in {name} format (drawn films, not real X-rays)"
 
 
-def hf_hub_id(data: dict | None) -> str | None:
-    """The Hub dataset id a ``dataset: hf`` run read (``data.source``), or None for local files."""
-    data = data or {}
-    source = str(data.get("source") or "")
-    if data.get("dataset") != "hf" or not source:
-        return None
-    hub = data.get("format") == "hub" or (data.get("format", "auto") == "auto" and not looks_like_local_path(source))
-    return source if hub else None
-
-
 def dataset_title(dataset: str | None, synthetic: bool, data: dict | None = None) -> str | None:
     """The data a run actually read, as the card names it; ``data``: the run's data section, which names the
     dataset behind a generic reader (``dataset: hf``: its Hub id and revision; a local source stays unnamed,
     its path being private)."""
     name = registry_title(dataset)
     if dataset == "hf" and data is not None:
-        hub_id = hf_hub_id(data)
+        hub_id = hub_dataset_id(data)
         if hub_id:
             revision = data.get("revision")
             return f"{hub_id} (Hugging Face Hub" + (f", revision {revision})" if revision else ")")
@@ -288,10 +279,10 @@ def build_model_card(
         title = dataset_title(name, fake, data)
         if title and title not in datasets:
             datasets.append(title)
-            if not fake and name != "hf":
-                hub_datasets.append(title)
-    if hf_hub_id(own):
-        hub_datasets.append(hf_hub_id(own))  # the Hub links the card to the dataset by its id
+            # The Hub links a card to a Hub dataset by its id; a local hf source is listed nowhere.
+            listed = None if fake else hub_dataset_id(data or {}) if name == "hf" else title
+            if listed:
+                hub_datasets.append(listed)
     loc = config.add_loc_tokens
     projector = config.train_projector
 
