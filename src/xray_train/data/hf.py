@@ -18,6 +18,9 @@ text verbatim (``Example.report``). Boxes go through the box tables' shared skel
 share. Rows are numbered from 1 through ``data.split``, then the validation, then the test split. Every row
 is an example or counted by reason; a column that is not there stops the read, naming it and the columns
 that are.
+
+(Over 400 lines: one reader for every form ``datasets`` loads, with its column mapping, both phases' targets
+and the rows' accounting; split by form, each part would repeat the mapping.)
 """
 
 from __future__ import annotations
